@@ -1,0 +1,89 @@
+"""`ocrbooth` command line: run, dev, demo, schemas."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from ocrbooth import __version__
+from ocrbooth.errors import ConfigError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ocrbooth.daemon.app import Daemon
+    from ocrbooth.daemon.config import load_settings
+    from ocrbooth.logs import configure_logging
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"ocrbooth: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log.level, settings.log.format)
+    try:
+        daemon = Daemon(settings)
+    except ConfigError as exc:
+        print(f"ocrbooth: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(daemon.run(until_idle=args.until_idle))
+
+
+def _cmd_dev(args: argparse.Namespace) -> int:
+    from ocrbooth.daemon.embedded import run_dev
+    from ocrbooth.logs import configure_logging
+
+    configure_logging("INFO", "console")
+    return run_dev(args.data_dir, kafka_port=args.kafka_port, s3_port=args.s3_port, partitions=args.partitions)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ocrbooth.demo import run_demo
+
+    return run_demo(keep=args.keep)
+
+
+def _cmd_schemas(args: argparse.Namespace) -> int:
+    from ocrbooth.schemas import write_json_schemas
+
+    for path in write_json_schemas(args.out):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ocrbooth", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"ocrbooth {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon (settings from OCRBOOTH_* variables and --config)")
+    run.add_argument("--config", type=Path, help="YAML settings file; environment variables override it")
+    run.add_argument("--until-idle", action="store_true", help="exit once the input topics are drained")
+    run.set_defaults(func=_cmd_run)
+
+    dev = sub.add_parser("dev", help="run SeaweedFS and Tansu on 127.0.0.1 for development")
+    dev.add_argument("--data-dir", type=Path, default=Path(".ocrbooth/dev"), help="where both keep their data")
+    dev.add_argument("--kafka-port", type=int, default=9092, help="Kafka listener port (0: pick a free one)")
+    dev.add_argument("--s3-port", type=int, default=8333, help="S3 port (0: pick a free one)")
+    dev.add_argument("--partitions", type=int, default=4, help="partitions of each input/output topic")
+    dev.set_defaults(func=_cmd_dev)
+
+    demo = sub.add_parser("demo", help="start the embedded stack and the daemon, push sample work, print results")
+    demo.add_argument("--keep", action="store_true", help="keep the demo's data directory")
+    demo.set_defaults(func=_cmd_demo)
+
+    schemas = sub.add_parser("schemas", help="write one JSON Schema per wire model")
+    schemas.add_argument("--out", type=Path, required=True, help="output directory")
+    schemas.set_defaults(func=_cmd_schemas)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The Daemon: startup() -> main_loop() -> shutdown(), the only place that creates asyncio tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from ocrbooth.daemon.config import Settings
+from ocrbooth.daemon.consumer import Consumer, Route
+from ocrbooth.daemon.health import HealthServer
+from ocrbooth.daemon.metrics import Metrics
+from ocrbooth.daemon.publisher import Publisher
+from ocrbooth.daemon.shutdown import Lifecycle, State, wait_event
+from ocrbooth.daemon.storage import S3Storage
+from ocrbooth.errors import FatalError, OcrboothError
+from ocrbooth.handlers import load_handlers
+from ocrbooth.handlers.base import Handler, HandlerRuntime
+
+log = logging.getLogger(__name__)
+
+# /healthz fails when the event loop has not ticked for this long (something blocks it).
+_LOOP_STALL_S = 10.0
+_TICK_S = 1.0
+
+
+class Daemon:
+    """One consumer-group member running the configured handlers."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        handlers: Sequence[Handler] | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = Metrics(registry)
+        self.lifecycle = Lifecycle()
+        self.handlers = list(handlers) if handlers is not None else load_handlers(settings.handlers, settings)
+        self.storage = S3Storage(settings.s3)
+        self.publisher = Publisher(settings, self.metrics, self.storage)
+        routes = {
+            topic: Route(handler, model) for handler in self.handlers for topic, model in handler.input_topics().items()
+        }
+        self.consumer = Consumer(settings, self.metrics, self.publisher, routes, self.spawn, self.fatal)
+        self.health = HealthServer(
+            settings.metrics_host, settings.metrics_port, self.metrics.registry, self._live, self._ready
+        )
+        self.exit_code = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._last_tick = time.monotonic()
+        self._started_at = time.monotonic()
+        self._shutdown_steps: list[tuple[str, Any]] = []
+
+    # ---- tasks -----------------------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Create a task that is tracked here and whose failure is never silent."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            if task in self._loops and self.lifecycle.state is State.RUNNING:
+                self.fatal(FatalError(f"{task.get_name()} ended unexpectedly"))
+            return
+        self.fatal(exc)
+
+    def fatal(self, exc: BaseException) -> None:
+        """Something is broken beyond one message: drain and exit non-zero so the pod is restarted."""
+        if self.exit_code == 0:
+            log.error("fatal: %s", exc, exc_info=exc)
+            self.exit_code = self.settings.fatal_exit_code
+        self.lifecycle.request_stop(f"fatal error: {exc}")
+
+    # ---- probes ----------------------------------------------------------------------------------
+
+    def _live(self) -> tuple[bool, str]:
+        stalled = time.monotonic() - self._last_tick
+        if stalled > _LOOP_STALL_S:
+            return False, f"event loop stalled for {stalled:.1f}s"
+        if self.exit_code:
+            return False, "fatal error"
+        return True, f"ok ({self.lifecycle.state.value})"
+
+    def _ready(self) -> tuple[bool, str]:
+        if self.lifecycle.state is not State.RUNNING:
+            return False, self.lifecycle.state.value
+        if not self.consumer.assigned_once:
+            return False, "waiting for a partition assignment"
+        not_ready = [h.name for h in self.handlers if not h.ready()]
+        if not_ready:
+            return False, "handlers not ready: " + ", ".join(not_ready)
+        return True, "ready"
+
+    async def _ticker(self) -> None:
+        while True:
+            self._last_tick = time.monotonic()
+            self.metrics.ready.set(1 if self._ready()[0] else 0)
+            await asyncio.sleep(_TICK_S)
+
+    # ---- life ------------------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        """Start in dependency order; shutdown() undoes the steps that completed, in reverse."""
+        log.info("starting ocrbooth", extra={"settings": self.settings.redacted()})
+        self.lifecycle.state = State.STARTING
+        await self.health.start()
+        self._shutdown_steps.append(("health server", self.health.stop))
+        self._loops.append(self.spawn(self._ticker(), "ticker"))
+        runtime = HandlerRuntime(self.settings, self.storage, self.metrics)
+        for handler in self.handlers:
+            await handler.start(runtime)
+            self._shutdown_steps.append((f"handler {handler.name}", handler.stop))
+        await self.publisher.start()
+        self._shutdown_steps.append(("publisher", self.publisher.stop))
+        await self.consumer.start()
+        self._shutdown_steps.append(("consumer", self.consumer.close))
+        self.lifecycle.state = State.RUNNING
+        self._loops.append(self.spawn(self.consumer.fetch_loop(), "fetch loop"))
+        self._loops.append(self.spawn(self.consumer.commit_loop(), "commit loop"))
+        log.info(
+            "ocrbooth running",
+            extra={"handlers": [h.name for h in self.handlers], "group_id": self.settings.group_id},
+        )
+
+    async def main_loop(self, *, until_idle: bool = False, idle_grace_s: float = 2.0) -> None:
+        """Run until a stop is requested (signal, fatal error) or, with until_idle, the inputs are drained."""
+        if not until_idle:
+            await self.lifecycle.stop_requested.wait()
+            return
+        idle_since: float | None = None
+        while not self.lifecycle.stop_requested.is_set():
+            if self.consumer.caught_up():
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since >= idle_grace_s:
+                    self.lifecycle.request_stop("input topics drained")
+                    break
+            else:
+                idle_since = None
+            await wait_event(self.lifecycle.stop_requested, 0.2)
+
+    async def shutdown(self) -> None:
+        """Stop fetching, drain within drain_timeout_s, commit, then undo startup in reverse order."""
+        self.lifecycle.state = State.DRAINING
+        self.consumer.stop_fetching()
+        cancelled = await self.consumer.drain(self.settings.drain_timeout_s)
+        if cancelled:
+            log.warning("drain deadline passed; %d messages left uncommitted for redelivery", cancelled)
+        for task in self._loops:
+            if task is not None and not task.done():
+                task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        for name, step in reversed(self._shutdown_steps):
+            try:
+                await step()
+            except (OcrboothError, OSError, RuntimeError) as exc:
+                log.warning("shutdown step %s failed: %r", name, exc)
+            except Exception as exc:  # keep undoing the remaining steps whatever this one raised
+                log.warning("shutdown step %s failed: %r", name, exc)
+        self._shutdown_steps.clear()
+        self.lifecycle.state = State.STOPPED
+        c = self.consumer.counts
+        log.info(
+            "ocrbooth stopped",
+            extra={
+                "reason": self.lifecycle.reason,
+                "succeeded": c["succeeded"],
+                "failed_results": c["failed_result"],
+                "dead_lettered": c["dead_lettered"],
+                "cancelled_at_drain": cancelled,
+                "uptime_s": round(time.monotonic() - self._started_at, 1),
+                "exit_code": self.exit_code,
+            },
+        )
+
+    async def run(self, *, until_idle: bool = False, install_signals: bool = True) -> int:
+        """startup, main loop, shutdown; returns the process exit code."""
+        if install_signals:
+            self.lifecycle.install_signal_handlers()
+        try:
+            try:
+                await self.startup()
+            except Exception as exc:
+                log.error("startup failed: %s", exc)
+                self.exit_code = self.exit_code or 1
+                self.lifecycle.request_stop(f"startup failed: {exc}")
+            else:
+                await self.main_loop(until_idle=until_idle)
+            await self.shutdown()
+        finally:
+            if install_signals:
+                self.lifecycle.remove_signal_handlers()
+        return self.exit_code
+
+    async def run_until_idle(self) -> int:
+        """Burst mode (arq's burst=True): process what is there and exit."""
+        return await self.run(until_idle=True, install_signals=False)

@@ -1,0 +1,313 @@
+"""Settings: one pydantic-settings model, read from OCRBOOTH_* variables and an optional YAML file.
+
+Environment names follow the section layout: `OCRBOOTH_KAFKA_BOOTSTRAP_SERVERS` is `kafka.bootstrap_servers`,
+`OCRBOOTH_GROUP_ID` is `group_id`. Environment beats the YAML file, which beats the defaults.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from ocrbooth import constants
+from ocrbooth.errors import ConfigError
+
+ENV_PREFIX = "OCRBOOTH_"
+
+# Which YAML file the next Settings() reads; a contextvar so tests can load several configs side by side.
+_CONFIG_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("ocrbooth_config_file", default=None)
+
+
+def _split_csv(value: object) -> object:
+    """Accept `a,b` from the environment as well as a YAML list."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class KafkaSettings(_Section):
+    """Connection to the Kafka cluster."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    """Comma-separated host:port list of brokers."""
+    client_id: str = "ocrbooth"
+    """Client id reported to the brokers (shows up in broker logs and quotas)."""
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    """Transport security towards the brokers."""
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    """SASL mechanism; required when security_protocol is SASL_*."""
+    sasl_username: str | None = None
+    """SASL user name."""
+    sasl_password: SecretStr | None = None
+    """SASL password (redacted in logs)."""
+    ssl_cafile: Path | None = None
+    """CA bundle that signs the brokers' certificates."""
+    ssl_certfile: Path | None = None
+    """Client certificate for mutual TLS."""
+    ssl_keyfile: Path | None = None
+    """Private key of the client certificate."""
+    enable_idempotence: bool = True
+    """Idempotent producer. On for Apache Kafka; off for brokers that refuse InitProducerId (Tansu)."""
+    session_timeout_ms: int = Field(default=30_000, ge=1_000)
+    """Consumer group session timeout: a silent member is evicted after this long."""
+    heartbeat_interval_ms: int = Field(default=3_000, ge=100)
+    """Consumer heartbeat period; keep it under a third of session_timeout_ms."""
+    max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
+    """Longest pause between polls before the member is considered stuck."""
+    request_timeout_ms: int = Field(default=40_000, ge=1_000)
+    """Timeout of a single broker request, produce requests included."""
+    linger_ms: int = Field(default=5, ge=0)
+    """How long the producer waits to fill a batch."""
+    compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
+    """Compression of produced batches."""
+
+    def client_options(self) -> dict[str, Any]:
+        """Connection keyword arguments shared by aiokafka consumers, producers and admin clients."""
+        opts: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+            "request_timeout_ms": self.request_timeout_ms,
+        }
+        if self.sasl_mechanism is not None:
+            opts["sasl_mechanism"] = self.sasl_mechanism
+            opts["sasl_plain_username"] = self.sasl_username
+            opts["sasl_plain_password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            opts["ssl_context"] = create_ssl_context(
+                cafile=str(self.ssl_cafile) if self.ssl_cafile else None,
+                certfile=str(self.ssl_certfile) if self.ssl_certfile else None,
+                keyfile=str(self.ssl_keyfile) if self.ssl_keyfile else None,
+            )
+        return opts
+
+
+class S3Settings(_Section):
+    """Object storage. Credentials come from the standard AWS variables or the pod's role."""
+
+    endpoint_url: str | None = None
+    """S3 endpoint, e.g. http://127.0.0.1:8333 for SeaweedFS; unset means AWS."""
+    bucket: str = "ocrbooth"
+    """Bucket for offloaded results, uploads and job state."""
+    region: str | None = None
+    """Region; unset means AWS_REGION / AWS_DEFAULT_REGION."""
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    """TCP connect timeout of one S3 request."""
+    read_timeout_s: float = Field(default=60.0, gt=0)
+    """Read timeout of one S3 request."""
+
+
+class TopicSettings(_Section):
+    """Topic names; the defaults are the public contract."""
+
+    ocr_requests: str = constants.TOPIC_OCR_REQUESTS
+    """DocumentRequest input."""
+    ocr_results: str = constants.TOPIC_OCR_RESULTS
+    """OcrResult output."""
+    ocr_review: str = constants.TOPIC_OCR_REVIEW
+    """ReviewFlag output."""
+    finetune_requests: str = constants.TOPIC_FINETUNE_REQUESTS
+    """FinetuneRequest input."""
+    finetune_control: str = constants.TOPIC_FINETUNE_CONTROL
+    """FinetuneControl input, read by every replica."""
+    finetune_events: str = constants.TOPIC_FINETUNE_EVENTS
+    """FinetuneEvent output."""
+    dlq: str = constants.TOPIC_DLQ
+    """DeadLetter output."""
+
+
+class RetrySettings(_Section):
+    """Backoff for retryable failures (S3, broker): exponential with full jitter."""
+
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    """Attempts of a handler before a retryable failure is dead-lettered."""
+    initial_backoff_ms: int = Field(default=200, ge=1)
+    """Backoff ceiling after the first failure; doubles each attempt."""
+    max_backoff_ms: int = Field(default=10_000, ge=1)
+    """Upper bound of any single backoff."""
+
+
+class LogSettings(_Section):
+    """Logging output."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Minimum level."""
+    format: Literal["auto", "json", "console"] = "auto"
+    """json in Kubernetes, console in a terminal; auto picks by whether stderr is a TTY."""
+
+
+class Settings(BaseSettings):
+    """Everything the daemon reads at startup."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+        extra="forbid",
+        use_attribute_docstrings=True,
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    """Kafka connection."""
+    s3: S3Settings = S3Settings()
+    """Object storage."""
+    topics: TopicSettings = TopicSettings()
+    """Topic names."""
+    retry: RetrySettings = RetrySettings()
+    """Retry and backoff."""
+    log: LogSettings = LogSettings()
+    """Logging."""
+
+    group_id: str = Field(default="ocrbooth", min_length=1)
+    """Consumer group shared by all replicas."""
+    handlers: Annotated[list[str], NoDecode] = ["ocr", "finetune"]
+    """Handlers to run: built-in names (ocr, finetune, echo) or `module:Class`."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the metrics and health server; 0.0.0.0 inside a pod."""
+    metrics_port: int = Field(default=9400, ge=0, le=65535)
+    """Port of /metrics, /healthz and /readyz (0 picks a free one)."""
+    max_in_flight: int = Field(default=64, ge=1, le=100_000)
+    """Messages accepted but not yet committed, across partitions; bounds redelivery after a crash."""
+    max_message_bytes: int = Field(default=1_000_000, ge=1_024)
+    """Largest output value sent to Kafka; larger outputs are offloaded to S3."""
+    max_input_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1_024)
+    """Largest input value accepted; larger ones are dead-lettered as message_too_large."""
+    dlq_max_value_bytes: int = Field(default=64 * 1024, ge=0)
+    """Bytes of the original value kept in a DeadLetter; the rest is cut and value_truncated is set."""
+    drain_timeout_s: float = Field(default=25.0, gt=0)
+    """Time in-flight work gets to finish on shutdown; keep below the pod's grace period."""
+    commit_interval_ms: int = Field(default=1_000, ge=10)
+    """Longest time completed offsets wait before a commit (commits also follow completions at once)."""
+    poll_timeout_ms: int = Field(default=100, ge=1)
+    """Longest wait of one fetch when nothing arrives."""
+    fatal_exit_code: int = Field(default=70, ge=1, le=255)
+    """Exit status after a fatal error (EX_SOFTWARE), so the orchestrator restarts the pod."""
+
+    @field_validator("handlers", mode="before")
+    @classmethod
+    def _handlers_csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        problems: list[str] = []
+        k = self.kafka
+        if k.security_protocol.startswith("SASL_"):
+            if k.sasl_mechanism is None:
+                problems.append("kafka.sasl_mechanism: required when security_protocol is SASL_*")
+            if not k.sasl_username or k.sasl_password is None:
+                problems.append("kafka.sasl_username/sasl_password: required when security_protocol is SASL_*")
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(k, name)
+            if path is not None and not Path(path).is_file():
+                problems.append(f"kafka.{name}: file {path} does not exist")
+        if (k.ssl_certfile is None) != (k.ssl_keyfile is None):
+            problems.append("kafka.ssl_certfile/ssl_keyfile: give both or neither")
+        if k.heartbeat_interval_ms * 3 > k.session_timeout_ms:
+            problems.append("kafka.heartbeat_interval_ms: must be at most a third of session_timeout_ms")
+        if not self.handlers:
+            problems.append("handlers: at least one handler is required")
+        if len(set(self.handlers)) != len(self.handlers):
+            problems.append("handlers: a handler is listed twice")
+        if self.retry.initial_backoff_ms > self.retry.max_backoff_ms:
+            problems.append("retry.initial_backoff_ms: must not exceed retry.max_backoff_ms")
+        topic_names = list(self.topics.model_dump().values())
+        if len(set(topic_names)) != len(topic_names):
+            problems.append("topics: every topic needs its own name")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = _CONFIG_FILE.get()
+        if config_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+    def redacted(self) -> dict[str, Any]:
+        """The resolved settings as plain data with secrets masked, for the startup log line."""
+        return self.model_dump(mode="json")
+
+
+def _env_name(loc: tuple[int | str, ...]) -> str:
+    parts = [str(p) for p in loc if not isinstance(p, int)]
+    return ENV_PREFIX + "_".join(parts).upper()
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        if not loc:  # the cross-field validator: one message per problem
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            lines.extend(msg.split("; "))
+            continue
+        where = ".".join(str(p) for p in loc)
+        lines.append(f"{where}: {err['msg']} (env {_env_name(loc)})")
+    return lines
+
+
+def _defaults_for(locs: list[tuple[int | str, ...]]) -> dict[str, Any]:
+    """Init overrides that put each failing field back to its default, so a second pass can run
+    the cross-field checks too and every problem is reported in one go."""
+    overrides: dict[str, Any] = {}
+    for loc in locs:
+        model: type[BaseModel] = Settings
+        target = overrides
+        for i, part in enumerate(loc):
+            if not isinstance(part, str) or part not in model.model_fields:
+                break
+            field = model.model_fields[part]
+            annotation = field.annotation
+            if i == len(loc) - 1 or not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                target[part] = field.get_default(call_default_factory=True)
+                break
+            target = target.setdefault(part, {})
+            model = annotation
+    return overrides
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Read settings; raise ConfigError listing every problem at once."""
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"invalid settings:\n  --config: {config_file} does not exist")
+    token = _CONFIG_FILE.set(config_file)
+    try:
+        try:
+            return Settings(**overrides)
+        except ValidationError as exc:
+            problems = _problems(exc)
+            failing = [tuple(e["loc"]) for e in exc.errors() if e["loc"]]
+            if failing:
+                try:
+                    Settings(**{**overrides, **_defaults_for(failing)})
+                except ValidationError as second:
+                    problems += [p for p in _problems(second) if p not in problems]
+            raise ConfigError("invalid settings:\n" + "\n".join(f"  {p}" for p in problems)) from None
+    finally:
+        _CONFIG_FILE.reset(token)

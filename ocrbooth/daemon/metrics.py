@@ -1,0 +1,78 @@
+"""Prometheus metrics: one container that receives its registry (tests use a fresh registry each)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from ocrbooth import __version__
+from ocrbooth.constants import METRIC_PREFIX as P
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
+
+
+class Metrics:
+    """Every metric the daemon exports. Labels never carry per-document values."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.build = Info(f"{P}_build", "Version of the running daemon.", registry=r)
+        self.build.info({"version": __version__})
+        self.consumed = Counter(
+            f"{P}_consumed_messages_total", "Messages fetched from input topics.", ["topic"], registry=r
+        )
+        self.handled = Counter(
+            f"{P}_handled_messages_total",
+            "Input messages finished, by outcome (succeeded, failed_result, dead_lettered).",
+            ["topic", "outcome"],
+            registry=r,
+        )
+        self.produced = Counter(
+            f"{P}_produced_messages_total",
+            "Output messages sent, by outcome (acked, error).",
+            ["topic", "outcome"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            f"{P}_dead_letters_total", "Messages dead-lettered, by error code.", ["source_topic", "code"], registry=r
+        )
+        self.handler_retries = Counter(
+            f"{P}_handler_retries_total", "Retries after retryable handler failures.", ["topic"], registry=r
+        )
+        self.offloaded = Counter(
+            f"{P}_offloaded_messages_total", "Outputs too large for Kafka written to S3.", ["topic"], registry=r
+        )
+        self.handle_seconds = Histogram(
+            f"{P}_handle_duration_seconds",
+            "Time from accepting a message to its outputs being acknowledged.",
+            ["topic"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.publish_seconds = Histogram(
+            f"{P}_publish_duration_seconds",
+            "Time from send to broker acknowledgement of one output message.",
+            ["topic"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(f"{P}_in_flight_messages", "Messages being handled now.", registry=r)
+        self.uncommitted = Gauge(
+            f"{P}_uncommitted_messages", "Messages accepted and not yet covered by a commit.", registry=r
+        )
+        self.paused_partitions = Gauge(
+            f"{P}_paused_partitions", "Assigned partitions paused because work is at capacity.", registry=r
+        )
+        self.assigned_partitions = Gauge(f"{P}_assigned_partitions", "Partitions assigned to this member.", registry=r)
+        self.consumer_lag = Gauge(
+            f"{P}_consumer_lag_messages",
+            "High watermark minus the committed position, per assigned partition.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.commits = Counter(f"{P}_commits_total", "Successful offset commits.", registry=r)
+        self.commit_failures = Counter(f"{P}_commit_failures_total", "Offset commits that failed.", registry=r)
+        self.rebalances = Counter(
+            f"{P}_rebalances_total", "Partition assignments received from the group coordinator.", registry=r
+        )
+        self.ready = Gauge(f"{P}_ready", "1 when the daemon is assigned and its handlers are ready.", registry=r)

@@ -1,0 +1,83 @@
+"""What a handler is: decoded input events in, output events out. The daemon owns Kafka, offsets and retries."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from pydantic import BaseModel
+
+from ocrbooth.daemon.config import Settings
+from ocrbooth.daemon.metrics import Metrics
+from ocrbooth.daemon.storage import S3Storage
+from ocrbooth.schemas import ErrorInfo
+
+
+@dataclass(frozen=True, slots=True)
+class MessageContext:
+    """Where an input event came from."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    timestamp_ms: int | None
+    headers: tuple[tuple[str, bytes], ...] = ()
+    attempt: int = 1
+
+    @property
+    def source(self) -> str:
+        return f"{self.topic}/{self.partition}/{self.offset}"
+
+
+@dataclass(frozen=True, slots=True)
+class OutputEvent:
+    """One record to publish; `value` is a schema model, encoded once by the publisher."""
+
+    topic: str
+    key: str | None
+    value: BaseModel
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerRuntime:
+    """What the daemon lends a handler at start."""
+
+    settings: Settings
+    storage: S3Storage
+    metrics: Metrics
+
+
+class Handler(abc.ABC):
+    """Base class of every handler. Subclasses expose plain coroutines; only the daemon creates tasks."""
+
+    name: ClassVar[str]
+    max_concurrency: int | None = None
+    """Messages of this handler in flight at once (e.g. GPU slots); None means only the global limit."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @abc.abstractmethod
+    def input_topics(self) -> Mapping[str, type[BaseModel]]:
+        """Topics consumed through the group, with the model each one's values decode to."""
+
+    async def start(self, runtime: HandlerRuntime) -> None:  # noqa: B027  (optional hook)
+        """Load models, open clients. Runs before the consumer joins the group."""
+
+    async def stop(self) -> None:  # noqa: B027  (optional hook)
+        """Release what start() acquired. Runs after the consumer has left the group."""
+
+    def ready(self) -> bool:
+        """False while the handler cannot take work (model still loading)."""
+        return True
+
+    @abc.abstractmethod
+    async def handle(self, event: BaseModel, ctx: MessageContext) -> Sequence[OutputEvent]:
+        """Process one event; raise PoisonError, RetryableError or FatalError to say how a failure is handled."""
+
+    def failure_outputs(self, event: BaseModel, ctx: MessageContext, error: ErrorInfo) -> Sequence[OutputEvent]:
+        """Outputs that report a failed event to its producer (a failed result). Empty means dead-letter it."""
+        return ()

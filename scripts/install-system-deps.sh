@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Debian packages the test suite needs. Installs only what is missing, and only when we can (root + apt).
+set -euo pipefail
+
+need=()
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)   # promtool checks /metrics and alert rules
+
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+if [ "$(id -u)" != "0" ] || ! command -v apt-get >/dev/null 2>&1; then
+  echo "install-system-deps: missing ${need[*]}; install them with your package manager (needs root + apt here)" >&2
+  exit 0
+fi
+echo "install-system-deps: apt-get install ${need[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
