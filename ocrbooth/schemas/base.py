@@ -32,9 +32,7 @@ class WireModel(WireObject):
     def _supported_version(cls, value: object) -> object:
         # The Literal alone would say "Input should be 1" and would take `true` for 1.
         if isinstance(value, bool) or (isinstance(value, int) and value != SCHEMA_VERSION):
-            raise ValueError(
-                f"unsupported schema_version {value}: this daemon reads version {SCHEMA_VERSION} only"
-            )
+            raise ValueError(f"unsupported schema_version {value}: this daemon reads version {SCHEMA_VERSION} only")
         return value
 
 

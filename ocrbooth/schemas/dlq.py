@@ -11,9 +11,7 @@ class Header(WireObject):
     """One Kafka record header of the failed message."""
 
     key: str = Field(description="Header key.")
-    value_base64: str | None = Field(
-        default=None, description="Header value bytes, base64; null for a null value."
-    )
+    value_base64: str | None = Field(default=None, description="Header value bytes, base64; null for a null value.")
 
 
 class DeadLetter(WireModel):

@@ -34,9 +34,7 @@ class FinetuneRequest(WireModel):
     instance_images: list[Annotated[str, Field(pattern=S3_URI_PATTERN)]] = Field(
         min_length=1, description="Images of the subject: `s3://` object URIs, or one `s3://` prefix."
     )
-    instance_prompt: str = Field(
-        min_length=1, description="Prompt naming the subject, e.g. `a photo of sks dog`."
-    )
+    instance_prompt: str = Field(min_length=1, description="Prompt naming the subject, e.g. `a photo of sks dog`.")
     class_prompt: str | None = Field(
         default=None,
         min_length=1,
@@ -45,18 +43,12 @@ class FinetuneRequest(WireModel):
     with_prior_preservation: bool = Field(
         default=True, description="Train against generated class images to keep the class prior."
     )
-    num_class_images: int = Field(
-        default=100, ge=1, description="Class images to have for prior preservation."
-    )
-    prior_loss_weight: float = Field(
-        default=1.0, ge=0.0, description="Weight of the prior-preservation loss."
-    )
+    num_class_images: int = Field(default=100, ge=1, description="Class images to have for prior preservation.")
+    prior_loss_weight: float = Field(default=1.0, ge=0.0, description="Weight of the prior-preservation loss.")
     resolution: int = Field(
         default=512, ge=8, multiple_of=8, description="Training image side, in pixels (multiple of 8)."
     )
-    center_crop: bool = Field(
-        default=False, description="Center-crop images to `resolution` instead of random crops."
-    )
+    center_crop: bool = Field(default=False, description="Center-crop images to `resolution` instead of random crops.")
     train_text_encoder: bool = Field(default=True, description="Also fine-tune the text encoder.")
     max_train_steps: int = Field(default=800, ge=1, description="Optimizer steps to train for.")
     learning_rate: float = Field(default=5e-6, gt=0.0, description="Peak learning rate.")
@@ -75,19 +67,13 @@ class FinetuneRequest(WireModel):
         default=False, description="Trade compute for memory by recomputing activations."
     )
     seed: int = Field(default=0, ge=0, description="Random seed, for reproducible training.")
-    checkpointing_steps: int = Field(
-        default=100, ge=1, description="Save a checkpoint every this many steps."
-    )
-    checkpoints_total_limit: int = Field(
-        default=3, ge=1, description="Checkpoints kept; older ones are deleted."
-    )
+    checkpointing_steps: int = Field(default=100, ge=1, description="Save a checkpoint every this many steps.")
+    checkpoints_total_limit: int = Field(default=3, ge=1, description="Checkpoints kept; older ones are deleted.")
     validation_prompts: list[str] = Field(
         default_factory=list, description="Prompts to sample with at the end of training; none when empty."
     )
     num_validation_images: int = Field(default=4, ge=1, description="Images sampled per validation prompt.")
-    guidance_scale: float = Field(
-        default=7.5, ge=0.0, description="Classifier-free guidance scale for samples."
-    )
+    guidance_scale: float = Field(default=7.5, ge=0.0, description="Classifier-free guidance scale for samples.")
     num_inference_steps: int = Field(default=30, ge=1, description="Denoising steps per sample.")
     output_uri: str | None = Field(
         default=None,
@@ -138,14 +124,10 @@ class FinetuneEvent(WireModel):
     resumed_from_step: int | None = Field(
         default=None, ge=0, description="`started`: the checkpoint step training resumed from, if any."
     )
-    step: int | None = Field(
-        default=None, ge=0, description="`progress`, `checkpoint`: optimizer step reached."
-    )
+    step: int | None = Field(default=None, ge=0, description="`progress`, `checkpoint`: optimizer step reached.")
     max_steps: int | None = Field(default=None, ge=1, description="`progress`: steps the job will train for.")
     loss: float | None = Field(default=None, description="`progress`: recent training loss.")
-    learning_rate: float | None = Field(
-        default=None, ge=0.0, description="`progress`: current learning rate."
-    )
+    learning_rate: float | None = Field(default=None, ge=0.0, description="`progress`: current learning rate.")
     steps_per_second: float | None = Field(default=None, ge=0.0, description="`progress`: recent throughput.")
     uri: str | None = Field(default=None, description="`checkpoint`: S3 URI of the completed checkpoint.")
     uris: list[str] | None = Field(default=None, description="`samples`: S3 URIs of the sample images.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -12,11 +13,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
 
 import pytest
 
+from ocrbooth.daemon.app import Daemon
 from ocrbooth.daemon.config import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,6 +42,21 @@ def settings_for(monkeypatch: pytest.MonkeyPatch, env: Mapping[str, str], **extr
     for key, value in {**FAST_GROUP, **env, **extra}.items():
         monkeypatch.setenv(key, value)
     return load_settings()
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(
+    settings: Settings, *, stop_timeout_s: float = 60
+) -> AsyncIterator[tuple[Daemon, asyncio.Task[int]]]:
+    """An in-process daemon running until the block ends; then it is stopped and must exit 0."""
+    daemon = Daemon(settings)
+    run = asyncio.create_task(daemon.run(install_signals=False))
+    try:
+        yield daemon, run
+    finally:
+        daemon.lifecycle.request_stop("test finished")
+        code = await asyncio.wait_for(run, stop_timeout_s)
+    assert code == 0, f"daemon exited with {code}"
 
 
 def free_port() -> int:

@@ -274,9 +274,7 @@ def test_checked_in_schemas_are_current(tmp_path: Path) -> None:
     written = write_json_schemas(tmp_path)
     assert sorted(p.name for p in written) == sorted(f"{name}.schema.json" for name in ALL_MODELS)
     for path in written:
-        assert (SCHEMA_DIR / path.name).read_text(encoding="utf-8") == path.read_text(encoding="utf-8"), (
-            path.name
-        )
+        assert (SCHEMA_DIR / path.name).read_text(encoding="utf-8") == path.read_text(encoding="utf-8"), path.name
     assert schemas_are_current(SCHEMA_DIR) == []
 
 
