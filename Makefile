@@ -17,8 +17,8 @@ system-deps:
 install: $(BIN)/.installed system-deps
 
 lint: install
-	$(BIN)/ruff check ocrbooth tests bench
-	$(BIN)/ruff format --check ocrbooth tests bench
+	$(BIN)/ruff check ocrbooth tests $(wildcard bench)
+	$(BIN)/ruff format --check ocrbooth tests $(wildcard bench)
 
 typecheck: install
 	$(BIN)/mypy

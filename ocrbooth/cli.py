@@ -35,7 +35,13 @@ def _cmd_dev(args: argparse.Namespace) -> int:
     from ocrbooth.logs import configure_logging
 
     configure_logging("INFO", "console")
-    return run_dev(args.data_dir, kafka_port=args.kafka_port, s3_port=args.s3_port, partitions=args.partitions)
+    return run_dev(
+        args.data_dir,
+        kafka_port=args.kafka_port or None,
+        s3_port=args.s3_port or None,
+        partitions=args.partitions,
+        print_fn=lambda line: print(line, flush=True),
+    )
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

