@@ -4,6 +4,12 @@ set -euo pipefail
 
 need=()
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)   # promtool checks /metrics and alert rules
+command -v tesseract >/dev/null 2>&1 || need+=(tesseract-ocr)   # the CPU OCR engine
+# One traineddata pack per supported language (ocrbooth.models.ocr.tesseract.SUPPORTED_LANGUAGES).
+for lang in eng fra deu spa ita nld por swe dan; do
+  dpkg-query -W -f='${Status}' "tesseract-ocr-${lang}" 2>/dev/null | grep -q "install ok installed" \
+    || need+=("tesseract-ocr-${lang}")
+done
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

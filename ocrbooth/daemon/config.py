@@ -111,6 +111,16 @@ class S3Settings(_Section):
     """TCP connect timeout of one S3 request."""
     read_timeout_s: float = Field(default=60.0, gt=0)
     """Read timeout of one S3 request."""
+    allowed_buckets: Annotated[list[str], NoDecode] = []
+    """Buckets documents may be read from (`a,b`); empty means only `bucket`. No other scheme is fetched."""
+
+    @field_validator("allowed_buckets", mode="before")
+    @classmethod
+    def _buckets_csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    def readable_buckets(self) -> set[str]:
+        return set(self.allowed_buckets) or {self.bucket}
 
 
 class TopicSettings(_Section):
@@ -143,6 +153,54 @@ class RetrySettings(_Section):
     """Upper bound of any single backoff."""
 
 
+class OcrSettings(_Section):
+    """The OCR pipeline: engines, rendering, limits, micro-batching and review."""
+
+    engine: Literal["auto", "lightonocr", "tesseract"] = "auto"
+    """auto: lightonocr when CUDA is present and the model loads, else tesseract."""
+    model: str = "lightonai/LightOnOCR-1B-1025"
+    """LightOnOCR weights: hub id or local directory."""
+    device: str | None = None
+    """Torch device for lightonocr (default cuda:0)."""
+    default_languages: Annotated[list[str], NoDecode] = ["eng"]
+    """Tesseract languages when a request names none."""
+    max_new_tokens: int = Field(default=4096, ge=1)
+    """Output budget per page when a request names none."""
+    max_new_tokens_cap: int = Field(default=8192, ge=1)
+    """Largest max_new_tokens a request may ask for."""
+    review_threshold: float = Field(default=0.80, ge=0, le=1)
+    """Pages below this confidence flag their document for review (requests may override)."""
+    span_threshold: float = Field(default=0.50, ge=0, le=1)
+    """Tokens below this probability form low_confidence_spans."""
+    render_longest_px: int = Field(default=1540, ge=64, le=10_000)
+    """Longest side of a rendered page (the size LightOnOCR was trained at)."""
+    max_dpi: int = Field(default=200, ge=36, le=1200)
+    """PDF pages are never rendered above this resolution."""
+    max_pages: int = Field(default=500, ge=1)
+    """Documents with more pages (or requests selecting more) fail with too_many_pages."""
+    max_image_pixels: int = Field(default=80_000_000, ge=1_000_000)
+    """Images with more pixels fail with image_too_large (pixel-bomb guard)."""
+    max_inline_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    """Largest inline (base64-decoded) document."""
+    max_source_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
+    """Largest document fetched from S3."""
+    max_batch_pages: int = Field(default=32, ge=1, le=1024)
+    """Pages per GPU batch."""
+    max_batch_tokens: int = Field(default=200_000, ge=1)
+    """Image + output tokens per batch, so the KV cache fits in GPU memory."""
+    max_wait_ms: float = Field(default=50.0, ge=0)
+    """Longest time the oldest page waits for batch-mates."""
+    render_workers: int = Field(default=2, ge=1, le=64)
+    """Processes rendering pages (CPU), overlapping with GPU work."""
+    tesseract_threads: int = Field(default=2, ge=1, le=64)
+    """Tesseract processes run in parallel per batch."""
+
+    @field_validator("default_languages", mode="before")
+    @classmethod
+    def _languages_csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+
 class LogSettings(_Section):
     """Logging output."""
 
@@ -173,6 +231,8 @@ class Settings(BaseSettings):
     """Retry and backoff."""
     log: LogSettings = LogSettings()
     """Logging."""
+    ocr: OcrSettings = OcrSettings()
+    """OCR pipeline."""
 
     group_id: str = Field(default="ocrbooth", min_length=1)
     """Consumer group shared by all replicas."""

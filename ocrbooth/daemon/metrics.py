@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from ocrbooth import __version__
@@ -76,3 +78,68 @@ class Metrics:
             f"{P}_rebalances_total", "Partition assignments received from the group coordinator.", registry=r
         )
         self.ready = Gauge(f"{P}_ready", "1 when the daemon is assigned and its handlers are ready.", registry=r)
+
+        # OCR pipeline
+        self.ocr_documents = Counter(
+            f"{P}_ocr_documents_total", "Documents finished, by engine and status.", ["engine", "status"], registry=r
+        )
+        self.ocr_pages = Counter(
+            f"{P}_ocr_pages_total",
+            "Pages recognised, by engine and finish reason.",
+            ["engine", "finish_reason"],
+            registry=r,
+        )
+        self.ocr_reviews = Counter(f"{P}_ocr_review_flags_total", "Documents flagged for human review.", registry=r)
+        self.ocr_page_confidence = Histogram(
+            f"{P}_ocr_page_confidence_ratio",
+            "Page confidence (geometric mean of token probabilities).",
+            buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0),
+            registry=r,
+        )
+        self.ocr_stage_seconds = Histogram(
+            f"{P}_ocr_stage_duration_seconds",
+            "Per-document time by stage (queued, render, inference, total).",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ocr_batch_pages = Histogram(
+            f"{P}_ocr_batch_pages",
+            "Pages per engine batch.",
+            ["engine"],
+            buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 128),
+            registry=r,
+        )
+        self.ocr_batch_seconds = Histogram(
+            f"{P}_ocr_batch_duration_seconds",
+            "Engine time per batch.",
+            ["engine"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ocr_batch_splits = Counter(
+            f"{P}_ocr_batch_splits_total", "Batches split after a failure (e.g. out of memory).", ["engine"], registry=r
+        )
+        self.ocr_engine_busy = Counter(
+            f"{P}_ocr_engine_busy_seconds_total",
+            "Seconds the engine (the GPU, for lightonocr) spent on batches; rate() is the busy fraction.",
+            ["engine"],
+            registry=r,
+        )
+
+    def observe_ocr_batch(self, engine: str, stats: BatchStatsLike) -> None:
+        """Record one executed batch (called from the engine's worker thread; prometheus_client is thread-safe)."""
+        self.ocr_batch_pages.labels(engine).observe(stats.pages)
+        self.ocr_batch_seconds.labels(engine).observe(stats.seconds)
+        self.ocr_engine_busy.labels(engine).inc(stats.seconds)
+        if stats.splits:
+            self.ocr_batch_splits.labels(engine).inc(stats.splits)
+
+
+class BatchStatsLike(Protocol):
+    @property
+    def pages(self) -> int: ...
+    @property
+    def seconds(self) -> float: ...
+    @property
+    def splits(self) -> int: ...

@@ -79,7 +79,17 @@ class Publisher:
 
     async def publish(self, events: Sequence[OutputEvent], ctx: MessageContext) -> None:
         """Encode, offload oversize values, send, and wait for every acknowledgement."""
-        records = [await self._encode(event, ctx, index) for index, event in enumerate(events)]
+        records = []
+        offloaded_uri: str | None = None
+        for index, event in enumerate(events):
+            if offloaded_uri and getattr(event.value, "result_uri", "") is None:
+                # A companion event (a ReviewFlag after its OcrResult) points at the same offloaded result.
+                event = OutputEvent(
+                    event.topic, event.key, event.value.model_copy(update={"result_uri": offloaded_uri})
+                )
+            record, uri = await self._encode(event, ctx, index)
+            offloaded_uri = offloaded_uri or uri
+            records.append(record)
         await self._send(records)
 
     async def dead_letter(self, ctx: MessageContext, value: bytes | None, error: ErrorInfo) -> None:
@@ -114,7 +124,7 @@ class Publisher:
             (constants.HEADER_SOURCE, ctx.source.encode()),
         ]
 
-    async def _encode(self, event: OutputEvent, ctx: MessageContext, index: int) -> _Record:
+    async def _encode(self, event: OutputEvent, ctx: MessageContext, index: int) -> tuple[_Record, str | None]:
         value = event.value.model_dump_json().encode()
         if len(value) > self._settings.max_message_bytes:
             if not isinstance(event.value, Offloadable):
@@ -136,8 +146,9 @@ class Publisher:
                 raise PoisonError(
                     f"{type(slim).__name__} is still {len(value)} bytes after offloading", code="output_too_large"
                 )
-            return _Record(event.topic, event.key.encode() if event.key else None, value, self._headers(slim, ctx))
-        return _Record(event.topic, event.key.encode() if event.key else None, value, self._headers(event.value, ctx))
+            return _Record(event.topic, event.key.encode() if event.key else None, value, self._headers(slim, ctx)), uri
+        key_bytes = event.key.encode() if event.key else None
+        return _Record(event.topic, key_bytes, value, self._headers(event.value, ctx)), None
 
     async def _send(self, records: Sequence[_Record]) -> None:
         """Send until acknowledged. Broker trouble is retried without limit: losing the broker is not the
