@@ -50,6 +50,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(keep=args.keep)
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from ocrbooth.daemon.config import load_settings
+    from ocrbooth.schemas import OcrOptions
+    from ocrbooth.submit import submit, summarize
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"ocrbooth: {exc}", file=sys.stderr)
+        return 2
+    missing = [str(p) for p in args.files if not p.is_file()]
+    if missing:
+        print(f"ocrbooth: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    options = OcrOptions(
+        engine=args.engine,
+        languages=args.languages.split(",") if args.languages else None,
+        max_new_tokens=args.max_new_tokens,
+    )
+    files = [(p.name, p.read_bytes()) for p in args.files]
+    subs = asyncio.run(submit(settings, files, out_dir=args.out, timeout_s=args.timeout_s, options=options))
+    return summarize(subs)
+
+
 def _cmd_schemas(args: argparse.Namespace) -> int:
     from ocrbooth.schemas import write_json_schemas
 
@@ -78,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="start the embedded stack and the daemon, push sample work, print results")
     demo.add_argument("--keep", action="store_true", help="keep the demo's data directory")
     demo.set_defaults(func=_cmd_demo)
+
+    submit = sub.add_parser("submit", help="upload documents, publish requests, wait for and write the results")
+    submit.add_argument("files", nargs="+", type=Path, help="PDF, PNG, JPEG, TIFF or WebP files")
+    submit.add_argument("--out", type=Path, help="write NAME.md and NAME.json here")
+    submit.add_argument("--config", type=Path, help="YAML settings file (for topics, Kafka and S3)")
+    submit.add_argument("--engine", choices=["auto", "lightonocr", "tesseract"], help="engine to ask for")
+    submit.add_argument("--languages", help="comma-separated language codes, e.g. eng,fra")
+    submit.add_argument("--max-new-tokens", type=int, help="output budget per page (lightonocr)")
+    submit.add_argument("--timeout-s", type=float, default=600.0, help="how long to wait for all results")
+    submit.set_defaults(func=_cmd_submit)
 
     schemas = sub.add_parser("schemas", help="write one JSON Schema per wire model")
     schemas.add_argument("--out", type=Path, required=True, help="output directory")

@@ -1,17 +1,16 @@
-"""`ocrbooth demo`: the embedded stack, a daemon, sample events through every path, and what came out.
+"""`ocrbooth demo`: the embedded stack, a daemon with the `auto` OCR engine, sample documents through it.
 
-At this stage the daemon runs the diagnostic `echo` handler (the OCR engines arrive with the OCR pipeline):
-valid requests get a result, malformed ones a dead letter with its code, and the probes and metrics are
-read back over HTTP.
+Prints each document's text excerpt, confidence, tables and review flags, the broken file's error code,
+the dead letters of two malformed messages, and the daemon's probes and metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import urllib.request
@@ -24,13 +23,12 @@ from ocrbooth.daemon.app import Daemon
 from ocrbooth.daemon.config import load_settings
 from ocrbooth.daemon.embedded import EmbeddedStack
 from ocrbooth.logs import configure_logging
+from ocrbooth.samples import demo_documents
+from ocrbooth.submit import excerpt, submit
 
-_VALID = 5
 _MALFORMED: list[tuple[str, bytes]] = [
-    ("bad UTF-8", b"\xff\xfe\x00garbage"),
     ("not JSON", b"{this is not json"),
     ("unknown schema_version", json.dumps({"schema_version": 99, "request_id": "r", "document_id": "d"}).encode()),
-    ("schema violation", json.dumps({"request_id": "r-bad", "source": {"uri": "http://nope"}}).encode()),
 ]
 
 
@@ -40,6 +38,8 @@ def _http(url: str) -> tuple[int, str]:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+    except OSError:
+        return 0, ""
 
 
 async def _collect(bootstrap: str, topic: str, want: int, timeout_s: float) -> list[Any]:
@@ -56,56 +56,57 @@ async def _collect(bootstrap: str, topic: str, want: int, timeout_s: float) -> l
     return seen
 
 
-async def _demo(stack: EmbeddedStack) -> int:
+async def _demo(stack: EmbeddedStack, out_dir: Path) -> int:
     settings = load_settings()
     daemon = Daemon(settings)
     run = asyncio.create_task(daemon.run(install_signals=False))
-    port_deadline = time.monotonic() + 60
-    while time.monotonic() < port_deadline:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not run.done():
         if (
             daemon.health.port
             and (await asyncio.to_thread(_http, f"http://127.0.0.1:{daemon.health.port}/readyz"))[0] == 200
         ):
             break
         await asyncio.sleep(0.2)
-    print(f"daemon ready; probes and metrics on http://127.0.0.1:{daemon.health.port}\n")
+    if run.done():
+        print("the daemon failed to start; see the log above")
+        return 1
+    handler = daemon.handlers[0]
+    engine = getattr(handler, "default_engine", "?")
+    print(f"daemon ready (OCR engine: {engine}); probes and metrics on http://127.0.0.1:{daemon.health.port}\n")
+
+    docs = demo_documents()
+    print(f"submitting {len(docs)} sample documents with `ocrbooth submit` ...")
+    subs = await submit(settings, docs, out_dir=out_dir, timeout_s=300, progress=sys.stdout)
+    print()
+    for sub in subs:
+        r = sub.result
+        if r is None:
+            print(f"{sub.name:<22} NO RESULT")
+            continue
+        if r.status == "failed":
+            assert r.error is not None
+            print(f"{sub.name:<22} FAILED  {r.error.code}: {r.error.message}")
+            continue
+        conf = f"{r.confidence:.2f}" if r.confidence is not None else "n/a"
+        tables = sum(len(p.tables) for p in r.pages)
+        review = f"  needs review: {', '.join(r.review_reasons)}" if r.needs_review else ""
+        print(f"{sub.name:<22} {len(r.pages)} page(s)  confidence {conf}  tables {tables}{review}")
+        print(f"{'':<22} {excerpt(r)}")
+    print(f"\nmarkdown and JSON written to {out_dir}")
 
     producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap_servers, enable_idempotence=False)
     await producer.start()
     try:
-        for i in range(_VALID):
-            request = {
-                "schema_version": 1,
-                "request_id": f"demo-req-{i}",
-                "document_id": f"demo-doc-{i}",
-                "source": {"data_base64": base64.b64encode(b"%PDF-1.4 sample").decode(), "filename": f"doc{i}.pdf"},
-                "metadata": {"customer": "demo"},
-            }
-            await producer.send_and_wait(
-                settings.topics.ocr_requests, json.dumps(request).encode(), key=f"demo-doc-{i}".encode()
-            )
         for label, value in _MALFORMED:
             await producer.send_and_wait(settings.topics.ocr_requests, value, key=label.encode())
     finally:
         await producer.stop()
-    print(
-        f"published {_VALID} valid requests and {len(_MALFORMED)} malformed messages "
-        f"to {settings.topics.ocr_requests}\n"
-    )
-
-    results = await _collect(stack.bootstrap_servers, settings.topics.ocr_results, _VALID, 60)
     letters = await _collect(stack.bootstrap_servers, settings.topics.dlq, len(_MALFORMED), 60)
-    print(f"{settings.topics.ocr_results}:")
-    for rec in results:
-        value = json.loads(rec.value)
-        print(
-            f"  {value['request_id']:<12} status={value['status']} engine={value['engine']} "
-            f"metadata={value['metadata']}"
-        )
-    print(f"\n{settings.topics.dlq}:")
+    print(f"\n{settings.topics.dlq} (two malformed messages published to {settings.topics.ocr_requests}):")
     for rec in letters:
         value = json.loads(rec.value)
-        print(f"  offset {value['offset']:<3} {value['error']['code']:<28} {value['error']['message'][:70]}")
+        print(f"  {value['error']['code']:<28} {value['error']['message'][:80]}")
 
     base = f"http://127.0.0.1:{daemon.health.port}"
     print("\nhealth:")
@@ -114,18 +115,19 @@ async def _demo(stack: EmbeddedStack) -> int:
         print(f"  GET {path:<9} {status} {body.strip()}")
     _, metrics = await asyncio.to_thread(_http, base + "/metrics")
     print("\nmetrics (excerpt):")
+    shown = ("ocrbooth_ocr_documents_total", "ocrbooth_ocr_pages_total", "ocrbooth_dead_letters_total")
     for line in metrics.splitlines():
-        if line.startswith(
-            ("ocrbooth_handled_messages_total", "ocrbooth_dead_letters_total", "ocrbooth_commits_total")
-        ):
+        if line.startswith(shown):
             print("  " + line)
 
     daemon.lifecycle.request_stop("demo finished")
     code = await run
-    ok = len(results) == _VALID and len(letters) == len(_MALFORMED) and code == 0
+    answered = sum(1 for s in subs if s.result is not None)
+    succeeded = sum(1 for s in subs if s.result is not None and s.result.status == "succeeded")
+    ok = answered == len(docs) and succeeded == len(docs) - 1 and len(letters) == len(_MALFORMED) and code == 0
     print(
-        f"\ndemo {'OK' if ok else 'FAILED'}: {len(results)}/{_VALID} results, "
-        f"{len(letters)}/{len(_MALFORMED)} dead letters, daemon exit {code}"
+        f"\ndemo {'OK' if ok else 'FAILED'}: {succeeded} recognised, {answered - succeeded} failed as expected, "
+        f"{len(letters)} dead letters, daemon exit {code}"
     )
     return 0 if ok else 1
 
@@ -134,7 +136,7 @@ def run_demo(*, keep: bool = False) -> int:
     """Start the embedded stack in a fresh directory, run the demo against it, tear everything down."""
     configure_logging("WARNING", "console")
     data_dir = Path(tempfile.mkdtemp(prefix="ocrbooth-demo-"))
-    stack = EmbeddedStack(data_dir)
+    stack = EmbeddedStack(data_dir / "stack")
     print(f"starting SeaweedFS and Tansu in {data_dir} ...")
     try:
         stack.start()
@@ -142,7 +144,9 @@ def run_demo(*, keep: bool = False) -> int:
         os.environ.update(stack.env())
         os.environ.update(
             {
-                "OCRBOOTH_HANDLERS": "echo",
+                "OCRBOOTH_HANDLERS": "ocr",
+                "OCRBOOTH_OCR_ENGINE": os.environ.get("OCRBOOTH_OCR_ENGINE", "auto"),
+                "OCRBOOTH_OCR_DEFAULT_LANGUAGES": "eng,fra,deu,spa,ita,nld,por,swe,dan",
                 "OCRBOOTH_METRICS_PORT": "0",
                 "OCRBOOTH_GROUP_ID": "ocrbooth-demo",
                 # A short session makes the first group join quick on Tansu (it waits half a session).
@@ -150,7 +154,7 @@ def run_demo(*, keep: bool = False) -> int:
                 "OCRBOOTH_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
             }
         )
-        return asyncio.run(_demo(stack))
+        return asyncio.run(_demo(stack, Path(".ocrbooth/demo-results").resolve()))
     finally:
         stack.stop()
         if not keep:

@@ -146,8 +146,7 @@ def table_pdf(rows: list[list[str]], *, title: str | None = None) -> bytes:
     page: pymupdf.Page | None = None
     y = 0.0
 
-    def draw_row(cells: list[str], top: float, *, bold: bool) -> None:
-        assert page is not None
+    def draw_row(page: pymupdf.Page, cells: list[str], top: float, *, bold: bool) -> None:
         x = _MARGIN
         for text, w in zip(cells, widths, strict=True):
             page.draw_rect(pymupdf.Rect(x, top, x + w, top + row_h), color=(0, 0, 0), width=0.6)
@@ -163,9 +162,9 @@ def table_pdf(rows: list[list[str]], *, title: str | None = None) -> bytes:
                 page.insert_text((_MARGIN, y + 14), title, fontname=_FONT_BOLD, fontsize=14)
                 y += 30
             if i > 0:  # repeat the header on continuation pages
-                draw_row(grid[0], y, bold=True)
+                draw_row(page, grid[0], y, bold=True)
                 y += row_h
-        draw_row(cells, y, bold=i == 0)
+        draw_row(page, cells, y, bold=i == 0)
         y += row_h
     data: bytes = doc.tobytes(garbage=3, deflate=True)
     doc.close()

@@ -86,7 +86,7 @@ def load_engines(cfg: OcrSettings) -> tuple[str, dict[str, OcrEngine]]:
     engines: dict[str, OcrEngine] = {}
     tesseract_error: str | None = None
     try:
-        tess = TesseractEngine(default_languages=tuple(cfg.default_languages), threads=cfg.tesseract_threads)
+        tess = TesseractEngine(default_languages=tuple(cfg.default_languages), max_workers=cfg.tesseract_threads)
         tess.load()
         engines["tesseract"] = tess
     except ConfigError as exc:
