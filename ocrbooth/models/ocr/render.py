@@ -10,6 +10,9 @@ Meant for a worker pool. Pillow work runs in parallel across threads; PyMuPDF is
 calls are serialised by a lock (use a process pool to render PDFs in parallel).
 """
 
+# PyMuPDF ships py.typed but leaves most of its functions unannotated.
+# mypy: disable-error-code="no-untyped-call"
+
 from __future__ import annotations
 
 import io
@@ -20,7 +23,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
 import pymupdf
 from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin, TiffImagePlugin, WebPImagePlugin
@@ -31,7 +34,7 @@ DocFormat = Literal["pdf", "png", "jpeg", "tiff", "webp"]
 
 _PDF_POINTS_PER_INCH = 72.0
 _INK_LEVEL = 200  # grey value below which a pixel counts as ink
-_BLANK_INK_FRACTION = 0.0002  # a lone page number has more ink than this; scanner dust has less
+_BLANK_INK_FRACTION = 0.0001  # a lone "Page 1" has about twice this; one stray letter or dust has less
 _PDF_EOF_WINDOW = 1024  # %%EOF must sit within the last 1024 bytes (PDF 1.7, implementation note 18)
 
 # Pillow's per-format parsers. Calling them directly (not Image.open) skips Pillow's global
@@ -195,12 +198,13 @@ class _PdfDocument:
             except _MUPDF_ERRORS as exc:
                 pymupdf.TOOLS.reset_mupdf_warnings()
                 raise PoisonError(f"unreadable PDF: {exc}", code="corrupt_document") from exc
+            checked = False
             try:
                 self.page_count = self._check(data)
-            except BaseException:
-                self._doc.close()
-                raise
+                checked = True
             finally:
+                if not checked:
+                    self._doc.close()
                 # PyMuPDF keeps every MuPDF warning in a process-wide list; a long-lived worker must drain it.
                 pymupdf.TOOLS.reset_mupdf_warnings()
 
@@ -239,9 +243,7 @@ class _PdfDocument:
         zoom = min(limits.render_longest_px / max(width_pt, height_pt), limits.max_dpi / _PDF_POINTS_PER_INCH)
         width_px, height_px = max(1, round(width_pt * zoom)), max(1, round(height_pt * zoom))
         if width_px * height_px > limits.max_image_pixels:  # reachable only with a large render_longest_px
-            raise PoisonError(
-                f"page {page_number} would render at {width_px}x{height_px} px", code="image_too_large"
-            )
+            raise PoisonError(f"page {page_number} would render at {width_px}x{height_px} px", code="image_too_large")
         # The page bitmap is bounded by construction, but MuPDF decodes embedded images at full size first.
         for xref, _smask, w, h, *_ in page.get_images(full=True):
             if int(w) * int(h) > limits.max_image_pixels:
@@ -319,9 +321,11 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode.startswith("I;16"):
         im = im.convert("I").point(lambda v: v * (1 / 257)).convert("L")
     elif im.mode in ("I", "F"):
-        lo, hi = im.getextrema()
-        span = float(hi) - float(lo) or 1.0
-        im = im.convert("F").point(lambda v: (v - float(lo)) * (255 / span)).convert("L")
+        lo, hi = cast("tuple[float, float]", im.getextrema())  # single-band modes give (min, max)
+        # Guess the range the values were meant in (0..1, 8-bit, 16-bit); otherwise stretch what is there.
+        top = next((t for t in (1.0, 255.0, 65535.0) if lo >= 0 and hi <= t), None)
+        offset, scale = (0.0, 255 / top) if top else (-lo, 255 / (hi - lo or 1.0))
+        im = im.convert("F").point(lambda v: (v + offset) * scale).convert("L")
     if im.has_transparency_data:
         rgba = im.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

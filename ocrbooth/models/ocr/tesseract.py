@@ -60,7 +60,8 @@ def validate_languages(codes: Iterable[str]) -> tuple[str, ...]:
 @dataclass(frozen=True, slots=True)
 class _Word:
     text: str
-    probability: float
+    probability: float | None
+    """conf/100; None where tesseract gave -1 (text kept, but it does not count towards confidence)."""
     left: int
     top: int
     width: int
@@ -118,8 +119,9 @@ class _TextBuilder:
         self._length += len(text)
 
     def add_word(self, word: _Word, text: str) -> None:
-        self.probs.append(word.probability)
-        self.spans.append((self._length, self._length + len(text)))
+        if word.probability is not None:
+            self.probs.append(word.probability)
+            self.spans.append((self._length, self._length + len(text)))
         self.add(text)
 
     def text(self) -> str:
@@ -238,7 +240,7 @@ def _failed(message: str) -> PageOutput:
 
 def _parse_tsv(tsv: str) -> list[_Line]:
     """Tesseract TSV to lines of words in tesseract's reading order (blocks, paragraphs, lines, words).
-    Rows without text or with confidence -1 (layout rows, blank boxes) are dropped."""
+    Layout rows and words without text (blank boxes tesseract reports for table rules) are dropped."""
     lines: dict[tuple[int, int, int], _Line] = {}
     rows = tsv.splitlines()
     if rows and rows[0].startswith("level"):
@@ -253,12 +255,12 @@ def _parse_tsv(tsv: str) -> list[_Line]:
             continue
         text = cols[11].strip()
         conf = float(cols[10])
-        if not text or conf < 0:
+        if not text:
             continue
         block, par, line = int(cols[2]), int(cols[3]), int(cols[4])
         word = _Word(
             text=text,
-            probability=min(max(conf / 100.0, 0.0), 1.0),
+            probability=None if conf < 0 else min(conf / 100.0, 1.0),
             left=int(cols[6]),
             top=int(cols[7]),
             width=int(cols[8]),
