@@ -5,12 +5,12 @@ from __future__ import annotations
 import base64
 import json
 
-import pymupdf
 import pytest
 
 from ocrbooth import samples
 from ocrbooth.daemon.embedded import EmbeddedStack
 from tests.support.daemon import running_daemon, settings_for
+from tests.support.documents import numbered_pages_pdf
 from tests.support.kafka import consume_all, produce
 from tests.support.stack import TopicNames
 
@@ -26,19 +26,6 @@ def _request(request_id: str, source: dict[str, str], **extra: object) -> bytes:
     return json.dumps(
         {"request_id": request_id, "document_id": f"doc-{request_id}", "source": source, **extra}
     ).encode()
-
-
-def _numbered_pages(n: int) -> bytes:
-    """An n-page PDF whose pages start with "Page N" and carry a paragraph of English."""
-    doc = pymupdf.open()
-    for i in range(1, n + 1):
-        page = doc.new_page(width=595, height=842)
-        page.insert_textbox(
-            pymupdf.Rect(72, 72, 523, 770), f"Page {i}\n\n" + samples.LANGUAGE_SAMPLES["eng"], fontsize=12
-        )
-    data: bytes = doc.tobytes()
-    doc.close()
-    return data
 
 
 def _inline(data: bytes, filename: str) -> dict[str, str]:
@@ -111,7 +98,7 @@ async def test_review_flags_and_offloaded_results(
 ) -> None:
     """A document under its review threshold gets needs_review and a ReviewFlag; a result over
     max_message_bytes is offloaded to S3 and both events point at it; pages come back in order."""
-    three_pages = _numbered_pages(3)
+    three_pages = numbered_pages_pdf(3)
     requests = [
         (b"strict", _request("strict", _inline(three_pages, "a.pdf"), options={"review_threshold": 1.0})),
         (b"lenient", _request("lenient", _inline(three_pages, "b.pdf"), options={"review_threshold": 0.0})),

@@ -13,7 +13,7 @@ from ocrbooth import constants
 from ocrbooth.daemon.config import ENV_PREFIX, Settings, load_settings
 from ocrbooth.errors import ConfigError
 
-SASL_PASSWORD = "hunter2-secret"  # noqa: S105  (a made-up value the tests look for in outputs)
+SASL_PASSWORD = "hunter2-secret"
 
 
 @pytest.fixture(autouse=True)

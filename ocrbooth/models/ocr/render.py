@@ -35,7 +35,7 @@ DocFormat = Literal["pdf", "png", "jpeg", "tiff", "webp"]
 _PDF_POINTS_PER_INCH = 72.0
 _INK_LEVEL = 200  # grey value below which a pixel counts as ink
 _BLANK_INK_FRACTION = 0.0001  # a lone "Page 1" has about twice this; one stray letter or dust has less
-_PDF_EOF_WINDOW = 1024  # %%EOF must sit within the last 1024 bytes (PDF 1.7, implementation note 18)
+_PDF_EOF_WINDOW = 1024  # readers look for %%EOF only within the last 1024 bytes
 
 # Pillow's per-format parsers. Calling them directly (not Image.open) skips Pillow's global
 # MAX_IMAGE_PIXELS check, which would raise or warn before we could map the size to `image_too_large`.
