@@ -147,6 +147,8 @@ def run_demo(*, keep: bool = False) -> int:
                 "OCRBOOTH_HANDLERS": "ocr",
                 "OCRBOOTH_OCR_ENGINE": os.environ.get("OCRBOOTH_OCR_ENGINE", "auto"),
                 "OCRBOOTH_OCR_DEFAULT_LANGUAGES": "eng,fra,deu,spa,ita,nld,por,swe,dan",
+                # Strict enough that the demo shows a review flag on the lower-confidence pages.
+                "OCRBOOTH_OCR_REVIEW_THRESHOLD": "0.95",
                 "OCRBOOTH_METRICS_PORT": "0",
                 "OCRBOOTH_GROUP_ID": "ocrbooth-demo",
                 # A short session makes the first group join quick on Tansu (it waits half a session).

@@ -31,7 +31,7 @@ from ocrbooth.errors import ConfigError, FatalError, PoisonError
 from ocrbooth.handlers.base import Handler, HandlerRuntime, MessageContext, OutputEvent
 from ocrbooth.models.ocr.batcher import BatchLimits, BatchStats, BatchWorker
 from ocrbooth.models.ocr.engine import OcrEngine, PageInput, PageOutput
-from ocrbooth.models.ocr.render import RenderedPage, RenderLimits, page_count, render_page, sniff_format
+from ocrbooth.models.ocr.render import DocFormat, RenderedPage, RenderLimits, page_count, render_page, sniff_format
 from ocrbooth.models.ocr.tables import extract_tables
 from ocrbooth.schemas import (
     DocumentRequest,
@@ -51,14 +51,14 @@ log = logging.getLogger(__name__)
 # ---- CPU pool work (module-level so spawned workers can import it) -----------------------------------
 
 
-def _inspect(path: str) -> tuple[str, int]:
+def _inspect(path: str) -> tuple[DocFormat, int]:
     data = Path(path).read_bytes()
     fmt = sniff_format(data)
     return fmt, page_count(data, fmt)
 
 
-def _render(path: str, fmt: str, page_number: int, limits: RenderLimits) -> RenderedPage:
-    return render_page(Path(path).read_bytes(), fmt, page_number, limits)  # type: ignore[arg-type]
+def _render(path: str, fmt: DocFormat, page_number: int, limits: RenderLimits) -> RenderedPage:
+    return render_page(Path(path).read_bytes(), fmt, page_number, limits)
 
 
 # ---- engines ---------------------------------------------------------------------------------------------
@@ -213,6 +213,8 @@ class OcrHandler(Handler):
             or None,
             metadata=event.metadata,
         )
+        if self._runtime is not None:
+            self._runtime.metrics.ocr_documents.labels(result.engine or "", "failed").inc()
         return [OutputEvent(self.settings.topics.ocr_results, event.document_id, result)]
 
     def _record(self, result: OcrResult) -> None:
