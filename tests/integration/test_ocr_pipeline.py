@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import logging
+from pathlib import Path
 
 import pytest
 
 from ocrbooth import samples
+from ocrbooth.daemon.app import Daemon
 from ocrbooth.daemon.embedded import EmbeddedStack
 from tests.support.daemon import running_daemon, settings_for
 from tests.support.documents import numbered_pages_pdf
@@ -125,3 +129,21 @@ async def test_review_flags_and_offloaded_results(
     assert [p["page_number"] for p in full["pages"]] == [1, 2, 3]
     assert [p["text"].split()[:2] for p in full["pages"]] == [["Page", "1"], ["Page", "2"], ["Page", "3"]]
     assert 0 < full["confidence"] <= 1
+
+
+async def test_explicit_lightonocr_that_cannot_load_is_a_startup_error(
+    monkeypatch: pytest.MonkeyPatch, daemon_env: dict[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """OCRBOOTH_OCR_ENGINE=lightonocr with weights that cannot be loaded stops startup with a clear message."""
+    settings = settings_for(
+        monkeypatch,
+        {**daemon_env, **OCR_ENV},
+        OCRBOOTH_OCR_ENGINE="lightonocr",
+        OCRBOOTH_OCR_MODEL=str(tmp_path / "no-such-model"),
+    )
+    daemon = Daemon(settings)
+    with caplog.at_level(logging.ERROR):
+        assert await asyncio.wait_for(daemon.run(install_signals=False), 120) == 1
+    message = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+    assert "ocr.engine=lightonocr" in message
+    assert "no-such-model" in message
