@@ -7,6 +7,7 @@ Environment names follow the section layout: `OCRBOOTH_KAFKA_BOOTSTRAP_SERVERS` 
 from __future__ import annotations
 
 import contextvars
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -201,6 +202,46 @@ class OcrSettings(_Section):
         return _split_csv(value)
 
 
+class FinetuneSettings(_Section):
+    """DreamBooth jobs: operator bounds every request must fit, GPU slots, attempts."""
+
+    max_concurrent_jobs: int = Field(default=1, ge=1, le=64)
+    """Trainer subprocesses per daemon (GPU slots); the finetune partitions pause while all are busy."""
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    """Trainer runs per job (a crash resumes from the last checkpoint) before the job fails."""
+    max_train_steps: int = Field(default=5_000, ge=1)
+    """Largest max_train_steps a request may ask for."""
+    min_resolution: int = Field(default=64, ge=8)
+    """Smallest training resolution."""
+    max_resolution: int = Field(default=1024, ge=8)
+    """Largest training resolution."""
+    max_instance_images: int = Field(default=20, ge=1)
+    """Most subject photos per job."""
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    """Largest single subject photo."""
+    max_class_images: int = Field(default=1_000, ge=0)
+    """Most class images a request may ask for."""
+    max_train_batch_size: int = Field(default=16, ge=1)
+    """Largest train_batch_size."""
+    max_validation_images: int = Field(default=16, ge=0)
+    """Most validation images per prompt."""
+    allowed_base_models: Annotated[list[str], NoDecode] = []
+    """Base models (hub ids, paths, s3:// prefixes) a request may name; empty allows any that loads."""
+    progress_every_steps: int = Field(default=10, ge=1)
+    """A progress event every this many steps."""
+    stop_timeout_s: float = Field(default=120.0, gt=0)
+    """Time a trainer gets to checkpoint and exit after SIGTERM (drain or cancel)."""
+    workdir: Path = Path(tempfile.gettempdir()) / "ocrbooth-jobs"
+    """Local scratch space for trainers (checkpoints are written here, then uploaded)."""
+    devices: int = Field(default=1, ge=1, le=64)
+    """GPUs per job; above one, Lightning's DDP."""
+
+    @field_validator("allowed_base_models", mode="before")
+    @classmethod
+    def _models_csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+
 class LogSettings(_Section):
     """Logging output."""
 
@@ -233,6 +274,8 @@ class Settings(BaseSettings):
     """Logging."""
     ocr: OcrSettings = OcrSettings()
     """OCR pipeline."""
+    finetune: FinetuneSettings = FinetuneSettings()
+    """DreamBooth jobs."""
 
     group_id: str = Field(default="ocrbooth", min_length=1)
     """Consumer group shared by all replicas."""
