@@ -40,3 +40,10 @@ class ConfigError(OcrboothError):
     """Settings are invalid; the message lists every problem found."""
 
     code = "invalid_config"
+
+
+class RequeueError(OcrboothError):
+    """Leave the message uncommitted so that this or another replica handles it again (a job interrupted
+    by shutdown, resumable from its checkpoint). No output, no dead letter."""
+
+    code = "requeued"

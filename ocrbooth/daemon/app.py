@@ -11,7 +11,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from ocrbooth.daemon.config import Settings
-from ocrbooth.daemon.consumer import Consumer, Route
+from ocrbooth.daemon.consumer import BroadcastConsumer, Consumer, Route
 from ocrbooth.daemon.health import HealthServer
 from ocrbooth.daemon.metrics import Metrics
 from ocrbooth.daemon.publisher import Publisher
@@ -48,6 +48,12 @@ class Daemon:
             topic: Route(handler, model) for handler in self.handlers for topic, model in handler.input_topics().items()
         }
         self.consumer = Consumer(settings, self.metrics, self.publisher, routes, self.spawn, self.fatal)
+        broadcast = {
+            topic: Route(handler, model)
+            for handler in self.handlers
+            for topic, model in handler.broadcast_topics().items()
+        }
+        self.broadcast = BroadcastConsumer(settings, self.publisher, broadcast) if broadcast else None
         self.health = HealthServer(
             settings.metrics_host, settings.metrics_port, self.metrics.registry, self._live, self._ready
         )
@@ -120,17 +126,22 @@ class Daemon:
         await self.health.start()
         self._shutdown_steps.append(("health server", self.health.stop))
         self._loops.append(self.spawn(self._ticker(), "ticker"))
-        runtime = HandlerRuntime(self.settings, self.storage, self.metrics)
+        runtime = HandlerRuntime(self.settings, self.storage, self.metrics, self.publisher.publish)
         for handler in self.handlers:
             await handler.start(runtime)
             self._shutdown_steps.append((f"handler {handler.name}", handler.stop))
         await self.publisher.start()
         self._shutdown_steps.append(("publisher", self.publisher.stop))
+        if self.broadcast is not None:
+            await self.broadcast.start()
+            self._shutdown_steps.append(("broadcast consumer", self.broadcast.close))
         await self.consumer.start()
         self._shutdown_steps.append(("consumer", self.consumer.close))
         self.lifecycle.state = State.RUNNING
         self._loops.append(self.spawn(self.consumer.fetch_loop(), "fetch loop"))
         self._loops.append(self.spawn(self.consumer.commit_loop(), "commit loop"))
+        if self.broadcast is not None:
+            self._loops.append(self.spawn(self.broadcast.loop(), "broadcast loop"))
         log.info(
             "ocrbooth running",
             extra={"handlers": [h.name for h in self.handlers], "group_id": self.settings.group_id},
@@ -156,6 +167,11 @@ class Daemon:
         """Stop fetching, drain within drain_timeout_s, commit, then undo startup in reverse order."""
         self.lifecycle.state = State.DRAINING
         self.consumer.stop_fetching()
+        for handler in self.handlers:
+            try:
+                await handler.drain()
+            except Exception as exc:  # a handler that fails to wind down still gets the drain deadline
+                log.warning("handler %s failed to start draining: %r", handler.name, exc)
         cancelled = await self.consumer.drain(self.settings.drain_timeout_s)
         if cancelled:
             log.warning("drain deadline passed; %d messages left uncommitted for redelivery", cancelled)

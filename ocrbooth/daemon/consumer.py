@@ -26,7 +26,7 @@ from ocrbooth.daemon.offsets import OffsetTracker
 from ocrbooth.daemon.publisher import Publisher
 from ocrbooth.daemon.retry import backoff_s
 from ocrbooth.daemon.shutdown import wait_event
-from ocrbooth.errors import FatalError, PoisonError, RetryableError
+from ocrbooth.errors import FatalError, PoisonError, RequeueError, RetryableError
 from ocrbooth.handlers.base import Handler, MessageContext
 from ocrbooth.logs import bind, log_context
 from ocrbooth.schemas import ErrorInfo
@@ -103,7 +103,7 @@ class Consumer:
         self._capacity_freed = asyncio.Event()
         self._commit_lock = asyncio.Lock()
         self.assigned_once = False
-        self.counts = {"succeeded": 0, "dead_lettered": 0, "failed_result": 0}
+        self.counts = {"succeeded": 0, "dead_lettered": 0, "failed_result": 0, "requeued": 0}
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -234,7 +234,7 @@ class Consumer:
             self.counts[outcome] += 1
             self._metrics.handled.labels(ctx.topic, outcome).inc()
             self._metrics.handle_seconds.labels(ctx.topic).observe(time.perf_counter() - started)
-            if self.tracker.complete(tp, record.offset, epoch):
+            if outcome != "requeued" and self.tracker.complete(tp, record.offset, epoch):
                 self._commit_wanted.set()
         finally:
             self._running[route.handler.name] -= 1
@@ -260,6 +260,10 @@ class Consumer:
                 return "succeeded"
             except FatalError:
                 raise
+            except RequeueError as exc:
+                # Interrupted (shutdown): leave it uncommitted; the next owner of the partition resumes it.
+                log.info("left uncommitted for redelivery", extra={"reason": str(exc)})
+                return "requeued"
             except RetryableError as exc:
                 if attempt >= r.max_attempts:
                     error = ErrorInfo(
@@ -406,3 +410,74 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         await self._owner.on_assigned(set(assigned))
+
+
+class BroadcastConsumer:
+    """Reads broadcast topics in full on every replica (no consumer group, from the beginning): commands
+    such as cancel must reach whichever replica runs the job, and one sent before the job starts must be
+    remembered. Nothing is committed; a restart reads the topic again, which handlers treat idempotently."""
+
+    def __init__(self, settings: Settings, publisher: Publisher, routes: Mapping[str, Route]) -> None:
+        self._s = settings
+        self._publisher = publisher
+        self._routes = dict(routes)
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def start(self) -> None:
+        self._consumer = AIOKafkaConsumer(
+            **self._s.kafka.client_options(), group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
+        )
+        await self._consumer.start()
+        tps: list[TopicPartition] = []
+        for topic in self._routes:
+            partitions = self._consumer.partitions_for_topic(topic)
+            deadline = time.monotonic() + 30
+            while not partitions and time.monotonic() < deadline:
+                await self._consumer.topics()
+                partitions = self._consumer.partitions_for_topic(topic)
+                if not partitions:
+                    await asyncio.sleep(0.5)
+            if not partitions:
+                raise FatalError(f"broadcast topic {topic} does not exist")
+            tps.extend(TopicPartition(topic, p) for p in sorted(partitions))
+        self._consumer.assign(tps)
+        for tp in tps:
+            self._consumer.seek(tp, 0)
+
+    async def loop(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        while self._consumer is not None:
+            batch = await consumer.getmany(timeout_ms=self._s.poll_timeout_ms * 5)
+            for records in batch.values():
+                for record in records:
+                    await self._one(record)
+
+    async def _one(self, record: Any) -> None:
+        route = self._routes[record.topic]
+        ctx = MessageContext(
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=record.key,
+            timestamp_ms=record.timestamp,
+            headers=tuple((k, bytes(v)) for k, v in (record.headers or ())),
+        )
+        with log_context(topic=ctx.topic, partition=ctx.partition, offset=ctx.offset):
+            try:
+                event = decode(record.value, route.model, max_bytes=self._s.max_input_message_bytes)
+                await route.handler.on_broadcast(event, ctx)
+            except PoisonError as exc:
+                await self._publisher.dead_letter(ctx, record.value, ErrorInfo(code=exc.code, message=exc.message))
+            except FatalError:
+                raise
+            except Exception as exc:  # one bad command must not stop the others
+                log.exception("broadcast handler raised")
+                await self._publisher.dead_letter(
+                    ctx, record.value, ErrorInfo(code="handler_error", message=f"{type(exc).__name__}: {exc}")
+                )
+
+    async def close(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.stop()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -41,6 +41,9 @@ class OutputEvent:
     value: BaseModel
 
 
+Publish = Callable[[Sequence[OutputEvent], MessageContext], Awaitable[None]]
+
+
 @dataclass(frozen=True, slots=True)
 class HandlerRuntime:
     """What the daemon lends a handler at start."""
@@ -48,6 +51,8 @@ class HandlerRuntime:
     settings: Settings
     storage: S3Storage
     metrics: Metrics
+    publish: Publish
+    """Publish events now (acks=all), for long-running handlers that report progress before they return."""
 
 
 class Handler(abc.ABC):
@@ -66,6 +71,16 @@ class Handler(abc.ABC):
 
     async def start(self, runtime: HandlerRuntime) -> None:  # noqa: B027  (optional hook)
         """Load models, open clients. Runs before the consumer joins the group."""
+
+    def broadcast_topics(self) -> Mapping[str, type[BaseModel]]:
+        """Topics every replica reads in full, outside the consumer group (e.g. cancel commands)."""
+        return {}
+
+    async def on_broadcast(self, event: BaseModel, ctx: MessageContext) -> None:  # noqa: B027  (optional hook)
+        """One event from a broadcast topic."""
+
+    async def drain(self) -> None:  # noqa: B027  (optional hook)
+        """Shutdown has begun: wind long-running work down (checkpoint and stop) within the drain deadline."""
 
     async def stop(self) -> None:  # noqa: B027  (optional hook)
         """Release what start() acquired. Runs after the consumer has left the group."""

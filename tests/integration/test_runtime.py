@@ -106,7 +106,7 @@ async def test_malformed_events_are_dead_lettered_with_specific_codes(
         assert kept == value[:1024]
     results = await consume_all(bootstrap, topics.ocr_results, count=200, timeout_s=30)
     assert set(_by_request(results)) == {f"req-{i}" for i in range(200)}
-    assert daemon.consumer.counts == {"succeeded": 200, "dead_lettered": 200, "failed_result": 0}
+    assert daemon.consumer.counts == {"succeeded": 200, "dead_lettered": 200, "failed_result": 0, "requeued": 0}
 
 
 async def test_handler_failures_become_failed_results_and_oversize_outputs_go_to_s3(
