@@ -1,0 +1,296 @@
+"""`finetune`: FinetuneRequest in, a stream of FinetuneEvents out, training in `ocrbooth train` subprocesses.
+
+The request's offset is committed only when the job reaches a terminal state (completed, failed,
+cancelled): `handle` runs as long as the job does. A daemon killed mid-training leaves the request
+uncommitted; after the rebalance another replica picks it up and the trainer resumes from the newest
+complete checkpoint in S3. On shutdown the trainers are told to checkpoint and stop, and the request is
+left uncommitted (RequeueError). A crashing trainer is restarted from its checkpoint up to `max_attempts`.
+Cancels arrive on `finetune.control`, which every replica reads in full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from ocrbooth import constants
+from ocrbooth.daemon.config import Settings
+from ocrbooth.errors import PoisonError, RequeueError, RetryableError
+from ocrbooth.handlers.base import Handler, HandlerRuntime, MessageContext, OutputEvent
+from ocrbooth.schemas import ErrorInfo, FinetuneControl, FinetuneEvent, FinetuneRequest
+from ocrbooth.schemas.finetune import FinetuneEventKind
+
+log = logging.getLogger(__name__)
+
+# Trainer exit codes (ocrbooth.models.dreambooth.train).
+EXIT_COMPLETED = 0
+EXIT_FAILED = 2  # a `failed` line was printed: retrying will not help
+EXIT_STOPPED = 3  # SIGTERM: a checkpoint was written; resumable
+
+_STREAMED: dict[str, FinetuneEventKind] = {
+    "class_images": "class_images",
+    "started": "started",
+    "progress": "progress",
+    "checkpoint": "checkpoint",
+    "samples": "samples",
+}
+
+# stdout line -> FinetuneEvent fields that may be copied through.
+_PAYLOAD = (
+    "generated",
+    "total",
+    "cache_hit",
+    "resumed_from_step",
+    "step",
+    "max_steps",
+    "loss",
+    "learning_rate",
+    "steps_per_second",
+    "uri",
+    "uris",
+    "artifacts",
+)
+
+
+class _Seq:
+    """Per-job event numbers that keep increasing across replicas: milliseconds since the epoch, made
+    strictly increasing within this process (a replica taking over later starts later)."""
+
+    def __init__(self) -> None:
+        self._last = 0
+
+    def next(self) -> int:
+        self._last = max(self._last + 1, int(time.time() * 1000))
+        return self._last
+
+
+class _Job:
+    def __init__(self, request: FinetuneRequest, ctx: MessageContext) -> None:
+        self.request = request
+        self.ctx = ctx
+        self.seq = _Seq()
+        self.proc: asyncio.subprocess.Process | None = None
+        self.cancelled = asyncio.Event()
+        self.stopping = False
+
+
+class FinetuneHandler(Handler):
+    """Runs DreamBooth jobs as subprocesses, at most `max_concurrent_jobs` at a time on this daemon."""
+
+    name = "finetune"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.cfg = settings.finetune
+        self.max_concurrency = self.cfg.max_concurrent_jobs
+        self._runtime: HandlerRuntime | None = None
+        self._jobs: dict[str, _Job] = {}
+        self._cancelled: set[str] = set()
+        self._draining = False
+
+    def input_topics(self) -> Mapping[str, type[BaseModel]]:
+        return {self.settings.topics.finetune_requests: FinetuneRequest}
+
+    def broadcast_topics(self) -> Mapping[str, type[BaseModel]]:
+        return {self.settings.topics.finetune_control: FinetuneControl}
+
+    async def start(self, runtime: HandlerRuntime) -> None:
+        self._runtime = runtime
+        self.cfg.workdir.mkdir(parents=True, exist_ok=True)
+
+    async def drain(self) -> None:
+        """Tell every trainer to checkpoint and stop; their requests stay uncommitted for another replica."""
+        self._draining = True
+        for job in self._jobs.values():
+            job.stopping = True
+            _signal(job.proc, signal.SIGTERM)
+
+    # ---- control -----------------------------------------------------------------------------------
+
+    async def on_broadcast(self, event: BaseModel, ctx: MessageContext) -> None:
+        assert isinstance(event, FinetuneControl)
+        if event.action != "cancel" or event.job_id in self._cancelled:
+            return
+        self._cancelled.add(event.job_id)
+        log.info("cancel received", extra={"job_id": event.job_id})
+        # Remembered in S3 too, so that a replica started later (or a restarted one) never starts the job.
+        await self._put_json(event.job_id, "cancel.json", {"cancelled_at": _now().isoformat()})
+        job = self._jobs.get(event.job_id)
+        if job is not None:
+            job.cancelled.set()
+            _signal(job.proc, signal.SIGTERM)
+
+    # ---- jobs --------------------------------------------------------------------------------------
+
+    async def handle(self, event: BaseModel, ctx: MessageContext) -> Sequence[OutputEvent]:
+        assert isinstance(event, FinetuneRequest)
+        from ocrbooth.models.dreambooth.train import validate_request
+
+        validate_request(event, self.settings)  # bounds first: a bad request fails before any GPU work
+        job = _Job(event, ctx)
+        state = await self._get_json(event.job_id, "state.json")
+        if state and state.get("status") == "completed":
+            log.info("job already completed; republishing its result", extra={"job_id": event.job_id})
+            return [self._event(job, "completed", artifacts=state.get("artifacts") or {})]
+        if event.job_id in self._cancelled or await self._get_json(event.job_id, "cancel.json") is not None:
+            await self._set_state(event.job_id, "cancelled")
+            return [self._event(job, "cancelled")]
+        if event.job_id in self._jobs:
+            raise PoisonError(f"job {event.job_id} is already running on this daemon", code="duplicate_job")
+        self._jobs[event.job_id] = job
+        try:
+            await self._publish(job, [self._event(job, "accepted")])
+            await self._put_json(event.job_id, "request.json", json.loads(event.model_dump_json()))
+            return await self._run(job)
+        finally:
+            self._jobs.pop(event.job_id, None)
+
+    async def _run(self, job: _Job) -> Sequence[OutputEvent]:
+        req = job.request
+        previous = int((await self._get_json(req.job_id, "state.json") or {}).get("attempts", 0))
+        for attempt in itertools.count(previous + 1):
+            if attempt > previous + self.cfg.max_attempts:
+                await self._set_state(req.job_id, "failed")
+                error = ErrorInfo(code="trainer_crashed", message=f"the trainer crashed {self.cfg.max_attempts} times")
+                return [self._event(job, "failed", attempt=attempt - 1, error=error)]
+            await self._set_state(req.job_id, "running", attempts=attempt)
+            code, terminal = await self._attempt(job, attempt)
+            if job.cancelled.is_set():
+                await self._set_state(req.job_id, "cancelled", attempts=attempt)
+                return [self._event(job, "cancelled", attempt=attempt)]
+            if terminal is not None:
+                return [terminal]
+            if code == EXIT_STOPPED or job.stopping:
+                raise RequeueError(f"job {req.job_id} stopped at shutdown; it resumes from its checkpoint")
+            log.warning(
+                "trainer exited with %s; restarting from the last checkpoint", code, extra={"job_id": req.job_id}
+            )
+        raise AssertionError("unreachable")
+
+    async def _attempt(self, job: _Job, attempt: int) -> tuple[int, OutputEvent | None]:
+        """One trainer run: stream its events; return (exit code, terminal event or None)."""
+        req = job.request
+        workdir = self.cfg.workdir / req.job_id
+        workdir.mkdir(parents=True, exist_ok=True)
+        job_file = workdir / "job.json"
+        job_file.write_text(json.dumps({"request": json.loads(req.model_dump_json()), "attempt": attempt}))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "ocrbooth.models.dreambooth.train",
+            str(job_file),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=None,  # the trainer's log goes to ours
+            cwd=workdir,
+        )
+        job.proc = proc
+        if self._draining or job.cancelled.is_set():
+            _signal(proc, signal.SIGTERM)
+        terminal: OutputEvent | None = None
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            line = _parse(raw)
+            if line is None:
+                continue
+            kind = line.get("event")
+            if kind == "completed":
+                await self._set_state(req.job_id, "completed", attempts=attempt, artifacts=line.get("artifacts") or {})
+                terminal = self._event(job, "completed", attempt=attempt, **_payload(line))
+            elif kind == "failed":
+                await self._set_state(req.job_id, "failed", attempts=attempt)
+                error = ErrorInfo(
+                    code=str(line.get("code") or "training_failed"), message=str(line.get("message") or "")
+                )
+                terminal = self._event(job, "failed", attempt=attempt, error=error)
+            elif kind in _STREAMED:
+                await self._publish(job, [self._event(job, _STREAMED[kind], attempt=attempt, **_payload(line))])
+            # "stopped" and unknown lines carry nothing for the event stream
+        code = await proc.wait()
+        job.proc = None
+        if (
+            terminal is not None
+            and isinstance(terminal.value, FinetuneEvent)
+            and terminal.value.event == "failed"
+            and code != EXIT_FAILED
+        ):
+            log.warning("trainer printed `failed` but exited %s", code)
+        return code, terminal
+
+    # ---- events and state ----------------------------------------------------------------------------
+
+    def _event(self, job: _Job, kind: FinetuneEventKind, **fields: Any) -> OutputEvent:
+        value = FinetuneEvent(job_id=job.request.job_id, event=kind, seq=job.seq.next(), emitted_at=_now(), **fields)
+        return OutputEvent(self.settings.topics.finetune_events, job.request.job_id, value)
+
+    async def _publish(self, job: _Job, events: Sequence[OutputEvent]) -> None:
+        assert self._runtime is not None
+        await self._runtime.publish(events, job.ctx)
+
+    def failure_outputs(self, event: BaseModel, ctx: MessageContext, error: ErrorInfo) -> Sequence[OutputEvent]:
+        assert isinstance(event, FinetuneRequest)
+        value = FinetuneEvent(job_id=event.job_id, event="failed", seq=_Seq().next(), emitted_at=_now(), error=error)
+        return [OutputEvent(self.settings.topics.finetune_events, event.job_id, value)]
+
+    def _key(self, job_id: str, name: str) -> str:
+        return f"{constants.S3_PREFIX_JOBS}{job_id}/{name}"
+
+    async def _put_json(self, job_id: str, name: str, data: dict[str, Any]) -> None:
+        assert self._runtime is not None
+        await self._runtime.storage.put(
+            self._key(job_id, name), json.dumps(data).encode(), content_type="application/json"
+        )
+
+    async def _get_json(self, job_id: str, name: str) -> dict[str, Any] | None:
+        assert self._runtime is not None
+        storage = self._runtime.storage
+        uri = storage.uri(self._key(job_id, name))
+        try:
+            data = json.loads(await storage.get(uri))
+        except PoisonError as exc:
+            if exc.code == "source_not_found":
+                return None
+            raise RetryableError(f"job state {uri} unreadable: {exc}", code="storage_unavailable") from exc
+        return data if isinstance(data, dict) else None
+
+    async def _set_state(self, job_id: str, status: str, **extra: Any) -> None:
+        state = await self._get_json(job_id, "state.json") or {}
+        state.update(extra, status=status, updated_at=_now().isoformat())
+        await self._put_json(job_id, "state.json", state)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _signal(proc: asyncio.subprocess.Process | None, sig: signal.Signals) -> None:
+    if proc is not None and proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+
+
+def _parse(raw: bytes) -> dict[str, Any] | None:
+    """One stdout line of the trainer; anything that is not a JSON object is ignored (and logged)."""
+    text = raw.decode("utf-8", "replace").strip()
+    if not text:
+        return None
+    try:
+        line = json.loads(text)
+    except json.JSONDecodeError:
+        log.debug("trainer stdout (not an event): %s", text[:200])
+        return None
+    return line if isinstance(line, dict) else None
+
+
+def _payload(line: dict[str, Any]) -> dict[str, Any]:
+    return {k: line[k] for k in _PAYLOAD if line.get(k) is not None}
