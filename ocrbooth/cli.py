@@ -74,6 +74,69 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return summarize(subs)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ocrbooth.models.dreambooth.train import main as train_main
+
+    return train_main([str(args.job)])
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from ocrbooth.daemon.config import load_settings
+    from ocrbooth.submit import submit_finetune
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"ocrbooth: {exc}", file=sys.stderr)
+        return 2
+    images = sorted(p for p in args.images_dir.iterdir() if p.is_file()) if args.images_dir.is_dir() else []
+    if not images:
+        print(f"ocrbooth: no images in {args.images_dir}", file=sys.stderr)
+        return 2
+    overrides = {
+        k: v
+        for k, v in {
+            "max_train_steps": args.max_train_steps,
+            "resolution": args.resolution,
+            "num_class_images": args.num_class_images,
+            "seed": args.seed,
+        }.items()
+        if v is not None
+    }
+    events = asyncio.run(
+        submit_finetune(
+            settings,
+            [(p.name, p.read_bytes()) for p in images],
+            instance_prompt=args.instance_prompt,
+            class_prompt=args.class_prompt,
+            base_model=args.base_model,
+            overrides=overrides,
+        )
+    )
+    last = events[-1].event if events else "timeout"
+    return 0 if last == "completed" else 1
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from ocrbooth.daemon.config import load_settings
+    from ocrbooth.models.dreambooth.generate import generate
+
+    settings = load_settings(args.config)
+    paths = generate(
+        args.model,
+        args.prompt,
+        guidance_scale=args.guidance_scale,
+        num_inference_steps=args.num_inference_steps,
+        num_images=args.num_images,
+        seed=args.seed,
+        out_dir=args.out,
+        settings=settings,
+    )
+    for path in paths:
+        print(path)
+    return 0
+
+
 def _cmd_schemas(args: argparse.Namespace) -> int:
     from ocrbooth.schemas import write_json_schemas
 
@@ -112,6 +175,33 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--max-new-tokens", type=int, help="output budget per page (lightonocr)")
     submit.add_argument("--timeout-s", type=float, default=600.0, help="how long to wait for all results")
     submit.set_defaults(func=_cmd_submit)
+
+    train = sub.add_parser("train", help="run one DreamBooth job (what the daemon runs as a subprocess)")
+    train.add_argument("job", type=Path, help="JOB.json: a FinetuneRequest")
+    train.set_defaults(func=_cmd_train)
+
+    finetune = sub.add_parser("finetune", help="upload subject photos, submit a DreamBooth job, follow it")
+    finetune.add_argument("images_dir", type=Path, help="folder with 3-10 photos of the subject")
+    finetune.add_argument("--instance-prompt", required=True, help='e.g. "a photo of sks dog"')
+    finetune.add_argument("--class-prompt", required=True, help='e.g. "a photo of dog"')
+    finetune.add_argument("--base-model", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="hub id or path")
+    finetune.add_argument("--max-train-steps", type=int)
+    finetune.add_argument("--resolution", type=int)
+    finetune.add_argument("--num-class-images", type=int)
+    finetune.add_argument("--seed", type=int)
+    finetune.add_argument("--config", type=Path, help="YAML settings file")
+    finetune.set_defaults(func=_cmd_finetune)
+
+    generate = sub.add_parser("generate", help="generate images with a trained result")
+    generate.add_argument("--model", required=True, help="s3:// URI or path of a trained pipeline")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--guidance-scale", type=float, default=7.5)
+    generate.add_argument("--num-inference-steps", type=int, default=30)
+    generate.add_argument("--num-images", type=int, default=1)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--out", type=Path, required=True)
+    generate.add_argument("--config", type=Path, help="YAML settings file")
+    generate.set_defaults(func=_cmd_generate)
 
     schemas = sub.add_parser("schemas", help="write one JSON Schema per wire model")
     schemas.add_argument("--out", type=Path, required=True, help="output directory")

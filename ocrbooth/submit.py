@@ -1,4 +1,4 @@
-"""`ocrbooth submit`: upload documents, publish DocumentRequests, wait for the results, write them out."""
+"""Client side: `ocrbooth submit` (documents) and `ocrbooth finetune` (a DreamBooth job), over Kafka and S3."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from ocrbooth import constants
 from ocrbooth.daemon.config import Settings
 from ocrbooth.daemon.storage import S3Storage
-from ocrbooth.schemas import DocumentRequest, OcrOptions, OcrResult, UriSource
+from ocrbooth.schemas import DocumentRequest, FinetuneEvent, FinetuneRequest, OcrOptions, OcrResult, UriSource
 
 
 @dataclass
@@ -168,3 +168,98 @@ def excerpt(result: OcrResult, chars: int = 160) -> str:
     """The first characters of the text, on one line."""
     text = " ".join(" ".join(p.text.split()) for p in result.pages)
     return json.dumps(text[:chars] + ("…" if len(text) > chars else ""), ensure_ascii=False)
+
+
+async def submit_finetune(
+    settings: Settings,
+    images: list[tuple[str, bytes]],
+    *,
+    instance_prompt: str,
+    class_prompt: str,
+    base_model: str,
+    overrides: dict[str, Any] | None = None,
+    job_id: str | None = None,
+    timeout_s: float = 24 * 3600,
+    progress: TextIO | None = sys.stderr,
+) -> list[FinetuneEvent]:
+    """Upload subject photos, publish a FinetuneRequest, and follow its events until the job ends."""
+    storage = S3Storage(settings.s3)
+    job = job_id or f"job-{uuid.uuid4().hex[:12]}"
+    prefix = f"{constants.S3_PREFIX_UPLOADS}{job}/"
+    for index, (name, data) in enumerate(images):
+        await storage.put(f"{prefix}{index:03d}-{Path(name).name}", data)
+    request = FinetuneRequest(
+        job_id=job,
+        base_model=base_model,
+        instance_images=[storage.uri(prefix)],
+        instance_prompt=instance_prompt,
+        class_prompt=class_prompt,
+        **(overrides or {}),
+    )
+    kafka = settings.kafka.client_options()
+    consumer = AIOKafkaConsumer(**kafka, group_id=None, enable_auto_commit=False, auto_offset_reset="latest")
+    producer = AIOKafkaProducer(**kafka, acks="all", enable_idempotence=settings.kafka.enable_idempotence)
+    events: list[FinetuneEvent] = []
+    await consumer.start()
+    await producer.start()
+    try:
+        topic = settings.topics.finetune_events
+        partitions = consumer.partitions_for_topic(topic) or set()
+        deadline = time.monotonic() + 30
+        while not partitions and time.monotonic() < deadline:
+            await consumer.topics()
+            partitions = consumer.partitions_for_topic(topic) or set()
+            if not partitions:
+                await asyncio.sleep(0.2)
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        for tp in tps:
+            await consumer.position(tp)
+        await producer.send_and_wait(
+            settings.topics.finetune_requests, request.model_dump_json().encode(), key=job.encode()
+        )
+        if progress is not None:
+            progress.write(f"submitted {job}\n")
+        deadline = time.monotonic() + timeout_s
+        terminal = {"completed", "failed", "cancelled"}
+        while time.monotonic() < deadline:
+            done = False
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                for record in records:
+                    if record.key != job.encode():
+                        continue
+                    try:
+                        event = FinetuneEvent.model_validate_json(record.value)
+                    except ValueError:
+                        continue
+                    events.append(event)
+                    if progress is not None:
+                        progress.write(_describe(event) + "\n")
+                        progress.flush()
+                    done = done or event.event in terminal
+            if done:
+                break
+    finally:
+        await producer.stop()
+        await consumer.stop()
+    return events
+
+
+def _describe(event: FinetuneEvent) -> str:
+    if event.event == "progress" and event.step is not None and event.max_steps:
+        width = 30
+        filled = int(width * event.step / event.max_steps)
+        loss = f" loss {event.loss:.4f}" if event.loss is not None else ""
+        return f"  [{'#' * filled}{'.' * (width - filled)}] step {event.step}/{event.max_steps}{loss}"
+    if event.event == "failed" and event.error is not None:
+        return f"  failed: {event.error.code}: {event.error.message}"
+    detail = {
+        "class_images": f"{event.generated}/{event.total} class images{' (cached)' if event.cache_hit else ''}",
+        "started": f"attempt {event.attempt}"
+        + (f", resumed from step {event.resumed_from_step}" if event.resumed_from_step else ""),
+        "checkpoint": f"step {event.step} -> {event.uri}",
+        "samples": ", ".join(event.uris or []),
+        "completed": ", ".join(f"{k}={v}" for k, v in (event.artifacts or {}).items()),
+    }.get(event.event, "")
+    return f"  {event.event}" + (f": {detail}" if detail else "")
