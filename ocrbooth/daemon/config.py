@@ -297,6 +297,11 @@ class Settings(BaseSettings):
     """Time in-flight work gets to finish on shutdown; keep below the pod's grace period."""
     commit_interval_ms: int = Field(default=1_000, ge=10)
     """Longest time completed offsets wait before a commit (commits also follow completions at once)."""
+    pause_after_ms: int = Field(default=500, ge=0, le=60_000)
+    """How long the in-flight slots may stay full before the partitions are paused (short waits keep
+    the client prefetching; long ones must not buffer or lose the group)."""
+    commit_coalesce_ms: int = Field(default=5, ge=0, le=1_000)
+    """After a completion, wait this long so that completions arriving together share one commit."""
     poll_timeout_ms: int = Field(default=100, ge=1)
     """Longest wait of one fetch when nothing arrives."""
     fatal_exit_code: int = Field(default=70, ge=1, le=255)

@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ from ocrbooth.daemon.publisher import Publisher
 from ocrbooth.daemon.retry import backoff_s
 from ocrbooth.daemon.shutdown import wait_event
 from ocrbooth.errors import FatalError, PoisonError, RequeueError, RetryableError
-from ocrbooth.handlers.base import Handler, MessageContext
+from ocrbooth.handlers.base import Handler, MessageContext, OutputEvent
 from ocrbooth.logs import bind, log_context
 from ocrbooth.schemas import ErrorInfo
 
@@ -42,6 +42,11 @@ def decode(value: bytes | None, model: type[BaseModel], *, max_bytes: int) -> Ba
         raise PoisonError("message has no value", code="empty_message")
     if len(value) > max_bytes:
         raise PoisonError(f"message is {len(value)} bytes, over the {max_bytes} byte limit", code="message_too_large")
+    try:
+        # Fast path: parse and validate in one pass. Only a failure pays for the precise diagnosis below.
+        return model.model_validate_json(value)
+    except ValidationError:
+        pass
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -98,11 +103,13 @@ class Consumer:
         self._running: dict[str, int] = {r.handler.name: 0 for r in self._routes.values()}
         self._tasks: set[asyncio.Task[None]] = set()
         self._paused: set[TopicPartition] = set()
+        self._full_since: float | None = None
         self._fetching = True
         self._commit_wanted = asyncio.Event()
         self._capacity_freed = asyncio.Event()
         self._commit_lock = asyncio.Lock()
         self.assigned_once = False
+        self._metric_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.counts = {"succeeded": 0, "dead_lettered": 0, "failed_result": 0, "requeued": 0}
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -163,7 +170,7 @@ class Consumer:
         if consumer is None:
             return
         assigned = consumer.assignment()
-        if self._free_slots() <= 0:
+        if self._full_since is not None and time.monotonic() - self._full_since >= self._s.pause_after_ms / 1000:
             want = set(assigned)
         else:
             want = {tp for tp in assigned if self._handler_full(self._routes[tp.topic].handler)}
@@ -182,14 +189,21 @@ class Consumer:
         consumer = self._consumer
         assert consumer is not None
         while self._fetching:
-            self._apply_pauses()
             free = self._free_slots()
             if free <= 0:
-                # Full: keep polling (heartbeats, rebalances) but wake as soon as a slot frees.
+                # Full. A short wait (slots free as commits land) keeps aiokafka prefetching; when it lasts
+                # past pause_after_ms the partitions are paused and polling goes on, so the member stays in
+                # the group however long the work takes (Karafka's long-running-jobs pattern).
+                if self._full_since is None:
+                    self._full_since = time.monotonic()
+                self._apply_pauses()
+                if self._paused:
+                    await consumer.getmany(timeout_ms=0)
                 self._capacity_freed.clear()
-                await consumer.getmany(timeout_ms=0)
                 await wait_event(self._capacity_freed, self._s.poll_timeout_ms / 1000)
                 continue
+            self._full_since = None
+            self._apply_pauses()
             batch = await consumer.getmany(timeout_ms=self._s.poll_timeout_ms, max_records=free)
             if not self._fetching:
                 # Stopped while fetching: these records were never accepted, a later member reads them again.
@@ -199,46 +213,105 @@ class Consumer:
 
     def _accept(self, consumer: AIOKafkaConsumer, tp: TopicPartition, records: list[Any]) -> None:
         route = self._routes[tp.topic]
+        owned = self.tracker.has(tp)
+        consumed = self._metrics.consumed.labels(tp.topic)
+        batch: list[tuple[Any, int]] | None = [] if route.handler.batch_mode else None
         for i, record in enumerate(records):
-            if self._handler_full(route.handler) or self._free_slots() <= 0 or tp not in self.tracker.partitions():
+            if not owned or self._handler_full(route.handler) or self._free_slots() <= 0:
                 # Not accepted: rewind so these records are fetched again once there is room.
                 if tp in consumer.assignment():
                     consumer.seek(tp, record.offset)
                 log.debug("rewound %s to %d (%d records not accepted)", tp, record.offset, len(records) - i)
                 return
             epoch = self.tracker.start(tp, record.offset)
-            self._metrics.consumed.labels(tp.topic).inc()
+            consumed.inc()
             self._running[route.handler.name] += 1
-            self._metrics.in_flight.inc()
-            self._metrics.uncommitted.set(self.tracker.tracked)
+            if batch is not None:
+                batch.append((record, epoch))
+                continue
             task = self._spawn(self._process(record, route, epoch), f"handle {tp.topic}/{tp.partition}/{record.offset}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        if batch:
+            first = batch[0][0].offset
+            task = self._spawn(
+                self._process_batch(batch, route), f"handle {tp.topic}/{tp.partition}/{first}+{len(batch)}"
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        self._metrics.in_flight.set(len(self._tasks))
+        self._metrics.uncommitted.set(self.tracker.tracked)
 
     # ---- one message -----------------------------------------------------------------------------
 
+    def _topic_metrics(self, topic: str, outcome: str) -> tuple[Any, Any]:
+        """Labelled children, looked up once: `.labels()` costs more than the increment itself."""
+        key = (topic, outcome)
+        found = self._metric_children.get(key)
+        if found is None:
+            found = (self._metrics.handled.labels(topic, outcome), self._metrics.handle_seconds.labels(topic))
+            self._metric_children[key] = found
+        return found
+
+    async def _process_batch(self, items: list[tuple[Any, int]], route: Route) -> None:
+        """Batch mode, for handlers that do no I/O of their own (`Handler.batch_mode`): one task per fetched
+        batch instead of one per message, and all outputs sent with one acknowledgement wait. Anything that
+        fails takes the per-message path, with its retries, failure results and dead letters."""
+        started = time.perf_counter()
+        done: list[tuple[Any, int, str]] = []
+        staged: list[tuple[Any, int, MessageContext, Sequence[OutputEvent]]] = []
+        try:
+            for record, epoch in items:
+                ctx = _context(record)
+                try:
+                    event = decode(record.value, route.model, max_bytes=self._s.max_input_message_bytes)
+                    outputs = await route.handler.handle(event, ctx)
+                except FatalError:
+                    raise
+                except Exception:
+                    with log_context(topic=ctx.topic, partition=ctx.partition, offset=ctx.offset):
+                        done.append((record, epoch, await self._handle(record.value, route, ctx)))
+                    continue
+                staged.append((record, epoch, ctx, outputs))
+            if staged:
+                try:
+                    await self._publisher.publish_batch([(outputs, ctx) for _, _, ctx, outputs in staged])
+                    done.extend((record, epoch, "succeeded") for record, epoch, _, _ in staged)
+                except PoisonError:
+                    for record, epoch, ctx, _ in staged:
+                        with log_context(topic=ctx.topic, partition=ctx.partition, offset=ctx.offset):
+                            done.append((record, epoch, await self._handle(record.value, route, ctx)))
+            elapsed = time.perf_counter() - started
+            wanted = False
+            for record, epoch, outcome in done:
+                self.counts[outcome] += 1
+                handled, seconds = self._topic_metrics(record.topic, outcome)
+                handled.inc()
+                seconds.observe(elapsed)
+                if outcome != "requeued":
+                    tp = TopicPartition(record.topic, record.partition)
+                    wanted = self.tracker.complete(tp, record.offset, epoch) or wanted
+            if wanted:
+                self._commit_wanted.set()
+        finally:
+            self._running[route.handler.name] -= len(items)
+            self._capacity_freed.set()
+
     async def _process(self, record: Any, route: Route, epoch: int) -> None:
         tp = TopicPartition(record.topic, record.partition)
-        ctx = MessageContext(
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            key=record.key,
-            timestamp_ms=record.timestamp,
-            headers=tuple((k, bytes(v)) for k, v in (record.headers or ())),
-        )
+        ctx = _context(record)
         started = time.perf_counter()
         try:
             with log_context(topic=ctx.topic, partition=ctx.partition, offset=ctx.offset):
                 outcome = await self._handle(record.value, route, ctx)
             self.counts[outcome] += 1
-            self._metrics.handled.labels(ctx.topic, outcome).inc()
-            self._metrics.handle_seconds.labels(ctx.topic).observe(time.perf_counter() - started)
+            handled, seconds = self._topic_metrics(ctx.topic, outcome)
+            handled.inc()
+            seconds.observe(time.perf_counter() - started)
             if outcome != "requeued" and self.tracker.complete(tp, record.offset, epoch):
                 self._commit_wanted.set()
         finally:
             self._running[route.handler.name] -= 1
-            self._metrics.in_flight.dec()
             self._capacity_freed.set()
 
     async def _handle(self, value: bytes | None, route: Route, ctx: MessageContext) -> str:
@@ -249,7 +322,8 @@ class Consumer:
             log.warning("dead-lettering undecodable message", extra={"code": exc.code, "reason": exc.message})
             await self._publisher.dead_letter(ctx, value, ErrorInfo(code=exc.code, message=exc.message))
             return "dead_lettered"
-        bind(**{k: v for k in ("request_id", "document_id", "job_id") if isinstance(v := getattr(event, k, None), str)})
+        fields = event.__dict__  # not getattr: pydantic raises (expensively) for fields a model lacks
+        bind(**{k: v for k in ("request_id", "document_id", "job_id") if isinstance(v := fields.get(k), str)})
         r = self._s.retry
         attempt = 0
         while True:
@@ -299,7 +373,9 @@ class Consumer:
     async def commit_loop(self) -> None:
         """Commit soon after completions (bounding redelivery), at least every commit_interval_ms."""
         while self._consumer is not None:
-            await wait_event(self._commit_wanted, self._s.commit_interval_ms / 1000)
+            if await wait_event(self._commit_wanted, self._s.commit_interval_ms / 1000):
+                # Let completions that arrive together share one commit round trip.
+                await asyncio.sleep(self._s.commit_coalesce_ms / 1000)
             self._commit_wanted.clear()
             await self.commit()
             self._update_lag()
@@ -335,6 +411,7 @@ class Consumer:
         consumer = self._consumer
         if consumer is None:
             return
+        self._metrics.in_flight.set(len(self._tasks))
         for tp in self.tracker.partitions():
             # The fetch high watermark, not ListOffsets: some brokers (Tansu on S3) answer the latter wrongly.
             hw = consumer.highwater(tp)
@@ -393,6 +470,17 @@ class Consumer:
             if hw is None or hw > (self.tracker.committed(tp) or 0):
                 return False
         return True
+
+
+def _context(record: Any) -> MessageContext:
+    return MessageContext(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=record.key,
+        timestamp_ms=record.timestamp,
+        headers=tuple((k, bytes(v)) for k, v in (record.headers or ())),
+    )
 
 
 def _with_attempt(ctx: MessageContext, attempt: int) -> MessageContext:
@@ -455,14 +543,7 @@ class BroadcastConsumer:
 
     async def _one(self, record: Any) -> None:
         route = self._routes[record.topic]
-        ctx = MessageContext(
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            key=record.key,
-            timestamp_ms=record.timestamp,
-            headers=tuple((k, bytes(v)) for k, v in (record.headers or ())),
-        )
+        ctx = _context(record)
         with log_context(topic=ctx.topic, partition=ctx.partition, offset=ctx.offset):
             try:
                 event = decode(record.value, route.model, max_bytes=self._s.max_input_message_bytes)

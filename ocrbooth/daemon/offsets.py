@@ -82,6 +82,7 @@ class OffsetTracker(Generic[TP]):
     def __init__(self) -> None:
         self._parts: dict[TP, PartitionOffsets] = {}
         self._epoch = 0
+        self._tracked = 0  # kept incrementally: the consumer asks for it for every record
 
     def assign(self, partitions: Iterable[TP]) -> None:
         for tp in partitions:
@@ -96,6 +97,7 @@ class OffsetTracker(Generic[TP]):
             part = self._parts.pop(tp, None)
             if part is not None:
                 freed += part.tracked
+        self._tracked -= freed
         return freed
 
     def partitions(self) -> list[TP]:
@@ -105,6 +107,7 @@ class OffsetTracker(Generic[TP]):
         """Record that work on `offset` began; return the epoch token to pass to `complete`."""
         part = self._parts[tp]
         part.start(offset)
+        self._tracked += 1
         return part.epoch
 
     def complete(self, tp: TP, offset: int, epoch: int) -> bool:
@@ -131,12 +134,16 @@ class OffsetTracker(Generic[TP]):
             part = self._parts.get(tp)
             if part is not None:
                 freed += part.mark_committed(position)
+        self._tracked -= freed
         return freed
 
     @property
     def tracked(self) -> int:
         """Offsets started and not yet covered by a commit, across partitions."""
-        return sum(p.tracked for p in self._parts.values())
+        return self._tracked
+
+    def has(self, tp: TP) -> bool:
+        return tp in self._parts
 
     @property
     def pending(self) -> int:

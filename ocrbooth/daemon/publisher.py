@@ -54,6 +54,10 @@ class Publisher:
         self._metrics = metrics
         self._storage = storage
         self._producer: AIOKafkaProducer | None = None
+        # One appender at a time: when a partition's batch is full, aiokafka makes every sender wait for it
+        # and wakes them all at once; thousands of concurrent senders turn that into a thundering herd.
+        self._append_lock = asyncio.Lock()
+        self._header_cache: dict[type[BaseModel], tuple[tuple[str, bytes], tuple[str, bytes]]] = {}
 
     async def start(self) -> None:
         k = self._settings.kafka
@@ -92,6 +96,16 @@ class Publisher:
             records.append(record)
         await self._send(records)
 
+    async def publish_batch(self, batch: Sequence[tuple[Sequence[OutputEvent], MessageContext]]) -> None:
+        """Outputs of many inputs, sent together and acknowledged with one wait (batch-mode handlers)."""
+        records = []
+        for events, ctx in batch:
+            for index, event in enumerate(events):
+                record, _ = await self._encode(event, ctx, index)
+                records.append(record)
+        if records:
+            await self._send(records)
+
     async def dead_letter(self, ctx: MessageContext, value: bytes | None, error: ErrorInfo) -> None:
         """Publish a DeadLetter for an input message, keeping at most dlq_max_value_bytes of its value."""
         limit = self._settings.dlq_max_value_bytes
@@ -116,13 +130,14 @@ class Publisher:
         await self._send([record])
         self._metrics.dead_letters.labels(ctx.topic, error.code).inc()
 
-    @staticmethod
-    def _headers(value: BaseModel, ctx: MessageContext) -> list[tuple[str, bytes]]:
-        return [
-            (constants.HEADER_SCHEMA, type(value).__name__.encode()),
-            (constants.HEADER_SCHEMA_VERSION, str(getattr(value, "schema_version", constants.SCHEMA_VERSION)).encode()),
-            (constants.HEADER_SOURCE, ctx.source.encode()),
-        ]
+    def _headers(self, value: BaseModel, ctx: MessageContext) -> list[tuple[str, bytes]]:
+        cls = type(value)
+        fixed = self._header_cache.get(cls)
+        if fixed is None:
+            version = str(getattr(value, "schema_version", constants.SCHEMA_VERSION)).encode()
+            fixed = (constants.HEADER_SCHEMA, cls.__name__.encode()), (constants.HEADER_SCHEMA_VERSION, version)
+            self._header_cache[cls] = fixed
+        return [*fixed, (constants.HEADER_SOURCE, ctx.source.encode())]
 
     async def _encode(self, event: OutputEvent, ctx: MessageContext, index: int) -> tuple[_Record, str | None]:
         value = event.value.model_dump_json().encode()

@@ -32,6 +32,8 @@ class EchoHandler(Handler):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.faults = os.environ.get(FAULTS_ENV, "").lower() in ("1", "true", "yes")
+        # Without injected delays the handler never waits, so batch mode fits; with them, per-message tasks.
+        self.batch_mode = not self.faults
 
     async def handle(self, event: BaseModel, ctx: MessageContext) -> Sequence[OutputEvent]:
         assert isinstance(event, DocumentRequest)

@@ -232,3 +232,28 @@ async def test_metrics_pass_promtool(
     assert check.returncode == 0, check
     assert not check.stdout.strip(), check
     assert not check.stderr.strip(), check
+
+
+async def test_batch_mode_handler_gives_one_output_per_request_and_dead_letters_bad_ones(
+    monkeypatch: pytest.MonkeyPatch, bootstrap: str, topics: TopicNames, daemon_env: dict[str, str], group_id: str
+) -> None:
+    """A batch-mode handler (echo without fault injection): 2,000 requests with malformed ones interleaved
+    each get exactly one output or one dead letter, and committed offsets equal the end offsets."""
+    items: list[tuple[bytes, bytes]] = []
+    for i in range(2000):
+        items.append((f"doc-{i}".encode(), request_event(i)))
+        if i % 20 == 0:
+            items.append((f"bad-{i}".encode(), b"{broken"))
+    ends = await produce(bootstrap, topics.ocr_requests, items)
+    settings = settings_for(monkeypatch, daemon_env, OCRBOOTH_ECHO_FAULTS="false", OCRBOOTH_MAX_IN_FLIGHT="500")
+    daemon = Daemon(settings)
+    assert daemon.handlers[0].batch_mode
+    assert await asyncio.wait_for(daemon.run_until_idle(), 180) == 0
+    results = await consume_all(bootstrap, topics.ocr_results, count=2000, timeout_s=30)
+    seen = _by_request(results)
+    assert set(seen) == {f"req-{i}" for i in range(2000)}
+    assert max(seen.values()) == 1
+    letters = await consume_all(bootstrap, topics.dlq, count=100, timeout_s=30)
+    assert {json.loads(r.value)["error"]["code"] for r in letters} == {"invalid_json"}
+    assert sorted(r.key for r in letters) == sorted(f"bad-{i}".encode() for i in range(0, 2000, 20))
+    assert await committed_offsets(bootstrap, group_id, topics.ocr_requests) == ends
