@@ -20,6 +20,7 @@ HEADER_SOURCE: Final = "ocrbooth-source"  # "topic/partition/offset" of the inpu
 S3_PREFIX_OFFLOAD: Final = "offload/"  # output events too large for Kafka: offload/{topic}/{key}/{id}.json
 S3_PREFIX_UPLOADS: Final = "uploads/"  # documents uploaded by `ocrbooth submit`
 S3_PREFIX_JOBS: Final = "jobs/"  # fine-tune job state and checkpoints: jobs/{job_id}/...
+S3_PREFIX_CLASS_IMAGES: Final = "class-images/"  # prior-preservation images shared by jobs: class-images/{key}/
 
 # Prometheus metric name prefix.
 METRIC_PREFIX: Final = "ocrbooth"

@@ -28,15 +28,12 @@ from ocrbooth import constants
 from ocrbooth.daemon.config import Settings
 from ocrbooth.errors import PoisonError, RequeueError, RetryableError
 from ocrbooth.handlers.base import Handler, HandlerRuntime, MessageContext, OutputEvent
+from ocrbooth.models.dreambooth import EXIT_FAILED, EXIT_STOPPED, validate_request
 from ocrbooth.schemas import ErrorInfo, FinetuneControl, FinetuneEvent, FinetuneRequest
 from ocrbooth.schemas.finetune import FinetuneEventKind
 
 log = logging.getLogger(__name__)
 
-# Trainer exit codes (ocrbooth.models.dreambooth.train).
-EXIT_COMPLETED = 0
-EXIT_FAILED = 2  # a `failed` line was printed: retrying will not help
-EXIT_STOPPED = 3  # SIGTERM: a checkpoint was written; resumable
 
 _STREAMED: dict[str, FinetuneEventKind] = {
     "class_images": "class_images",
@@ -135,8 +132,6 @@ class FinetuneHandler(Handler):
 
     async def handle(self, event: BaseModel, ctx: MessageContext) -> Sequence[OutputEvent]:
         assert isinstance(event, FinetuneRequest)
-        from ocrbooth.models.dreambooth.train import validate_request
-
         validate_request(event, self.settings)  # bounds first: a bad request fails before any GPU work
         job = _Job(event, ctx)
         state = await self._get_json(event.job_id, "state.json")

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from pydantic import BaseModel
 
@@ -100,7 +101,7 @@ def load_engines(cfg: OcrSettings) -> tuple[str, dict[str, OcrEngine]]:
 
                 engine = LightOnOcrEngine(cfg.model, device=cfg.device)
                 engine.load()
-                engines["lightonocr"] = engine
+                engines["lightonocr"] = cast(OcrEngine, engine)  # its `model` is always a str
                 log.info("OCR engine: lightonocr (%s; model %s)", why, cfg.model)
                 return "lightonocr", engines
             except (ConfigError, ImportError, OSError) as exc:

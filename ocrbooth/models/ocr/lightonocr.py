@@ -2,10 +2,12 @@
 
 A batch runs in three stages, so a page's tokens never depend on its batch-mates:
 
-1. each page goes through the processor's chat template on its own (the image is the whole prompt);
-2. each page is vision-encoded and prefilled alone (batch of one, no padding) into its own slot of a static
-   KV cache; Pixtral would otherwise put the whole batch into one sequence with a dense mask, which grows
-   with the square of the batch's patches;
+1. each page goes through the processor's chat template on its own (the image is the whole prompt), on
+   helper threads that run a few pages ahead of the GPU;
+2. each page is vision-encoded alone, its features put at its image tokens, and its prompt prefilled alone
+   (batch of one, no padding) into its own slot of a static KV cache, without waiting for the GPU. Pixtral
+   would otherwise put the whole batch into one sequence with a dense mask, which grows with the square of
+   the batch's patches;
 3. all slots decode together, one forward per step, each slot at its own position (per-slot position ids,
    per-slot cache write index, a key mask up to each slot's length). The step is a fixed-shape function of
    `_DecodeState`, so on CUDA it is captured once per key-length bucket as a CUDA graph and replayed; a slot
@@ -17,9 +19,12 @@ happen on the device inside the step; the host looks at the state every few step
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -37,8 +42,11 @@ if TYPE_CHECKING:
 DEFAULT_MODEL: Final = "lightonai/LightOnOCR-1B-1025"
 
 _ATTENTION: Final = "ocrbooth_grouped_sdpa"  # registered name of the decoder's attention function
+_VISION_ATTENTION: Final = "ocrbooth_one_image_sdpa"  # ...and of the vision encoder's
 _KV_BUCKET: Final = 256  # decode attends to a multiple of this many cache positions (one CUDA graph each)
 _SYNC_EVERY: Final = 8  # decode steps between looks at the device state (a finished page waits at most this)
+_PREFETCH_THREADS: Final = 2  # CPU preprocessing (resize, normalize, tokenize, pin) ahead of the GPU
+_PREFETCH_PAGES: Final = 4  # ...for at most this many waiting pages (each holds its pixels in pinned memory)
 _DTYPES: Final = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 # Finish codes kept on the device (index into _FINISH).
@@ -90,6 +98,8 @@ class PreparedPage:
 
     input_ids: torch.Tensor
     """[1, n] on the engine's device."""
+    image_positions: torch.Tensor
+    """Indices of the image tokens in `input_ids`, on the engine's device."""
     pixel_values: torch.Tensor
     """[1, 3, H, W] in the model's dtype, on the engine's device."""
     image_sizes: list[tuple[int, int]]
@@ -146,8 +156,9 @@ class LightOnOcrEngine:
         """`model`: hub id or local directory. `device`: default cuda when available, else cpu. `dtype`:
         bfloat16 on CUDA and float32 on CPU by default. `repetition`: None for the default guard (pass
         `RepetitionGuard(enabled=False)` to turn it off). `use_cuda_graphs`: replay the decode step as a
-        CUDA graph (CUDA only). `max_slots`: most pages decoding at once; more pages in one call wait for a
-        free slot. `eos_token_ids`: stop tokens, default the model's generation config (empty: never stop)."""
+        CUDA graph (CUDA only). `max_slots`: most pages decoding at once;
+        more pages in one call wait for a free slot. `eos_token_ids`: stop tokens, default the model's
+        generation config (empty: never stop)."""
         self.model = model
         self.device = torch.device(device) if device else _default_device()
         if dtype is not None and dtype not in _DTYPES:
@@ -163,7 +174,10 @@ class LightOnOcrEngine:
         self._processor: Any = None
         self._eos_ids: tuple[int, ...] = ()
         self._special_ids: frozenset[int] = frozenset()
-        self._state: _DecodeState | None = None  # kept between calls when CUDA graphs are on
+        self._prompt = ""
+        self._text_tokens = 0
+        self._state: _DecodeState | None = None  # kept between calls when CUDA graphs are on...
+        self._graphs: _CudaGraphs | None = None  # ...with its captured steps (held here: no reference cycle)
 
     # ---- loading -----------------------------------------------------------------------------------
 
@@ -179,7 +193,7 @@ class LightOnOcrEngine:
             from transformers import LightOnOcrForConditionalGeneration, LightOnOcrProcessor
 
             _register_attention()
-            processor = LightOnOcrProcessor.from_pretrained(source)
+            processor: Any = LightOnOcrProcessor.from_pretrained(source)
             net: Any = LightOnOcrForConditionalGeneration.from_pretrained(
                 source, dtype=self.dtype, attn_implementation="sdpa"
             )
@@ -193,12 +207,17 @@ class LightOnOcrEngine:
         except RuntimeError as exc:
             raise FatalError(f"cannot move LightOnOCR to {self.device}: {exc}") from exc
         net.eval()
-        # Only the decoder takes the grouped attention; the vision encoder keeps plain SDPA.
         net.model.language_model.set_attn_implementation(_ATTENTION)
+        net.model.vision_encoder.set_attn_implementation(_VISION_ATTENTION)
         self._net, self._processor = net, processor
         self._eos_ids = self._eos_override if self._eos_override is not None else _eos_ids(net, processor)
         added = processor.tokenizer.backend_tokenizer.get_added_tokens_decoder()
         self._special_ids = frozenset(int(i) for i, token in added.items() if token.special)
+        self._prompt = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}]}], add_generation_prompt=True, tokenize=False
+        )
+        # Prompt tokens besides the image's: the template with its one image placeholder left out.
+        self._text_tokens = len(processor.tokenizer(self._prompt, add_special_tokens=False)["input_ids"]) - 1
 
     @property
     def network(self) -> Any:
@@ -217,6 +236,7 @@ class LightOnOcrEngine:
     def release(self) -> None:
         """Drop the decode state kept between calls (KV cache and CUDA graphs), e.g. before a smaller retry."""
         self._state = None
+        self._graphs = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -236,6 +256,10 @@ class LightOnOcrEngine:
         width = ((width - 1) // patch_w + 1) * patch_w
         merge = int(self.processor.effective_patch_size)
         return (height // merge) * (width // merge)
+
+    def prompt_length(self, page: PageInput) -> int:
+        """Tokens of this page's prompt (template + image), without preprocessing."""
+        return self._text_tokens + self.image_token_count(page.image)
 
     def cost(self, page: PageInput) -> int:
         """Image tokens + output budget: what the page holds in the KV cache at most."""
@@ -277,9 +301,9 @@ class LightOnOcrEngine:
         try:
             with torch.inference_mode():
                 return self._generate(pages)
-        except torch.OutOfMemoryError:
-            self.release()  # give the cache back before the batcher retries smaller halves
-            raise
+        except torch.OutOfMemoryError as exc:
+            self.release()  # give the cache back before the batcher retries smaller halves...
+            raise exc.with_traceback(None) from None  # ...and drop the frames below: their locals hold it
         except RuntimeError as exc:
             if _device_broken(exc):
                 raise FatalError(f"CUDA failure in LightOnOCR: {exc}") from exc
@@ -287,102 +311,137 @@ class LightOnOcrEngine:
 
     def _generate(self, pages: Sequence[PageInput]) -> list[PageGeneration]:
         results: list[PageGeneration] = [_EMPTY] * len(pages)
-        prepared: dict[int, PreparedPage] = {}
+        todo: dict[int, tuple[PageInput, int]] = {}
         limit = int(self.network.config.text_config.max_position_embeddings)
         for index, page in enumerate(pages):
             try:
-                prep = self.preprocess(page)
+                if page.max_new_tokens < 1:
+                    raise ValueError(f"max_new_tokens must be >= 1, got {page.max_new_tokens}")
+                length = self.prompt_length(page)
             except (ValueError, TypeError, OSError) as exc:  # the page itself is unusable
                 results[index] = _page_error("unprocessable_page", f"{type(exc).__name__}: {exc}")
                 continue
-            if prep.prompt_length + prep.max_new_tokens > limit:
-                message = f"{prep.prompt_length} prompt + {prep.max_new_tokens} new tokens > {limit} positions"
+            if length + page.max_new_tokens > limit:
+                message = f"{length} prompt + {page.max_new_tokens} new tokens > {limit} positions"
                 results[index] = _page_error("page_too_large", message)
                 continue
-            prepared[index] = prep
-        if prepared:
-            for index, gen in self._decode(prepared).items():
-                gen.text, gen.char_spans = self.detokenize(gen.content_ids)
+            todo[index] = (page, length)
+        if todo:
+            for index, gen in self._decode(todo).items():
+                if gen.error_code is None:
+                    gen.text, gen.char_spans = self.detokenize(gen.content_ids)
                 results[index] = gen
         return results
 
     def preprocess(self, page: PageInput) -> PreparedPage:
-        """The processor's chat template with the page image as the only content."""
-        if page.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {page.max_new_tokens}")
+        """The processor's chat template with the page image as the only content, on the engine's device."""
+        return self._upload(self._encode_on_host(page))
+
+    def _encode_on_host(self, page: PageInput) -> PreparedPage:
+        """CPU half of `preprocess` (runs on the prefetch threads): processor call, pinned tensors."""
         processor = self.processor
-        conversation = [{"role": "user", "content": [{"type": "image"}]}]
-        prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        batch = processor(images=[page.image.convert("RGB")], text=[prompt], return_tensors="pt")
+        batch = processor(images=[page.image.convert("RGB")], text=[self._prompt], return_tensors="pt")
         input_ids = batch["input_ids"]
-        if int((input_ids == processor.image_token_id).sum()) == 0 or int(input_ids[0, -1]) == processor.image_token_id:
+        image_positions = (input_ids[0] == processor.image_token_id).nonzero().squeeze(1)
+        if image_positions.numel() == 0 or int(image_positions[-1]) == input_ids.shape[1] - 1:
             raise ValueError("the chat template must put the image inside the prompt, followed by text")
-        sizes = [(int(h), int(w)) for h, w in batch["image_sizes"].tolist()]
+        pin = self.device.type == "cuda"
         return PreparedPage(
-            input_ids=input_ids.to(self.device),
-            pixel_values=batch["pixel_values"].to(self.device, self.dtype),
-            image_sizes=sizes,
+            input_ids=input_ids.pin_memory() if pin else input_ids,
+            image_positions=image_positions.pin_memory() if pin else image_positions,
+            pixel_values=batch["pixel_values"].pin_memory() if pin else batch["pixel_values"],
+            image_sizes=[(int(h), int(w)) for h, w in batch["image_sizes"].tolist()],
             max_new_tokens=page.max_new_tokens,
+        )
+
+    def _upload(self, host: PreparedPage) -> PreparedPage:
+        """Copy to the device without waiting (pinned memory), so the host can go on while the GPU works."""
+        blocking = self.device.type != "cuda"
+        return PreparedPage(
+            input_ids=host.input_ids.to(self.device, non_blocking=not blocking),
+            image_positions=host.image_positions.to(self.device, non_blocking=not blocking),
+            pixel_values=host.pixel_values.to(self.device, non_blocking=not blocking).to(self.dtype),
+            image_sizes=host.image_sizes,
+            max_new_tokens=host.max_new_tokens,
         )
 
     # ---- the decode loop ---------------------------------------------------------------------------
 
-    def _decode(self, prepared: dict[int, PreparedPage]) -> dict[int, PageGeneration]:
-        order = list(prepared)
-        slots = min(len(order), self.max_slots or len(order))
-        need_positions = max(p.prompt_length + p.max_new_tokens for p in prepared.values())
-        need_new = max(p.max_new_tokens for p in prepared.values())
+    def _decode(self, todo: dict[int, tuple[PageInput, int]]) -> dict[int, PageGeneration]:
+        """Prefill pages into free slots as they open, decode all slots together, collect finished pages."""
+        slots = min(len(todo), self.max_slots or len(todo))
+        need_positions = max(length + page.max_new_tokens for page, length in todo.values())
+        need_new = max(page.max_new_tokens for page, _ in todo.values())
         state = self._decode_state(slots, need_positions, need_new)
         step = self._step_runner(state)
 
-        waiting = deque(order)
-        slot_page: list[int | None] = [None] * state.slots
-        for slot in range(min(state.slots, len(waiting))):
-            self._fill(state, slot, prepared[waiting[0]])
-            slot_page[slot] = waiting.popleft()
+        waiting = deque(todo)
         results: dict[int, PageGeneration] = {}
-        while any(p is not None for p in slot_page):
-            # One look at the device per chunk of steps (each look waits for the GPU to drain).
-            done, write_pos, n_generated, max_new, reasons = torch.stack(
-                [state.done.long(), state.write_pos, state.n_generated, state.max_new, state.reason]
-            ).tolist()
-            finished = [s for s, p in enumerate(slot_page) if p is not None and done[s]]
-            if finished:
+        slot_page: list[int | None] = [None] * state.slots
+        # Host copies of the device state, refreshed at each look: done, write_pos, n_generated, max_new, reason.
+        host = [[1] * state.slots, [0] * state.slots, [0] * state.slots, [0] * state.slots, [0] * state.slots]
+        # CPU preprocessing runs ahead on helper threads while this thread feeds the GPU.
+        prefetch = ThreadPoolExecutor(max_workers=_PREFETCH_THREADS, thread_name_prefix="lightonocr-preprocess")
+        encoded: dict[int, Future[PreparedPage]] = {}
+
+        def fill(slot: int) -> None:
+            while waiting:
+                for ahead in itertools.islice(waiting, _PREFETCH_PAGES):
+                    if ahead not in encoded:
+                        encoded[ahead] = prefetch.submit(self._encode_on_host, todo[ahead][0])
+                index = waiting.popleft()
+                page, length = todo[index]
+                try:
+                    prep = self._upload(encoded.pop(index).result())
+                except (ValueError, TypeError, OSError) as exc:  # this page alone is unusable
+                    results[index] = _page_error("unprocessable_page", f"{type(exc).__name__}: {exc}")
+                    continue
+                if prep.prompt_length != length:
+                    raise RuntimeError(f"prompt of {prep.prompt_length} tokens, {length} predicted")
+                self._prefill(state, slot, prep)
+                slot_page[slot] = index
+                host[1][slot], host[2][slot], host[3][slot] = length - 1, 0, page.max_new_tokens
+                return
+
+        try:
+            for slot in range(state.slots):
+                fill(slot)
+            while active := [s for s, p in enumerate(slot_page) if p is not None]:
+                top = max(host[1][s] for s in active)
+                # Stop the chunk where the first page runs out of budget: length-bound pages never overshoot.
+                steps = max(1, min(_SYNC_EVERY, min(host[3][s] - host[2][s] for s in active)))
+                for _ in range(steps):
+                    step(_bucket(top + 1, state.capacity))
+                    top = min(top + 1, state.capacity - 1)
+                # One look at the device per chunk of steps (each look waits for the GPU to drain).
+                host[:] = torch.stack(
+                    [state.done.long(), state.write_pos, state.n_generated, state.max_new, state.reason]
+                ).tolist()
+                finished = [s for s in active if host[0][s]]
+                if not finished:
+                    continue
                 rows = torch.tensor(finished, device=state.out_tokens.device)
                 tokens = state.out_tokens.index_select(0, rows).tolist()
                 probs = state.out_probs.index_select(0, rows).tolist()
                 for row, slot in enumerate(finished):
                     owner = slot_page[slot]
                     assert owner is not None
-                    n = n_generated[slot]
-                    results[owner] = PageGeneration(tokens[row][:n], probs[row][:n], _FINISH[reasons[slot]])
+                    n = host[2][slot]
+                    results[owner] = PageGeneration(tokens[row][:n], probs[row][:n], _FINISH[host[4][slot]])
                     slot_page[slot] = None
-                    if waiting:
-                        refill = prepared[waiting[0]]
-                        self._fill(state, slot, refill)
-                        slot_page[slot] = waiting.popleft()
-                        write_pos[slot] = refill.prompt_length - 1
-                        n_generated[slot], max_new[slot] = 0, refill.max_new_tokens
-            active = [s for s, p in enumerate(slot_page) if p is not None]
-            if not active:
-                break
-            top = max(write_pos[s] for s in active)
-            # Stop the chunk where the first page runs out of budget, so length-bound pages never overshoot.
-            steps = max(1, min(_SYNC_EVERY, min(max_new[s] - n_generated[s] for s in active)))
-            for _ in range(steps):
-                step(_bucket(top + 1, state.capacity))
-                top = min(top + 1, state.capacity - 1)
+                    fill(slot)
+        finally:
+            prefetch.shutdown(wait=True, cancel_futures=True)
         return results
 
     def _decode_state(self, slots: int, need_positions: int, need_new: int) -> _DecodeState:
         if self.use_cuda_graphs:
             slots = 1 << (slots - 1).bit_length()  # a few slot counts, so graphs are reused across batches
         capacity = _bucket(need_positions, 1 << 62)
-        cached = self._state
-        if cached is not None and cached.fits(slots, capacity, need_new):
-            cached.reset()
-            return cached
-        self._state = None
+        if self._state is not None and self._state.fits(slots, capacity, need_new):
+            self._state.reset()
+            return self._state
+        self.release()  # before allocating: two KV caches at once may not fit
         state = _DecodeState(
             self.network,
             slots=slots,
@@ -401,24 +460,31 @@ class LightOnOcrEngine:
         net = self.network
 
         def eager(kv_len: int) -> None:
-            _advance(state, _forward_step(net, state, kv_len))
+            _decode_step(net, state, kv_len)
 
         if not self.use_cuda_graphs:
             return eager
-        if state.graphs is None:
-            state.graphs = _CudaGraphs(eager, warm_lengths=(_KV_BUCKET, state.capacity))
-        return state.graphs.replay
+        if self._graphs is None or self._graphs.state is not state:
+            self._graphs = _CudaGraphs(state, eager, warm_lengths=(_KV_BUCKET, state.capacity))
+        return self._graphs.replay
 
-    def _fill(self, state: _DecodeState, slot: int, page: PreparedPage) -> None:
-        """Encode and prefill one page into `slot` (all prompt tokens but the last, which the next decode step
-        consumes, so every generated token comes out of the same step function)."""
+    def _prefill(self, state: _DecodeState, slot: int, page: PreparedPage) -> None:
+        """Encode one page's image alone, put its features at the image tokens, and prefill all prompt tokens
+        but the last into `slot`; the next decode step consumes the last one, so every generated token comes
+        out of the same step function. Nothing here waits for the GPU."""
+        net = self.network
         n = page.prompt_length
+        flag = _ONE_IMAGE.set(True)
+        try:
+            features = net.model.get_image_features(page.pixel_values, page.image_sizes).pooler_output[0]
+        finally:
+            _ONE_IMAGE.reset(flag)
+        embeds = net.get_input_embeddings()(page.input_ids[:, : n - 1])
+        embeds[0].index_copy_(0, page.image_positions, features.to(embeds.dtype))
         state.cache.prefill_slot = slot
         try:
-            self.network.model(
-                input_ids=page.input_ids[:, : n - 1],
-                pixel_values=page.pixel_values,
-                image_sizes=page.image_sizes,
+            net.model.language_model(
+                inputs_embeds=embeds,
                 attention_mask={"full_attention": None},  # a dict skips mask building: plain causal SDPA
                 position_ids=torch.arange(n - 1, device=self.device)[None],
                 past_key_values=state.cache,
@@ -556,7 +622,6 @@ class _DecodeState:
         self.out_probs = torch.zeros((slots, max_new + 1), dtype=torch.float32, device=device)
         self.eos_ids = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
         self.tracker = _RepetitionTracker(guard, slots=slots, device=device)
-        self.graphs: _CudaGraphs | None = None
 
     def fits(self, slots: int, capacity: int, max_new: int) -> bool:
         return self.slots == slots and self.capacity >= capacity and self.max_new_capacity >= max_new
@@ -593,6 +658,11 @@ def _forward_step(net: Any, state: _DecodeState, kv_len: int) -> torch.Tensor:
     return logits.float()
 
 
+def _decode_step(net: Any, state: _DecodeState, kv_len: int) -> None:
+    """The whole decode step: forward, choice, checks. What a CUDA graph captures."""
+    _advance(state, _forward_step(net, state, kv_len))
+
+
 def _advance(state: _DecodeState, logits: torch.Tensor) -> None:
     """Greedy choice, its probability, and the stop/length/repetition checks, all in place on the device."""
     active = ~state.done
@@ -612,14 +682,15 @@ def _advance(state: _DecodeState, logits: torch.Tensor) -> None:
     state.reason.copy_(torch.where(finished, reason, state.reason))
     state.done.logical_or_(finished)
     state.input_ids.copy_(tokens)
-    state.write_pos.add_((active & ~finished).long()).clamp_(max=state.capacity - 1)
+    state.write_pos.add_((active & ~finished).long()).clamp_(max=state.positions.shape[0] - 1)
 
 
 class _CudaGraphs:
     """The decode step captured once per key-length bucket (lazily: capturing runs nothing, so it is safe in
     the middle of a batch). Warm-up does run the step, so it happens while every slot is idle."""
 
-    def __init__(self, step: Callable[[int], None], *, warm_lengths: Sequence[int]) -> None:
+    def __init__(self, state: _DecodeState, step: Callable[[int], None], *, warm_lengths: Sequence[int]) -> None:
+        self.state = state
         self._step = step
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool = torch.cuda.graph_pool_handle()
@@ -668,10 +739,31 @@ def _grouped_sdpa(
     return out.reshape(batch, 1, heads, head_dim), None
 
 
+def _one_image_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Pixtral puts all images of a call into one sequence under a dense block-diagonal mask. When the engine
+    encodes a single page (_ONE_IMAGE set) that mask masks nothing; without it SDPA can use a flash kernel."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if _ONE_IMAGE.get():
+        attention_mask = None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+_ONE_IMAGE: Final[ContextVar[bool]] = ContextVar("ocrbooth_lightonocr_one_image", default=False)
+
+
 def _register_attention() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(_ATTENTION, _grouped_sdpa)
+    AttentionInterface.register(_VISION_ATTENTION, _one_image_sdpa)
 
 
 def _bucket(length: int, capacity: int) -> int:
