@@ -37,6 +37,13 @@ def _components(device: Any) -> dict[str, Any]:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
+    with torch.device(device):  # initialise on the GPU: random init of 1B parameters on the CPU takes minutes
+        return _build(UNet2DConditionModel, AutoencoderKL, CLIPTextConfig, CLIPTextModel, DDPMScheduler)
+
+
+def _build(
+    UNet2DConditionModel: Any, AutoencoderKL: Any, CLIPTextConfig: Any, CLIPTextModel: Any, DDPMScheduler: Any
+) -> dict[str, Any]:
     unet = UNet2DConditionModel(
         sample_size=LATENT,
         cross_attention_dim=768,
