@@ -1,0 +1,239 @@
+"""Fine-tune jobs through Kafka: event order, class-image cache, cancel, completed republish, bad requests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ocrbooth.daemon.embedded import EmbeddedStack
+from tests.support.daemon import running_daemon, settings_for
+from tests.support.kafka import consume_all, produce
+from tests.support.stack import TopicNames, unique_suffix
+from tests.support.tiny_sd import build_tiny_sd, make_instance_images
+
+TERMINAL = {"completed", "failed", "cancelled"}
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Stable Diffusion pipeline on disk (the base model of every job here)."""
+    return build_tiny_sd(tmp_path_factory.mktemp("finetune") / "tiny-sd")
+
+
+@pytest.fixture
+def instance_prefix(stack: EmbeddedStack, s3_prefix: str) -> str:
+    """Three subject photos in S3; the prefix URI a request names."""
+    s3 = stack.s3_client()
+    for i, data in enumerate(make_instance_images(3)):
+        s3.put_object(Bucket=stack.bucket, Key=f"{s3_prefix}instance/{i}.png", Body=data)
+    return f"s3://{stack.bucket}/{s3_prefix}instance/"
+
+
+def _request(job_id: str, base: Path, images: str, **overrides: Any) -> bytes:
+    fields: dict[str, Any] = {
+        "job_id": job_id,
+        "base_model": str(base),
+        "instance_images": [images],
+        "instance_prompt": "a photo of sks dog",
+        "class_prompt": "a photo of dog",
+        "num_class_images": 2,
+        "resolution": 64,
+        "max_train_steps": 4,
+        "checkpointing_steps": 2,
+        "checkpoints_total_limit": 2,
+        "learning_rate": 1e-3,
+        "mixed_precision": "no",
+        "num_inference_steps": 2,
+        "num_validation_images": 1,
+        "seed": 3,
+    }
+    return json.dumps(fields | overrides).encode()
+
+
+def _events(records: list[Any]) -> dict[str, list[dict[str, Any]]]:
+    by_job: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        event = json.loads(record.value)
+        by_job.setdefault(event["job_id"], []).append(event)
+    return by_job
+
+
+def _ended(jobs: set[str]) -> Any:
+    def check(records: list[Any]) -> bool:
+        done = {e["job_id"] for e in (json.loads(r.value) for r in records) if e["event"] in TERMINAL}
+        return jobs <= done
+
+    return check
+
+
+def _env(daemon_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    return {
+        **daemon_env,
+        "OCRBOOTH_HANDLERS": "finetune",
+        "OCRBOOTH_FINETUNE_WORKDIR": str(tmp_path / "work"),
+        "OCRBOOTH_FINETUNE_PROGRESS_EVERY_STEPS": "1",
+        "OCRBOOTH_FINETUNE_MAX_CONCURRENT_JOBS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+async def test_jobs_stream_events_in_order_share_class_images_and_completed_jobs_are_not_retrained(
+    monkeypatch: pytest.MonkeyPatch,
+    stack: EmbeddedStack,
+    topics: TopicNames,
+    daemon_env: dict[str, str],
+    tiny_sd: Path,
+    instance_prefix: str,
+    tmp_path: Path,
+) -> None:
+    """A job's events arrive in order (accepted, class_images, started, progress/checkpoint, samples,
+    completed); a second job with the same class prompt hits the class-image cache; a request for a job
+    that already completed republishes `completed` without training again."""
+    first, second = f"ft-a-{unique_suffix()}", f"ft-b-{unique_suffix()}"
+    await produce(
+        stack.bootstrap_servers,
+        topics.finetune_requests,
+        [
+            (first.encode(), _request(first, tiny_sd, instance_prefix)),
+            (second.encode(), _request(second, tiny_sd, instance_prefix)),
+            (first.encode(), _request(first, tiny_sd, instance_prefix)),  # again, after it completed
+        ],
+        partition=0,  # one partition: the jobs run one after the other, in this order
+    )
+    settings = settings_for(monkeypatch, _env(daemon_env, tmp_path))
+    async with running_daemon(settings):
+        records = await consume_all(
+            stack.bootstrap_servers,
+            topics.finetune_events,
+            until=lambda recs: sum(json.loads(r.value)["event"] == "completed" for r in recs) >= 3,
+            timeout_s=600,
+        )
+    jobs = _events(records)
+    kinds = [e["event"] for e in jobs[first]]
+    first_run = kinds[: kinds.index("completed") + 1]
+    assert first_run[:3] == ["accepted", "class_images", "started"]
+    assert first_run[-2:] == ["samples", "completed"]
+    assert set(first_run[3:-2]) == {"progress", "checkpoint"}
+    assert [e["step"] for e in jobs[first] if e["event"] == "checkpoint"] == [2, 4]
+    seqs = [e["seq"] for e in jobs[first]]
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == len(seqs)
+    assert jobs[first][1]["cache_hit"] is False
+    assert next(e for e in jobs[second] if e["event"] == "class_images")["cache_hit"] is True
+    # The repeated request: only `completed` again, with the same artifacts, no `started`.
+    rerun = kinds[kinds.index("completed") + 1 :]
+    assert rerun == ["completed"]
+    completed = [e for e in jobs[first] if e["event"] == "completed"]
+    assert completed[0]["artifacts"] == completed[1]["artifacts"]
+    pipeline = completed[0]["artifacts"]["pipeline"]
+    bucket, _, key = pipeline[5:].partition("/")
+    listed = stack.s3_client().list_objects_v2(Bucket=bucket, Prefix=key)
+    assert any(o["Key"].endswith("model_index.json") for o in listed.get("Contents", []))
+
+
+async def test_cancel_stops_a_running_job_and_prevents_one_not_yet_started(
+    monkeypatch: pytest.MonkeyPatch,
+    stack: EmbeddedStack,
+    topics: TopicNames,
+    daemon_env: dict[str, str],
+    tiny_sd: Path,
+    instance_prefix: str,
+    tmp_path: Path,
+) -> None:
+    """A cancel on finetune.control stops a running job (`cancelled`, no `completed`); a cancel sent before
+    its request arrives means that job never starts."""
+    running, early = f"ft-run-{unique_suffix()}", f"ft-early-{unique_suffix()}"
+    await produce(
+        stack.bootstrap_servers,
+        topics.finetune_control,
+        [(early.encode(), json.dumps({"job_id": early, "action": "cancel"}).encode())],
+    )
+    await produce(
+        stack.bootstrap_servers,
+        topics.finetune_requests,
+        [
+            (
+                running.encode(),
+                _request(running, tiny_sd, instance_prefix, max_train_steps=2000, checkpointing_steps=500),
+            )
+        ],
+        partition=0,
+    )
+    settings = settings_for(monkeypatch, _env(daemon_env, tmp_path))
+    async with running_daemon(settings):
+        await consume_all(
+            stack.bootstrap_servers,
+            topics.finetune_events,
+            until=lambda recs: any(json.loads(r.value)["event"] == "progress" for r in recs),
+            timeout_s=300,
+        )
+        await produce(
+            stack.bootstrap_servers,
+            topics.finetune_control,
+            [(running.encode(), json.dumps({"job_id": running, "action": "cancel"}).encode())],
+        )
+        await produce(
+            stack.bootstrap_servers,
+            topics.finetune_requests,
+            [(early.encode(), _request(early, tiny_sd, instance_prefix))],
+            partition=1,
+        )
+        records = await consume_all(
+            stack.bootstrap_servers, topics.finetune_events, until=_ended({running, early}), timeout_s=300
+        )
+    jobs = _events(records)
+    assert jobs[running][-1]["event"] == "cancelled"
+    assert "completed" not in [e["event"] for e in jobs[running]]
+    assert [e["event"] for e in jobs[early]] == ["cancelled"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "code"),
+    [
+        ({"resolution": 100_000}, "resolution_out_of_range"),
+        ({"max_train_steps": 1_000_000_000}, "too_many_steps"),
+        ({"instance_images": ["s3://ocrbooth/no-such-prefix/"]}, "no_instance_images"),
+        ({"instance_images": ["s3://not-allowed/x.png"]}, "source_not_allowed"),
+        ({"base_model": "/nonexistent/stable-diffusion"}, "unknown_base_model"),
+        ({"instance_images": ["NOT_AN_IMAGE"]}, "invalid_image"),
+    ],
+)
+async def test_bad_requests_fail_with_a_specific_code_and_the_daemon_keeps_serving(
+    monkeypatch: pytest.MonkeyPatch,
+    stack: EmbeddedStack,
+    topics: TopicNames,
+    daemon_env: dict[str, str],
+    tiny_sd: Path,
+    instance_prefix: str,
+    s3_prefix: str,
+    tmp_path: Path,
+    overrides: dict[str, Any],
+    code: str,
+) -> None:
+    """Each bad request ends with `failed` and its code, and a good job after it still completes."""
+    if overrides.get("instance_images") == ["NOT_AN_IMAGE"]:
+        stack.s3_client().put_object(Bucket=stack.bucket, Key=f"{s3_prefix}text/notes.txt", Body=b"not an image")
+        overrides = {"instance_images": [f"s3://{stack.bucket}/{s3_prefix}text/notes.txt"]}
+    bad, good = f"ft-bad-{unique_suffix()}", f"ft-good-{unique_suffix()}"
+    await produce(
+        stack.bootstrap_servers,
+        topics.finetune_requests,
+        [
+            (bad.encode(), _request(bad, tiny_sd, instance_prefix, **overrides)),
+            (good.encode(), _request(good, tiny_sd, instance_prefix, max_train_steps=2, with_prior_preservation=False)),
+        ],
+        partition=0,
+    )
+    settings = settings_for(monkeypatch, _env(daemon_env, tmp_path))
+    async with running_daemon(settings):
+        records = await consume_all(
+            stack.bootstrap_servers, topics.finetune_events, until=_ended({bad, good}), timeout_s=300
+        )
+    jobs = _events(records)
+    failed = jobs[bad][-1]
+    assert failed["event"] == "failed"
+    assert failed["error"]["code"] == code, failed
+    assert jobs[good][-1]["event"] == "completed"
