@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -28,7 +29,7 @@ from ocrbooth import constants
 from ocrbooth.daemon.config import Settings
 from ocrbooth.errors import PoisonError, RequeueError, RetryableError
 from ocrbooth.handlers.base import Handler, HandlerRuntime, MessageContext, OutputEvent
-from ocrbooth.models.dreambooth import EXIT_FAILED, EXIT_STOPPED, validate_request
+from ocrbooth.models.dreambooth import EXIT_FAILED, EXIT_STOPPED, PARENT_PID_ENV, validate_request
 from ocrbooth.schemas import ErrorInfo, FinetuneControl, FinetuneEvent, FinetuneRequest
 from ocrbooth.schemas.finetune import FinetuneEventKind
 
@@ -188,6 +189,7 @@ class FinetuneHandler(Handler):
             stdout=asyncio.subprocess.PIPE,
             stderr=None,  # the trainer's log goes to ours
             cwd=workdir,
+            env={**os.environ, PARENT_PID_ENV: str(os.getpid())},
         )
         job.proc = proc
         if self._draining or job.cancelled.is_set():

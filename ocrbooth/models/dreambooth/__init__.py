@@ -51,6 +51,7 @@ from ocrbooth.schemas.finetune import FinetuneRequest
 EXIT_COMPLETED = 0
 EXIT_FAILED = 2  # a `failed` line was printed: retrying will not help
 EXIT_STOPPED = 3  # SIGTERM: a checkpoint was written; a rerun resumes from it
+PARENT_PID_ENV = "OCRBOOTH_TRAINER_PARENT_PID"  # set by the daemon: the trainer exits when that process dies
 
 
 class TrainJob(BaseModel):
@@ -144,6 +145,7 @@ __all__ = [
     "EXIT_COMPLETED",
     "EXIT_FAILED",
     "EXIT_STOPPED",
+    "PARENT_PID_ENV",
     "TrainJob",
     "job_prefix",
     "output_uri",

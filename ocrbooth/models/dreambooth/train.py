@@ -46,6 +46,7 @@ from ocrbooth.models.dreambooth import (
     EXIT_COMPLETED,
     EXIT_FAILED,
     EXIT_STOPPED,
+    PARENT_PID_ENV,
     TrainJob,
     output_uri,
     validate_request,
@@ -791,6 +792,8 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None) -> int:
     parser.add_argument("job", type=Path, help="JOB.json: a TrainJob (see ocrbooth.models.dreambooth)")
     args = parser.parse_args(argv)
     standalone = out is None
+    if standalone:
+        _die_with_parent()
     events = Events(_claim_stdout() if out is None else out, enabled=_is_rank_zero())
     stop = StopFlag()
     previous = signal.signal(signal.SIGTERM, stop.request) if standalone else None
@@ -817,6 +820,21 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _die_with_parent() -> None:
+    """When the daemon that started us dies (SIGKILL, OOM), stop too: an orphan would keep training and
+    writing checkpoints while another replica resumes the same job. Linux only; elsewhere a no-op."""
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != int(parent):  # the parent died before prctl took effect
+        os._exit(EXIT_CRASHED)
 
 
 def _quiet_libraries() -> None:
