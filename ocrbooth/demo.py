@@ -71,8 +71,7 @@ async def _demo(stack: EmbeddedStack, out_dir: Path) -> int:
     if run.done():
         print("the daemon failed to start; see the log above")
         return 1
-    handler = daemon.handlers[0]
-    engine = getattr(handler, "default_engine", "?")
+    engine = next((getattr(h, "default_engine", "?") for h in daemon.handlers if h.name == "ocr"), "?")
     print(f"daemon ready (OCR engine: {engine}); probes and metrics on http://127.0.0.1:{daemon.health.port}\n")
 
     docs = demo_documents()
@@ -108,6 +107,8 @@ async def _demo(stack: EmbeddedStack, out_dir: Path) -> int:
         value = json.loads(rec.value)
         print(f"  {value['error']['code']:<28} {value['error']['message'][:80]}")
 
+    finetune_ok = await _finetune(settings, stack)
+
     base = f"http://127.0.0.1:{daemon.health.port}"
     print("\nhealth:")
     for path in ("/healthz", "/readyz"):
@@ -115,7 +116,12 @@ async def _demo(stack: EmbeddedStack, out_dir: Path) -> int:
         print(f"  GET {path:<9} {status} {body.strip()}")
     _, metrics = await asyncio.to_thread(_http, base + "/metrics")
     print("\nmetrics (excerpt):")
-    shown = ("ocrbooth_ocr_documents_total", "ocrbooth_ocr_pages_total", "ocrbooth_dead_letters_total")
+    shown = (
+        "ocrbooth_ocr_documents_total",
+        "ocrbooth_ocr_pages_total",
+        "ocrbooth_dead_letters_total",
+        "ocrbooth_finetune_jobs_total",
+    )
     for line in metrics.splitlines():
         if line.startswith(shown):
             print("  " + line)
@@ -124,12 +130,48 @@ async def _demo(stack: EmbeddedStack, out_dir: Path) -> int:
     code = await run
     answered = sum(1 for s in subs if s.result is not None)
     succeeded = sum(1 for s in subs if s.result is not None and s.result.status == "succeeded")
-    ok = answered == len(docs) and succeeded == len(docs) - 1 and len(letters) == len(_MALFORMED) and code == 0
+    ok = (
+        answered == len(docs)
+        and succeeded == len(docs) - 1
+        and len(letters) == len(_MALFORMED)
+        and finetune_ok
+        and code == 0
+    )
     print(
         f"\ndemo {'OK' if ok else 'FAILED'}: {succeeded} recognised, {answered - succeeded} failed as expected, "
-        f"{len(letters)} dead letters, daemon exit {code}"
+        f"{len(letters)} dead letters, fine-tune job {'completed' if finetune_ok else 'FAILED'}, daemon exit {code}"
     )
     return 0 if ok else 1
+
+
+async def _finetune(settings: Any, stack: EmbeddedStack) -> bool:
+    """One DreamBooth job on a tiny Stable Diffusion built from configs (random weights, 64 px), so the whole
+    path (class images, training, checkpoints, samples, export) runs on a CPU in about a minute."""
+    from ocrbooth.models.dreambooth.tiny import build_tiny_sd, make_instance_images
+    from ocrbooth.submit import submit_finetune
+
+    base = await asyncio.to_thread(build_tiny_sd, Path(tempfile.mkdtemp(prefix="ocrbooth-demo-sd-")) / "tiny-sd")
+    print(f"\nfine-tune job on a tiny Stable Diffusion ({base}), 3 subject photos, prior preservation:")
+    events = await submit_finetune(
+        settings,
+        [(f"subject-{i}.png", data) for i, data in enumerate(make_instance_images(3))],
+        instance_prompt="a photo of sks dog",
+        class_prompt="a photo of dog",
+        base_model=str(base),
+        overrides={
+            "resolution": 64,
+            "max_train_steps": 12,
+            "checkpointing_steps": 4,
+            "num_class_images": 4,
+            "mixed_precision": "no",
+            "num_inference_steps": 4,
+            "num_validation_images": 1,
+            "learning_rate": 1e-4,
+        },
+        timeout_s=600,
+        progress=sys.stdout,
+    )
+    return bool(events) and events[-1].event == "completed"
 
 
 def run_demo(*, keep: bool = False) -> int:
@@ -144,7 +186,11 @@ def run_demo(*, keep: bool = False) -> int:
         os.environ.update(stack.env())
         os.environ.update(
             {
-                "OCRBOOTH_HANDLERS": "ocr",
+                "OCRBOOTH_HANDLERS": "ocr,finetune",
+                "OCRBOOTH_FINETUNE_PROGRESS_EVERY_STEPS": "4",
+                "OCRBOOTH_LOG_LEVEL": "WARNING",  # the trainer subprocess logs through the same settings
+                "OCRBOOTH_FINETUNE_WORKDIR": str(data_dir / "jobs"),
+                "HF_HUB_OFFLINE": "1",
                 "OCRBOOTH_OCR_ENGINE": os.environ.get("OCRBOOTH_OCR_ENGINE", "auto"),
                 "OCRBOOTH_OCR_DEFAULT_LANGUAGES": "eng,fra,deu,spa,ita,nld,por,swe,dan",
                 # Strict enough that the demo shows a review flag on the lower-confidence pages.

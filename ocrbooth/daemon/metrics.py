@@ -127,6 +127,28 @@ class Metrics:
             registry=r,
         )
 
+        # Fine-tune jobs (no per-job labels: job ids are unbounded)
+        self.finetune_jobs = Counter(
+            f"{P}_finetune_jobs_total",
+            "Fine-tune jobs that ended here, by outcome (completed, failed, cancelled, requeued).",
+            ["outcome"],
+            registry=r,
+        )
+        self.finetune_running = Gauge(f"{P}_finetune_running_jobs", "Trainer subprocesses running now.", registry=r)
+        self.finetune_steps = Counter(
+            f"{P}_finetune_steps_total", "Optimizer steps reported by trainers (progress events).", registry=r
+        )
+        self.finetune_steps_per_second = Gauge(
+            f"{P}_finetune_steps_per_second", "Training speed in the latest progress event.", registry=r
+        )
+        self.finetune_loss = Gauge(f"{P}_finetune_loss", "Training loss in the latest progress event.", registry=r)
+        self.finetune_checkpoints = Counter(
+            f"{P}_finetune_checkpoints_total", "Checkpoints uploaded and marked complete.", registry=r
+        )
+        self.finetune_trainer_restarts = Counter(
+            f"{P}_finetune_trainer_restarts_total", "Trainer subprocesses restarted after a crash.", registry=r
+        )
+
     def observe_ocr_batch(self, engine: str, stats: BatchStatsLike) -> None:
         """Record one executed batch (called from the engine's worker thread; prometheus_client is thread-safe)."""
         self.ocr_batch_pages.labels(engine).observe(stats.pages)

@@ -27,6 +27,7 @@ from pydantic import BaseModel
 
 from ocrbooth import constants
 from ocrbooth.daemon.config import Settings
+from ocrbooth.daemon.metrics import Metrics
 from ocrbooth.errors import PoisonError, RequeueError, RetryableError
 from ocrbooth.handlers.base import Handler, HandlerRuntime, MessageContext, OutputEvent
 from ocrbooth.models.dreambooth import EXIT_FAILED, EXIT_STOPPED, PARENT_PID_ENV, validate_request
@@ -145,12 +146,23 @@ class FinetuneHandler(Handler):
         if event.job_id in self._jobs:
             raise PoisonError(f"job {event.job_id} is already running on this daemon", code="duplicate_job")
         self._jobs[event.job_id] = job
+        metrics = self._metrics()
+        metrics.finetune_running.inc()
+        outcome = "failed"
         try:
             await self._publish(job, [self._event(job, "accepted")])
             await self._put_json(event.job_id, "request.json", json.loads(event.model_dump_json()))
-            return await self._run(job)
+            outputs = await self._run(job)
+            last = outputs[-1].value if outputs else None
+            outcome = last.event if isinstance(last, FinetuneEvent) else "completed"
+            return outputs
+        except RequeueError:
+            outcome = "requeued"
+            raise
         finally:
             self._jobs.pop(event.job_id, None)
+            metrics.finetune_running.dec()
+            metrics.finetune_jobs.labels(outcome).inc()
 
     async def _run(self, job: _Job) -> Sequence[OutputEvent]:
         req = job.request
@@ -211,6 +223,7 @@ class FinetuneHandler(Handler):
                 )
                 terminal = self._event(job, "failed", attempt=attempt, error=error)
             elif kind in _STREAMED:
+                self._observe(line)
                 await self._publish(job, [self._event(job, _STREAMED[kind], attempt=attempt, **_payload(line))])
             # "stopped" and unknown lines carry nothing for the event stream
         code = await proc.wait()
@@ -225,6 +238,21 @@ class FinetuneHandler(Handler):
         return code, terminal
 
     # ---- events and state ----------------------------------------------------------------------------
+
+    def _metrics(self) -> Metrics:
+        assert self._runtime is not None
+        return self._runtime.metrics
+
+    def _observe(self, line: dict[str, Any]) -> None:
+        m = self._metrics()
+        if line.get("event") == "progress":
+            m.finetune_steps.inc(self.cfg.progress_every_steps)
+            if isinstance(line.get("steps_per_second"), int | float):
+                m.finetune_steps_per_second.set(line["steps_per_second"])
+            if isinstance(line.get("loss"), int | float):
+                m.finetune_loss.set(line["loss"])
+        elif line.get("event") == "checkpoint":
+            m.finetune_checkpoints.inc()
 
     def _event(self, job: _Job, kind: FinetuneEventKind, **fields: Any) -> OutputEvent:
         value = FinetuneEvent(job_id=job.request.job_id, event=kind, seq=job.seq.next(), emitted_at=_now(), **fields)
