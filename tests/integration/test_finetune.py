@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,7 @@ import pytest
 
 from ocrbooth.daemon.embedded import EmbeddedStack
 from tests.support.daemon import running_daemon, settings_for
-from tests.support.kafka import consume_all, produce
+from tests.support.kafka import committed_offsets, consume_all, produce
 from tests.support.stack import TopicNames, unique_suffix
 from tests.support.tiny_sd import build_tiny_sd, make_instance_images
 
@@ -237,3 +239,91 @@ async def test_bad_requests_fail_with_a_specific_code_and_the_daemon_keeps_servi
     assert failed["event"] == "failed"
     assert failed["error"]["code"] == code, failed
     assert jobs[good][-1]["event"] == "completed"
+
+
+def _trainer_pids(workdir: Path) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "dreambooth.train" in cmdline and str(workdir) in cmdline:
+                found.append(int(proc.name))
+    return found
+
+
+async def test_a_crashed_trainer_restarts_from_its_checkpoint(
+    monkeypatch: pytest.MonkeyPatch,
+    stack: EmbeddedStack,
+    topics: TopicNames,
+    daemon_env: dict[str, str],
+    tiny_sd: Path,
+    instance_prefix: str,
+    tmp_path: Path,
+) -> None:
+    """A trainer killed under the daemon is restarted (attempt 2) from the newest checkpoint and completes."""
+    job = f"ft-crash-{unique_suffix()}"
+    await produce(
+        stack.bootstrap_servers,
+        topics.finetune_requests,
+        [(job.encode(), _request(job, tiny_sd, instance_prefix, max_train_steps=40, checkpointing_steps=4))],
+    )
+    settings = settings_for(monkeypatch, _env(daemon_env, tmp_path))
+    async with running_daemon(settings):
+        await consume_all(
+            stack.bootstrap_servers,
+            topics.finetune_events,
+            until=lambda recs: any(json.loads(r.value)["event"] == "checkpoint" for r in recs),
+            timeout_s=300,
+        )
+        pids = _trainer_pids(tmp_path / "work")
+        assert len(pids) == 1
+        os.kill(pids[0], signal.SIGKILL)
+        records = await consume_all(stack.bootstrap_servers, topics.finetune_events, until=_ended({job}), timeout_s=300)
+    stream = _events(records)[job]
+    started = [e for e in stream if e["event"] == "started"]
+    assert [e["attempt"] for e in started] == [1, 2]
+    assert started[1]["resumed_from_step"] >= 4
+    assert stream[-1]["event"] == "completed"
+
+
+async def test_shutdown_checkpoints_the_job_and_leaves_it_for_the_next_daemon(
+    monkeypatch: pytest.MonkeyPatch,
+    stack: EmbeddedStack,
+    topics: TopicNames,
+    daemon_env: dict[str, str],
+    group_id: str,
+    tiny_sd: Path,
+    instance_prefix: str,
+    tmp_path: Path,
+) -> None:
+    """SIGTERM-style drain: the trainer checkpoints and stops, the request stays uncommitted, the daemon exits
+    0, and the next daemon resumes the job from that checkpoint to completion."""
+    job = f"ft-drain-{unique_suffix()}"
+    await produce(
+        stack.bootstrap_servers,
+        topics.finetune_requests,
+        [(job.encode(), _request(job, tiny_sd, instance_prefix, max_train_steps=60, checkpointing_steps=50))],
+        partition=0,
+    )
+    settings = settings_for(monkeypatch, _env(daemon_env, tmp_path))
+    async with running_daemon(settings):  # exits 0 when the block ends (drain)
+        await consume_all(
+            stack.bootstrap_servers,
+            topics.finetune_events,
+            until=lambda recs: sum(json.loads(r.value)["event"] == "progress" for r in recs) >= 3,
+            timeout_s=300,
+        )
+    assert (await committed_offsets(stack.bootstrap_servers, group_id, topics.finetune_requests))[0] in (None, 0)
+    first = _events(await consume_all(stack.bootstrap_servers, topics.finetune_events, count=None))[job]
+    stopped_at = [e["step"] for e in first if e["event"] == "checkpoint"]
+    assert stopped_at, "the drain did not checkpoint"
+    assert first[-1]["event"] == "checkpoint"
+    async with running_daemon(settings_for(monkeypatch, _env(daemon_env, tmp_path))):
+        records = await consume_all(stack.bootstrap_servers, topics.finetune_events, until=_ended({job}), timeout_s=300)
+    stream = _events(records)[job]
+    started = [e for e in stream if e["event"] == "started"]
+    assert started[-1]["resumed_from_step"] == stopped_at[-1]
+    assert stream[-1]["event"] == "completed"

@@ -17,6 +17,7 @@ from tests.support.daemon import running_daemon, settings_for
 from tests.support.documents import numbered_pages_pdf
 from tests.support.kafka import consume_all, produce
 from tests.support.stack import TopicNames
+from tests.support.tiny_models import build_tiny_lightonocr
 
 OCR_ENV = {
     "OCRBOOTH_HANDLERS": "ocr",
@@ -147,3 +148,42 @@ async def test_explicit_lightonocr_that_cannot_load_is_a_startup_error(
     message = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
     assert "ocr.engine=lightonocr" in message
     assert "no-such-model" in message
+
+
+async def test_lightonocr_engine_through_kafka_on_the_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+    stack: EmbeddedStack,
+    topics: TopicNames,
+    daemon_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """OCRBOOTH_OCR_ENGINE=lightonocr with a tiny random model saved to disk: the daemon loads it through
+    from_pretrained, batches the pages of two documents, and publishes results with token confidences."""
+    model = build_tiny_lightonocr(tmp_path / "tiny-lightonocr")
+    requests = [
+        (b"a", _request("a", _inline(numbered_pages_pdf(2), "a.pdf"), options={"max_new_tokens": 12})),
+        (b"b", _request("b", _inline(samples.jpeg_named_pdf()[1], "b.jpg"), options={"max_new_tokens": 12})),
+    ]
+    await produce(stack.bootstrap_servers, topics.ocr_requests, requests)
+    settings = settings_for(
+        monkeypatch,
+        {**daemon_env, **OCR_ENV},
+        OCRBOOTH_OCR_ENGINE="lightonocr",
+        OCRBOOTH_OCR_MODEL=str(model),
+        OCRBOOTH_OCR_DEVICE="cpu",
+        OCRBOOTH_OCR_RENDER_LONGEST_PX="224",
+        OCRBOOTH_OCR_MAX_WAIT_MS="200",
+    )
+    async with running_daemon(settings) as (daemon, _):
+        records = await consume_all(stack.bootstrap_servers, topics.ocr_results, count=2, timeout_s=180)
+        batches = daemon.metrics.ocr_batch_pages.labels("lightonocr")._sum.get()
+    results = {json.loads(r.value)["request_id"]: json.loads(r.value) for r in records}
+    assert [p["page_number"] for p in results["a"]["pages"]] == [1, 2]
+    for result in results.values():
+        assert result["status"] == "succeeded", result
+        assert result["engine"] == "lightonocr"
+        for page in result["pages"]:
+            assert page["finish_reason"] in ("stop", "length", "repetition")
+            assert 0 < page["confidence"] <= 1
+            assert page["min_token_confidence"] <= page["confidence"]
+    assert batches == 3  # every page went through the batcher
