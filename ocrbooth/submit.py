@@ -49,6 +49,24 @@ class _Progress:
         self.stream.flush()
 
 
+async def _follow_from_end(consumer: AIOKafkaConsumer, topic: str, timeout_s: float = 30.0) -> None:
+    """Assign every partition of `topic` at its end, *before* the request is published, so no answer can
+    slip past. (On brokers whose ListOffsets answers low, this only re-reads older answers, which the
+    request-id filters skip.)"""
+    partitions = consumer.partitions_for_topic(topic) or set()
+    deadline = time.monotonic() + timeout_s
+    while not partitions and time.monotonic() < deadline:
+        await consumer.topics()
+        partitions = consumer.partitions_for_topic(topic) or set()
+        if not partitions:
+            await asyncio.sleep(0.2)
+    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+    consumer.assign(tps)
+    await consumer.seek_to_end(*tps)
+    for tp in tps:
+        await consumer.position(tp)
+
+
 async def submit(
     settings: Settings,
     files: list[tuple[str, bytes]],
@@ -81,21 +99,7 @@ async def submit(
     await consumer.start()
     await producer.start()
     try:
-        topic = settings.topics.ocr_results
-        partitions = consumer.partitions_for_topic(topic) or set()
-        deadline = time.monotonic() + 30
-        while not partitions and time.monotonic() < deadline:
-            await consumer.topics()
-            partitions = consumer.partitions_for_topic(topic) or set()
-            if not partitions:
-                await asyncio.sleep(0.2)
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        # Start at the end *before* publishing, so no result can slip past. (On brokers whose ListOffsets
-        # answers low, this only re-reads older results, which the request_id filter skips.)
-        await consumer.seek_to_end(*tps)
-        for tp in tps:
-            await consumer.position(tp)
+        await _follow_from_end(consumer, settings.topics.ocr_results)
         for sub in subs:
             await producer.send_and_wait(
                 settings.topics.ocr_requests,
@@ -203,19 +207,7 @@ async def submit_finetune(
     await consumer.start()
     await producer.start()
     try:
-        topic = settings.topics.finetune_events
-        partitions = consumer.partitions_for_topic(topic) or set()
-        deadline = time.monotonic() + 30
-        while not partitions and time.monotonic() < deadline:
-            await consumer.topics()
-            partitions = consumer.partitions_for_topic(topic) or set()
-            if not partitions:
-                await asyncio.sleep(0.2)
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_end(*tps)
-        for tp in tps:
-            await consumer.position(tp)
+        await _follow_from_end(consumer, settings.topics.finetune_events)
         await producer.send_and_wait(
             settings.topics.finetune_requests, request.model_dump_json().encode(), key=job.encode()
         )
