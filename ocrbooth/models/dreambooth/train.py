@@ -835,6 +835,9 @@ def _die_with_parent() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != int(parent):  # the parent died before prctl took effect
         os._exit(EXIT_CRASHED)
+    # Lightning's DDP launcher starts ranks 1.. as our children with a copy of this environment: their parent
+    # is this process, not the daemon (and PDEATHSIG makes them die with us, and so with the daemon).
+    os.environ[PARENT_PID_ENV] = str(os.getpid())
 
 
 def _quiet_libraries() -> None:
