@@ -144,7 +144,9 @@ class FinetuneHandler(Handler):
             await self._set_state(event.job_id, "cancelled")
             return [self._event(job, "cancelled")]
         if event.job_id in self._jobs:
-            raise PoisonError(f"job {event.job_id} is already running on this daemon", code="duplicate_job")
+            # A redelivered or repeated request while the job runs here: the running one will report.
+            log.info("job already running on this daemon; duplicate request ignored", extra={"job_id": event.job_id})
+            return []
         self._jobs[event.job_id] = job
         metrics = self._metrics()
         metrics.finetune_running.inc()
