@@ -16,17 +16,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from ocrbooth.daemon.config import load_settings
     from ocrbooth.logs import configure_logging
 
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"ocrbooth: {exc}", file=sys.stderr)
-        return 2
+    settings = load_settings(args.config)
     configure_logging(settings.log.level, settings.log.format)
-    try:
-        daemon = Daemon(settings)
-    except ConfigError as exc:
-        print(f"ocrbooth: {exc}", file=sys.stderr)
-        return 2
+    daemon = Daemon(settings)
     return asyncio.run(daemon.run(until_idle=args.until_idle))
 
 
@@ -55,11 +47,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from ocrbooth.schemas import OcrOptions
     from ocrbooth.submit import submit, summarize
 
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"ocrbooth: {exc}", file=sys.stderr)
-        return 2
+    settings = load_settings(args.config)
     missing = [str(p) for p in args.files if not p.is_file()]
     if missing:
         print(f"ocrbooth: no such file: {', '.join(missing)}", file=sys.stderr)
@@ -84,11 +72,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from ocrbooth.daemon.config import load_settings
     from ocrbooth.submit import submit_finetune
 
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"ocrbooth: {exc}", file=sys.stderr)
-        return 2
+    settings = load_settings(args.config)
     images = sorted(p for p in args.images_dir.iterdir() if p.is_file()) if args.images_dir.is_dir() else []
     if not images:
         print(f"ocrbooth: no images in {args.images_dir}", file=sys.stderr)
@@ -211,7 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:  # every command reports invalid settings the same way
+        print(f"ocrbooth: {exc}", file=sys.stderr)
+        return 2
     return code
 
 

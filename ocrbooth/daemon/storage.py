@@ -28,22 +28,27 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+def s3_client(settings: S3Settings, *, max_attempts: int = 3) -> Any:
+    """A boto3 S3 client for the configured endpoint (path-style addressing, our timeouts and retries)."""
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.endpoint_url,
+        region_name=settings.region,
+        config=Config(
+            connect_timeout=settings.connect_timeout_s,
+            read_timeout=settings.read_timeout_s,
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            s3={"addressing_style": "path"},
+        ),
+    )
+
+
 class S3Storage:
     """A bucket-scoped S3 client with error classification: missing objects are poison, the rest retryable."""
 
     def __init__(self, settings: S3Settings) -> None:
         self.bucket = settings.bucket
-        self._client: Any = boto3.client(
-            "s3",
-            endpoint_url=settings.endpoint_url,
-            region_name=settings.region,
-            config=Config(
-                connect_timeout=settings.connect_timeout_s,
-                read_timeout=settings.read_timeout_s,
-                retries={"max_attempts": 3, "mode": "standard"},
-                s3={"addressing_style": "path"},
-            ),
-        )
+        self._client: Any = s3_client(settings)
 
     def uri(self, key: str, bucket: str | None = None) -> str:
         return f"s3://{bucket or self.bucket}/{key}"

@@ -34,6 +34,7 @@ from ocrbooth.models.ocr.batcher import BatchLimits, BatchStats, BatchWorker
 from ocrbooth.models.ocr.engine import OcrEngine, PageInput, PageOutput
 from ocrbooth.models.ocr.render import DocFormat, RenderedPage, RenderLimits, page_count, render_page, sniff_format
 from ocrbooth.models.ocr.tables import extract_tables
+from ocrbooth.models.ocr.tesseract import TesseractEngine, validate_languages
 from ocrbooth.schemas import (
     DocumentRequest,
     ErrorInfo,
@@ -52,14 +53,26 @@ log = logging.getLogger(__name__)
 # ---- CPU pool work (module-level so spawned workers can import it) -----------------------------------
 
 
+def _document(path: str) -> bytes:
+    """The document's bytes, read once per worker process rather than once per page."""
+    stat = os.stat(path)
+    return _read(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _read(path: str, mtime_ns: int, size: int) -> bytes:
+    # mtime and size in the key: a path rewritten for another message is read afresh.
+    return Path(path).read_bytes()
+
+
 def _inspect(path: str) -> tuple[DocFormat, int]:
-    data = Path(path).read_bytes()
+    data = _document(path)
     fmt = sniff_format(data)
     return fmt, page_count(data, fmt)
 
 
 def _render(path: str, fmt: DocFormat, page_number: int, limits: RenderLimits) -> RenderedPage:
-    return render_page(Path(path).read_bytes(), fmt, page_number, limits)
+    return render_page(_document(path), fmt, page_number, limits)
 
 
 # ---- engines ---------------------------------------------------------------------------------------------
@@ -82,8 +95,6 @@ def load_engines(cfg: OcrSettings) -> tuple[str, dict[str, OcrEngine]]:
     explicitly chosen engine that cannot load is a startup error. Tesseract is added as a second engine
     whenever it is installed, so requests may ask for it by name.
     """
-    from ocrbooth.models.ocr.tesseract import TesseractEngine
-
     engines: dict[str, OcrEngine] = {}
     tesseract_error: str | None = None
     try:
@@ -235,8 +246,6 @@ class OcrHandler(Handler):
         m.ocr_stage_seconds.labels("total").observe(result.timings_ms.total / 1000)
 
     def _options(self, event: DocumentRequest) -> tuple[str, tuple[str, ...], int, float]:
-        from ocrbooth.models.ocr.tesseract import validate_languages
-
         opts = event.options
         requested = opts.engine if opts and opts.engine else "auto"
         engine: str = self.default_engine if requested == "auto" else requested

@@ -20,16 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
 import numpy as np
 import torch
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
 from ocrbooth.daemon.config import Settings
-from ocrbooth.daemon.storage import parse_s3_uri
+from ocrbooth.daemon.storage import parse_s3_uri, s3_client
 from ocrbooth.errors import PoisonError, RetryableError
 
 log = logging.getLogger(__name__)
@@ -56,19 +54,8 @@ class S3Objects:
     PoisonError(source_forbidden), everything else RetryableError (a crash exit; the rerun resumes)."""
 
     def __init__(self, settings: Settings, client: Any | None = None) -> None:
-        s3 = settings.s3
-        self.bucket = s3.bucket
-        self.client: Any = client or boto3.client(
-            "s3",
-            endpoint_url=s3.endpoint_url,
-            region_name=s3.region,
-            config=Config(
-                connect_timeout=s3.connect_timeout_s,
-                read_timeout=s3.read_timeout_s,
-                retries={"max_attempts": 5, "mode": "standard"},
-                s3={"addressing_style": "path"},
-            ),
-        )
+        self.bucket = settings.s3.bucket
+        self.client: Any = client or s3_client(settings.s3, max_attempts=5)
 
     def uri(self, key: str, bucket: str | None = None) -> str:
         return f"s3://{bucket or self.bucket}/{key}"
