@@ -13,8 +13,11 @@ the clock starts.
   `DocumentRequest`, an `OcrResult` model encoded by the publisher with three headers, one task per
   message, offset tracking, metrics.
 
-Both sides use the same client settings (fetch sizes, acks=all, linger_ms, no idempotence, read_committed)
-and B = the daemon's `max_in_flight`, and both produce result values of the same JSON shape.
+Both sides use the same client settings (fetch sizes, acks=all, linger_ms, producer batch size, no idempotence,
+read_committed) and B = the daemon's `max_in_flight`, and both produce result values of the same JSON shape
+(the daemon's also carry three headers). Both run under the daemon's garbage-collector settings: the
+collector is reset to the interpreter's defaults before every run, the daemon applies its own at startup
+(ocrbooth/daemon/gctune.py) and the plain loop gets the same just before it starts.
 
 What is timed is the same on both sides: from the moment the first `getmany()` returns records to the
 moment the `commit()` that covers the last of the N offsets returns. A probe wraps those two aiokafka
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -50,6 +54,7 @@ from aiokafka.structs import OffsetAndMetadata
 from ocrbooth.daemon.app import Daemon
 from ocrbooth.daemon.config import Settings, load_settings
 from ocrbooth.daemon.embedded import EmbeddedStack, ensure_topics
+from ocrbooth.daemon.gctune import tune_gc
 
 log = logging.getLogger("bench.runtime_overhead")
 
@@ -71,6 +76,7 @@ DAEMON_ENV: dict[str, str] = {
 }
 _TUNING_ENV = ("OCRBOOTH_MAX_IN_FLIGHT", "OCRBOOTH_KAFKA_ENABLE_IDEMPOTENCE")
 _RUN_TIMEOUT_S = 300.0
+_GC_DEFAULTS = gc.get_threshold()
 
 
 # ---------------------------------------------------------------------------------------------- probe
@@ -178,6 +184,12 @@ class RunResult:
     """The whole run including group join and, for the daemon, startup, idle grace and shutdown."""
 
 
+def reset_gc() -> None:
+    """Interpreter defaults before every run, so no run inherits the previous one's collector state."""
+    gc.unfreeze()
+    gc.set_threshold(*_GC_DEFAULTS)
+
+
 def request_value(i: int) -> bytes:
     """A valid DocumentRequest of about 300 bytes."""
     return json.dumps(
@@ -226,6 +238,7 @@ def producer_options(settings: Settings) -> dict[str, Any]:
         "acks": "all",
         "enable_idempotence": k.enable_idempotence,
         "linger_ms": k.linger_ms,
+        "max_batch_size": k.max_batch_bytes,
         "compression_type": k.compression_type,
     }
 
@@ -326,6 +339,11 @@ async def one_run(
     probe = Probe(events)
     started = time.perf_counter()
     with probe.installed():
+        reset_gc()
+        if side == "plain":
+            # The daemon tunes the collector at startup (ocrbooth/daemon/gctune.py); the plain loop runs under
+            # the same process settings, so the comparison measures the runtime, not the collector.
+            tune_gc(gen0_threshold=settings.gc_gen0_threshold, freeze=settings.gc_freeze)
         body = plain_loop(settings, topics, probe) if side == "plain" else daemon_run(settings, probe)
         await asyncio.wait_for(body, _RUN_TIMEOUT_S)
     wall = time.perf_counter() - started
@@ -490,6 +508,7 @@ async def bench(args: argparse.Namespace, data_dir: Path) -> Report:
         report.machine["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
         # The tuning the daemon ran with; addresses, credentials and per-run names are left out.
         tuning = {k: v for k, v in env.items() if k in DAEMON_ENV or k in _TUNING_ENV}
+        defaults, _ = settings_for(stack.env(), RunTopics.fresh("daemon", -1), args.max_in_flight)
         report.config = {
             "events": args.events,
             "runs_per_side": args.runs,
@@ -499,10 +518,16 @@ async def bench(args: argparse.Namespace, data_dir: Path) -> Report:
             "handler": "echo (one OcrResult per DocumentRequest, no other work)",
             "timed_window": "first getmany() returning records -> commit() covering all N offsets returns",
             "daemon_env": tuning,
+            "daemon_defaults": {
+                "kafka_max_batch_bytes": defaults.kafka.max_batch_bytes,
+                "gc_gen0_threshold": defaults.gc_gen0_threshold,
+                "gc_freeze": defaults.gc_freeze,
+            },
             "plain_loop": {
                 "getmany_max_records": int(env["OCRBOOTH_MAX_IN_FLIGHT"]),
                 "poll_timeout_ms": int(env["OCRBOOTH_POLL_TIMEOUT_MS"]),
-                "producer": "acks=all, linger_ms as the daemon, idempotence off",
+                "producer": "acks=all, linger_ms and max_batch_size as the daemon, idempotence off",
+                "gc": "the daemon's settings (gc_gen0_threshold, gc_freeze), applied just before the loop",
                 "consumer": "the daemon's options: auto-commit off, read_committed, same fetch sizes",
             },
         }

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from ocrbooth.daemon.config import Settings
 from ocrbooth.daemon.consumer import BroadcastConsumer, Consumer, Route
+from ocrbooth.daemon.gctune import tune_gc
 from ocrbooth.daemon.health import HealthServer
 from ocrbooth.daemon.metrics import Metrics
 from ocrbooth.daemon.publisher import Publisher
@@ -137,6 +138,7 @@ class Daemon:
             self._shutdown_steps.append(("broadcast consumer", self.broadcast.close))
         await self.consumer.start()
         self._shutdown_steps.append(("consumer", self.consumer.close))
+        tune_gc(gen0_threshold=self.settings.gc_gen0_threshold, freeze=self.settings.gc_freeze)
         self.lifecycle.state = State.RUNNING
         self._loops.append(self.spawn(self.consumer.fetch_loop(), "fetch loop"))
         self._loops.append(self.spawn(self.consumer.commit_loop(), "commit loop"))

@@ -73,6 +73,10 @@ class KafkaSettings(_Section):
     """Timeout of a single broker request, produce requests included."""
     linger_ms: int = Field(default=5, ge=0)
     """How long the producer waits to fill a batch."""
+    max_batch_bytes: int = Field(default=512 * 1024, ge=1024)
+    """Largest producer batch per partition. aiokafka keeps one open batch per partition and sends one request
+    per broker at a time, so this bounds bytes per round trip (aiokafka's own default, 16 KiB, caps a busy
+    daemon at a few hundred small results per round trip)."""
     compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
     """Compression of produced batches."""
 
@@ -304,6 +308,10 @@ class Settings(BaseSettings):
     """After a completion, wait this long so that completions arriving together share one commit."""
     poll_timeout_ms: int = Field(default=100, ge=1)
     """Longest wait of one fetch when nothing arrives."""
+    gc_gen0_threshold: int = Field(default=10_000, ge=0)
+    """Young-generation threshold of Python's cycle collector (CPython's default is 700; 0 keeps it)."""
+    gc_freeze: bool = True
+    """Move everything that exists after startup (modules, loaded models) out of the collector's sight."""
     fatal_exit_code: int = Field(default=70, ge=1, le=255)
     """Exit status after a fatal error (EX_SOFTWARE), so the orchestrator restarts the pod."""
 

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from ocrbooth.constants import SCHEMA_VERSION
 from ocrbooth.daemon.config import Settings
-from ocrbooth.daemon.metrics import Metrics
+from ocrbooth.daemon.metrics import Metrics, observe_many
 from ocrbooth.daemon.offsets import OffsetTracker
 from ocrbooth.daemon.publisher import Publisher
 from ocrbooth.daemon.retry import backoff_s
@@ -196,10 +197,11 @@ class Consumer:
                 # the group however long the work takes (Karafka's long-running-jobs pattern).
                 if self._full_since is None:
                     self._full_since = time.monotonic()
+                # Cleared before the await below: a commit that frees slots meanwhile must wake the wait.
+                self._capacity_freed.clear()
                 self._apply_pauses()
                 if self._paused:
                     await consumer.getmany(timeout_ms=0)
-                self._capacity_freed.clear()
                 await wait_event(self._capacity_freed, self._s.poll_timeout_ms / 1000)
                 continue
             self._full_since = None
@@ -214,17 +216,17 @@ class Consumer:
     def _accept(self, consumer: AIOKafkaConsumer, tp: TopicPartition, records: list[Any]) -> None:
         route = self._routes[tp.topic]
         owned = self.tracker.has(tp)
-        consumed = self._metrics.consumed.labels(tp.topic)
         batch: list[tuple[Any, int]] | None = [] if route.handler.batch_mode else None
+        accepted = 0
         for i, record in enumerate(records):
             if not owned or self._handler_full(route.handler) or self._free_slots() <= 0:
                 # Not accepted: rewind so these records are fetched again once there is room.
                 if tp in consumer.assignment():
                     consumer.seek(tp, record.offset)
                 log.debug("rewound %s to %d (%d records not accepted)", tp, record.offset, len(records) - i)
-                return
+                break
             epoch = self.tracker.start(tp, record.offset)
-            consumed.inc()
+            accepted += 1
             self._running[route.handler.name] += 1
             if batch is not None:
                 batch.append((record, epoch))
@@ -232,6 +234,8 @@ class Consumer:
             task = self._spawn(self._process(record, route, epoch), f"handle {tp.topic}/{tp.partition}/{record.offset}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        if accepted:
+            self._metrics.consumed.labels(tp.topic).inc(accepted)
         if batch:
             first = batch[0][0].offset
             task = self._spawn(
@@ -283,14 +287,18 @@ class Consumer:
                             done.append((record, epoch, await self._handle(record.value, route, ctx)))
             elapsed = time.perf_counter() - started
             wanted = False
+            outcomes: Counter[str] = Counter()
+            tp = TopicPartition(items[0][0].topic, items[0][0].partition)  # one task per fetched partition
+            complete = self.tracker.complete
             for record, epoch, outcome in done:
-                self.counts[outcome] += 1
-                handled, seconds = self._topic_metrics(record.topic, outcome)
-                handled.inc()
-                seconds.observe(elapsed)
+                outcomes[outcome] += 1
                 if outcome != "requeued":
-                    tp = TopicPartition(record.topic, record.partition)
-                    wanted = self.tracker.complete(tp, record.offset, epoch) or wanted
+                    wanted = complete(tp, record.offset, epoch) or wanted
+            for outcome, n in outcomes.items():
+                self.counts[outcome] += n
+                handled, seconds = self._topic_metrics(tp.topic, outcome)
+                handled.inc(n)
+                observe_many(seconds, elapsed, n)
             if wanted:
                 self._commit_wanted.set()
         finally:

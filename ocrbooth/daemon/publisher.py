@@ -7,9 +7,11 @@ import base64
 import hashlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
@@ -24,7 +26,7 @@ from pydantic import BaseModel
 
 from ocrbooth import constants
 from ocrbooth.daemon.config import Settings
-from ocrbooth.daemon.metrics import Metrics
+from ocrbooth.daemon.metrics import Metrics, observe_many
 from ocrbooth.daemon.retry import backoff_s
 from ocrbooth.daemon.storage import S3Storage
 from ocrbooth.errors import FatalError, PoisonError
@@ -54,9 +56,7 @@ class Publisher:
         self._metrics = metrics
         self._storage = storage
         self._producer: AIOKafkaProducer | None = None
-        # One appender at a time: when a partition's batch is full, aiokafka makes every sender wait for it
-        # and wakes them all at once; thousands of concurrent senders turn that into a thundering herd.
-        self._append_lock = asyncio.Lock()
+        self._topic_children: dict[str, tuple[Any, Any, Any]] = {}
         self._header_cache: dict[type[BaseModel], tuple[tuple[str, bytes], tuple[str, bytes]]] = {}
 
     async def start(self) -> None:
@@ -66,6 +66,7 @@ class Publisher:
             acks="all",
             enable_idempotence=k.enable_idempotence,
             linger_ms=k.linger_ms,
+            max_batch_size=k.max_batch_bytes,
             compression_type=k.compression_type,
             max_request_size=max(self._settings.max_message_bytes, self._settings.dlq_max_value_bytes * 2)
             + _HEADROOM_BYTES,
@@ -101,7 +102,9 @@ class Publisher:
         records = []
         for events, ctx in batch:
             for index, event in enumerate(events):
-                record, _ = await self._encode(event, ctx, index)
+                record, value = self._encode_inline(event, ctx)
+                if record is None:
+                    record, _ = await self._offload(event, ctx, index, value)
                 records.append(record)
         if records:
             await self._send(records)
@@ -139,31 +142,44 @@ class Publisher:
             self._header_cache[cls] = fixed
         return [*fixed, (constants.HEADER_SOURCE, ctx.source.encode())]
 
-    async def _encode(self, event: OutputEvent, ctx: MessageContext, index: int) -> tuple[_Record, str | None]:
+    def _encode_inline(self, event: OutputEvent, ctx: MessageContext) -> tuple[_Record | None, bytes]:
+        """The common case without an await: the record, or None and the value when it must be offloaded."""
         value = event.value.model_dump_json().encode()
         if len(value) > self._settings.max_message_bytes:
-            if not isinstance(event.value, Offloadable):
-                raise PoisonError(
-                    f"{type(event.value).__name__} output is {len(value)} bytes, over max_message_bytes "
-                    f"{self._settings.max_message_bytes}, and cannot be offloaded",
-                    code="output_too_large",
-                )
-            # The key depends only on where the input came from, so a redelivered message overwrites
-            # the same object instead of leaving orphans.
-            digest = hashlib.sha256(f"{ctx.source}/{index}".encode()).hexdigest()[:24]
-            safe_key = (event.key or "_").replace("/", "_")[:200]
-            key = f"{constants.S3_PREFIX_OFFLOAD}{event.topic}/{safe_key}/{digest}.json"
-            uri = await self._storage.put(key, value, content_type="application/json")
-            slim = event.value.offloaded(uri)
-            value = slim.model_dump_json().encode()
-            self._metrics.offloaded.labels(event.topic).inc()
-            if len(value) > self._settings.max_message_bytes:
-                raise PoisonError(
-                    f"{type(slim).__name__} is still {len(value)} bytes after offloading", code="output_too_large"
-                )
-            return _Record(event.topic, event.key.encode() if event.key else None, value, self._headers(slim, ctx)), uri
+            return None, value
         key_bytes = event.key.encode() if event.key else None
-        return _Record(event.topic, key_bytes, value, self._headers(event.value, ctx)), None
+        return _Record(event.topic, key_bytes, value, self._headers(event.value, ctx)), value
+
+    async def _encode(self, event: OutputEvent, ctx: MessageContext, index: int) -> tuple[_Record, str | None]:
+        record, value = self._encode_inline(event, ctx)
+        if record is not None:
+            return record, None
+        return await self._offload(event, ctx, index, value)
+
+    async def _offload(
+        self, event: OutputEvent, ctx: MessageContext, index: int, value: bytes
+    ) -> tuple[_Record, str | None]:
+        """Write an oversize output to S3 and return the slim record that points at it."""
+        if not isinstance(event.value, Offloadable):
+            raise PoisonError(
+                f"{type(event.value).__name__} output is {len(value)} bytes, over max_message_bytes "
+                f"{self._settings.max_message_bytes}, and cannot be offloaded",
+                code="output_too_large",
+            )
+        # The key depends only on where the input came from, so a redelivered message overwrites
+        # the same object instead of leaving orphans.
+        digest = hashlib.sha256(f"{ctx.source}/{index}".encode()).hexdigest()[:24]
+        safe_key = (event.key or "_").replace("/", "_")[:200]
+        key = f"{constants.S3_PREFIX_OFFLOAD}{event.topic}/{safe_key}/{digest}.json"
+        uri = await self._storage.put(key, value, content_type="application/json")
+        slim = event.value.offloaded(uri)
+        value = slim.model_dump_json().encode()
+        self._metrics.offloaded.labels(event.topic).inc()
+        if len(value) > self._settings.max_message_bytes:
+            raise PoisonError(
+                f"{type(slim).__name__} is still {len(value)} bytes after offloading", code="output_too_large"
+            )
+        return _Record(event.topic, event.key.encode() if event.key else None, value, self._headers(slim, ctx)), uri
 
     async def _send(self, records: Sequence[_Record]) -> None:
         """Send until acknowledged. Broker trouble is retried without limit: losing the broker is not the
@@ -183,13 +199,13 @@ class Publisher:
                 await asyncio.gather(*futures)
             except _NOT_RETRIABLE as exc:
                 for rec in records:
-                    self._metrics.produced.labels(rec.topic, "error").inc()
+                    self._children(rec.topic)[1].inc()
                 raise PoisonError(f"the broker refused the output: {exc!r}", code="output_rejected") from exc
             except TopicAuthorizationFailedError as exc:
                 raise FatalError(f"not authorised to write: {exc!r}") from exc
             except KafkaError as exc:
                 for rec in records:
-                    self._metrics.produced.labels(rec.topic, "error").inc()
+                    self._children(rec.topic)[1].inc()
                 delay = backoff_s(attempt, initial_ms=r.initial_backoff_ms, max_ms=r.max_backoff_ms)
                 log.warning(
                     "publish failed, retrying", extra={"attempt": attempt, "error": repr(exc), "delay_s": delay}
@@ -197,7 +213,20 @@ class Publisher:
                 await asyncio.sleep(delay)
                 continue
             elapsed = time.perf_counter() - started
-            for rec in records:
-                self._metrics.produced.labels(rec.topic, "acked").inc()
-                self._metrics.publish_seconds.labels(rec.topic).observe(elapsed)
+            per_topic = Counter(rec.topic for rec in records)
+            for topic, n in per_topic.items():
+                acked, _, seconds = self._children(topic)
+                acked.inc(n)
+                observe_many(seconds, elapsed, n)
             return
+
+    def _children(self, topic: str) -> tuple[Any, Any, Any]:
+        """(acked, error, publish latency) children for a topic, looked up once: `.labels()` costs more than
+        the update itself, and this runs per output message."""
+        found = self._topic_children.get(topic)
+        if found is None:
+            m = self._metrics
+            produced = m.produced
+            found = (produced.labels(topic, "acked"), produced.labels(topic, "error"), m.publish_seconds.labels(topic))
+            self._topic_children[topic] = found
+        return found
