@@ -14,7 +14,12 @@ $(BIN)/.installed: pyproject.toml
 system-deps:
 	./scripts/install-system-deps.sh
 
-install: $(BIN)/.installed system-deps
+# The pinned npm packages that regenerate deploy/grafana/schema/dashboard.schema.json (a test checks it is current).
+GRAFANA_SCHEMA := deploy/grafana/schema
+$(GRAFANA_SCHEMA)/node_modules/.package-lock.json: $(GRAFANA_SCHEMA)/package-lock.json | system-deps
+	cd $(GRAFANA_SCHEMA) && npm ci --no-audit --no-fund --loglevel=error
+
+install: $(BIN)/.installed system-deps $(GRAFANA_SCHEMA)/node_modules/.package-lock.json
 
 lint: install
 	$(BIN)/ruff check ocrbooth tests $(wildcard bench)

@@ -3,7 +3,8 @@
 set -euo pipefail
 
 need=()
-command -v promtool >/dev/null 2>&1 || need+=(prometheus)   # promtool checks /metrics and alert rules
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)   # promtool and the Prometheus server (deploy tests)
+command -v npm >/dev/null 2>&1 || need+=(nodejs npm)   # regenerating the Grafana dashboard schema
 command -v tesseract >/dev/null 2>&1 || need+=(tesseract-ocr)   # the CPU OCR engine
 # One traineddata pack per supported language (ocrbooth.models.ocr.tesseract.SUPPORTED_LANGUAGES).
 for lang in eng fra deu spa ita nld por swe dan; do

@@ -55,6 +55,9 @@ class Daemon:
             for topic, model in handler.broadcast_topics().items()
         }
         self.broadcast = BroadcastConsumer(settings, self.publisher, broadcast) if broadcast else None
+        t = settings.topics
+        outputs = {t.ocr_results, t.ocr_review, t.finetune_events, t.dlq}
+        self.metrics.init_topics(routes, sorted(outputs))
         self.health = HealthServer(
             settings.metrics_host, settings.metrics_port, self.metrics.registry, self._live, self._ready
         )

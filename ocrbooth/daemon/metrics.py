@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -10,6 +11,10 @@ from ocrbooth import __version__
 from ocrbooth.constants import METRIC_PREFIX as P
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
+
+
+HANDLED_OUTCOMES = ("succeeded", "failed_result", "dead_lettered", "requeued")
+FINETUNE_OUTCOMES = ("completed", "failed", "cancelled", "requeued")
 
 
 class Metrics:
@@ -25,7 +30,7 @@ class Metrics:
         )
         self.handled = Counter(
             f"{P}_handled_messages_total",
-            "Input messages finished, by outcome (succeeded, failed_result, dead_lettered).",
+            "Input messages finished, by outcome (succeeded, failed_result, dead_lettered, requeued).",
             ["topic", "outcome"],
             registry=r,
         )
@@ -145,9 +150,54 @@ class Metrics:
         self.finetune_checkpoints = Counter(
             f"{P}_finetune_checkpoints_total", "Checkpoints uploaded and marked complete.", registry=r
         )
+        self.finetune_checkpoint_upload_seconds = Histogram(
+            f"{P}_finetune_checkpoint_upload_duration_seconds",
+            "Time a trainer took to upload one checkpoint to S3 and mark it complete.",
+            buckets=(0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200),
+            registry=r,
+        )
+        self.finetune_checkpoint_failures = Counter(
+            f"{P}_finetune_checkpoint_upload_failures_total",
+            "Checkpoint uploads that failed (the trainer then exits and is restarted from the previous one).",
+            registry=r,
+        )
+        self.finetune_last_progress = Gauge(
+            f"{P}_finetune_last_progress_timestamp_seconds",
+            "Unix time a trainer here last launched or reported progress (class images, start, steps, checkpoint).",
+            registry=r,
+        )
         self.finetune_trainer_restarts = Counter(
             f"{P}_finetune_trainer_restarts_total", "Trainer subprocesses restarted after a crash.", registry=r
         )
+
+    def init_topics(self, inputs: Iterable[str], outputs: Iterable[str]) -> None:
+        """Export the series of every known topic at 0 from startup: `rate()` then reads 0 rather than nothing,
+        and dashboards and alerts see every metric before its first event. (Dead letters stay lazy: their
+        `code` label has too many values to enumerate.)"""
+        for topic in inputs:
+            self.consumed.labels(topic)
+            self.handler_retries.labels(topic)
+            self.handle_seconds.labels(topic)
+            for outcome in HANDLED_OUTCOMES:
+                self.handled.labels(topic, outcome)
+        for topic in outputs:
+            self.produced.labels(topic, "acked")
+            self.produced.labels(topic, "error")
+            self.publish_seconds.labels(topic)
+            self.offloaded.labels(topic)
+
+    def init_engine(self, engine: str) -> None:
+        """The per-engine OCR series at 0, once the engine is loaded."""
+        for status in ("succeeded", "failed"):
+            self.ocr_documents.labels(engine, status)
+        self.ocr_batch_pages.labels(engine)
+        self.ocr_batch_seconds.labels(engine)
+        self.ocr_batch_splits.labels(engine)
+        self.ocr_engine_busy.labels(engine)
+
+    def init_finetune(self) -> None:
+        for outcome in FINETUNE_OUTCOMES:
+            self.finetune_jobs.labels(outcome)
 
     def observe_ocr_batch(self, engine: str, stats: BatchStatsLike) -> None:
         """Record one executed batch (called from the engine's worker thread; prometheus_client is thread-safe)."""

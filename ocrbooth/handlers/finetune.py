@@ -106,6 +106,7 @@ class FinetuneHandler(Handler):
 
     async def start(self, runtime: HandlerRuntime) -> None:
         self._runtime = runtime
+        runtime.metrics.init_finetune()
         self.cfg.workdir.mkdir(parents=True, exist_ok=True)
 
     async def drain(self) -> None:
@@ -195,6 +196,7 @@ class FinetuneHandler(Handler):
         workdir.mkdir(parents=True, exist_ok=True)
         job_file = workdir / "job.json"
         job_file.write_text(json.dumps({"request": json.loads(req.model_dump_json()), "attempt": attempt}))
+        self._metrics().finetune_last_progress.set_to_current_time()  # a fresh trainer counts as progress
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -224,6 +226,8 @@ class FinetuneHandler(Handler):
                     code=str(line.get("code") or "training_failed"), message=str(line.get("message") or "")
                 )
                 terminal = self._event(job, "failed", attempt=attempt, error=error)
+            elif kind == "checkpoint_failed":
+                self._observe(line)
             elif kind in _STREAMED:
                 self._observe(line)
                 await self._publish(job, [self._event(job, _STREAMED[kind], attempt=attempt, **_payload(line))])
@@ -247,14 +251,24 @@ class FinetuneHandler(Handler):
 
     def _observe(self, line: dict[str, Any]) -> None:
         m = self._metrics()
-        if line.get("event") == "progress":
+        kind = line.get("event")
+        if kind == "progress":
             m.finetune_steps.inc(self.cfg.progress_every_steps)
+            m.finetune_last_progress.set_to_current_time()
             if isinstance(line.get("steps_per_second"), int | float):
                 m.finetune_steps_per_second.set(line["steps_per_second"])
             if isinstance(line.get("loss"), int | float):
                 m.finetune_loss.set(line["loss"])
-        elif line.get("event") == "checkpoint":
+        elif kind in ("started", "class_images"):
+            m.finetune_last_progress.set_to_current_time()
+        elif kind == "checkpoint":
             m.finetune_checkpoints.inc()
+            m.finetune_last_progress.set_to_current_time()
+            if isinstance(line.get("upload_seconds"), int | float):
+                m.finetune_checkpoint_upload_seconds.observe(line["upload_seconds"])
+        elif kind == "checkpoint_failed":
+            m.finetune_checkpoint_failures.inc()
+            log.warning("checkpoint upload failed", extra={"step": line.get("step"), "error": line.get("error")})
 
     def _event(self, job: _Job, kind: FinetuneEventKind, **fields: Any) -> OutputEvent:
         value = FinetuneEvent(job_id=job.request.job_id, event=kind, seq=job.seq.next(), emitted_at=_now(), **fields)

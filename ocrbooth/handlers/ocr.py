@@ -164,6 +164,7 @@ class OcrHandler(Handler):
             )
             worker.start()
             self.workers[name] = worker
+            runtime.metrics.init_engine(name)  # "busy fraction" reads 0, not nothing, while idle
         # spawn, not fork: the parent has threads (the batch workers, boto3), which fork does not copy safely.
         self._pool = ProcessPoolExecutor(self.cfg.render_workers, mp_context=multiprocessing.get_context("spawn"))
 

@@ -327,3 +327,4 @@ async def test_shutdown_checkpoints_the_job_and_leaves_it_for_the_next_daemon(
     started = [e for e in stream if e["event"] == "started"]
     assert started[-1]["resumed_from_step"] == stopped_at[-1]
     assert stream[-1]["event"] == "completed"
+

@@ -66,3 +66,19 @@ def test_tune_gc_zero_keeps_interpreter_thresholds() -> None:
     tune_gc(gen0_threshold=0, freeze=False)
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0
+
+
+def test_readme_lists_every_metric() -> None:
+    """The README's metrics table names every metric family the daemon exports (and nothing else)."""
+    import re
+    from pathlib import Path
+
+    from ocrbooth.daemon.metrics import Metrics
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    listed = set(re.findall(r"^\| `(ocrbooth_[a-z0-9_]+)` \|", readme, flags=re.MULTILINE))
+    exported = set()
+    for family in Metrics().registry.collect():
+        suffix = {"counter": "_total", "info": "_info"}.get(family.type, "")
+        exported.add(family.name + suffix)
+    assert listed == exported

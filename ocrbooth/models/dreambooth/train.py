@@ -495,9 +495,22 @@ class JobCallback(pl.Callback):
                 data=data.to_json(),
                 config=self.config_json,
             )
-            uri = job.store.upload(local, step)
+            started = time.monotonic()
+            try:
+                uri = job.store.upload(local, step)
+            except Exception as exc:
+                # Reported for the daemon's metrics, then the trainer dies; its restart resumes from the previous
+                # complete checkpoint (this one has no _COMPLETE marker, so it never counts).
+                self.events.emit(
+                    "checkpoint_failed",
+                    step=step,
+                    error=f"{type(exc).__name__}: {exc}"[:500],
+                    upload_seconds=round(time.monotonic() - started, 3),
+                )
+                raise
+            upload_seconds = round(time.monotonic() - started, 3)
             shutil.rmtree(local, ignore_errors=True)
-            self.events.emit("checkpoint", step=step, uri=uri)
+            self.events.emit("checkpoint", step=step, uri=uri, upload_seconds=upload_seconds)
             job.store.rotate(job.request.checkpoints_total_limit)
             _upload_logs(job, trainer)
         if barrier:
