@@ -10,9 +10,11 @@ from typing import Any
 
 import pytest
 
+from ocrbooth import constants
 from ocrbooth.daemon.embedded import EmbeddedStack
 from tests.support.daemon import running_daemon, settings_for
 from tests.support.kafka import committed_offsets, consume_all, produce
+from tests.support.s3faults import S3FaultProxy
 from tests.support.stack import TopicNames, unique_suffix
 from tests.support.tiny_sd import build_tiny_sd, make_instance_images
 
@@ -328,3 +330,54 @@ async def test_shutdown_checkpoints_the_job_and_leaves_it_for_the_next_daemon(
     assert started[-1]["resumed_from_step"] == stopped_at[-1]
     assert stream[-1]["event"] == "completed"
 
+
+async def test_a_failed_checkpoint_upload_is_counted_and_the_trainer_restarts(
+    monkeypatch: pytest.MonkeyPatch,
+    stack: EmbeddedStack,
+    topics: TopicNames,
+    daemon_env: dict[str, str],
+    tiny_sd: Path,
+    instance_prefix: str,
+    tmp_path: Path,
+) -> None:
+    """S3 answers 503 SlowDown to every write of the step-4 checkpoint (a fault-injecting proxy in front of the
+    real S3): boto3 retries, gives up, the trainer reports the failed upload and dies; the daemon counts it in
+    `ocrbooth_finetune_checkpoint_upload_failures_total`, restarts the trainer from the step-2 checkpoint, and
+    fails the job after `max_attempts`. The successful upload is timed in the upload-duration histogram."""
+    job = f"ft-upload-{unique_suffix()}"
+    proxy = S3FaultProxy(stack.s3_endpoint_url)
+    proxy.fail("PUT", rf"/{constants.S3_PREFIX_JOBS}{job}/checkpoints/step-000004/")
+    await produce(
+        stack.bootstrap_servers,
+        topics.finetune_requests,
+        [(job.encode(), _request(job, tiny_sd, instance_prefix, max_train_steps=6, checkpointing_steps=2))],
+    )
+    settings = settings_for(
+        monkeypatch,
+        _env(daemon_env, tmp_path),
+        OCRBOOTH_FINETUNE_MAX_ATTEMPTS="2",
+        OCRBOOTH_S3_ENDPOINT_URL=proxy.url,  # the daemon and its trainers (which inherit the environment)
+    )
+    with proxy.running():
+        async with running_daemon(settings) as (daemon, _):
+            records = await consume_all(
+                stack.bootstrap_servers, topics.finetune_events, until=_ended({job}), timeout_s=300
+            )
+            failures = daemon.metrics.finetune_checkpoint_failures._value.get()
+            upload_count = _histogram_count(daemon.metrics.finetune_checkpoint_upload_seconds)
+            uploaded = daemon.metrics.finetune_checkpoints._value.get()
+    stream = _events(records)[job]
+    assert [e["attempt"] for e in stream if e["event"] == "started"] == [1, 2], stream[-1]
+    assert proxy.refused, "the proxy refused nothing"
+    # Attempt 1 uploads step 2, fails at step 4; attempt 2 resumes from step 2 and fails at step 4 again.
+    assert [e["step"] for e in stream if e["event"] == "checkpoint"] == [2]
+    assert stream[-1]["event"] == "failed"
+    assert failures == 2
+    assert uploaded == 1
+    assert upload_count == 1
+
+
+def _histogram_count(histogram: Any) -> float:
+    """Observations in an unlabelled histogram, read from what it exports."""
+    [family] = histogram.collect()
+    return next(s.value for s in family.samples if s.name.endswith("_count"))
