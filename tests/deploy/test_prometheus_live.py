@@ -40,7 +40,7 @@ from tests.support.documents import numbered_pages_pdf
 from tests.support.kafka import consume_all, produce
 from tests.support.stack import TopicNames, unique_suffix
 from tests.support.tiny_models import build_tiny_lightonocr
-from tests.support.tiny_sd import build_tiny_sd, make_instance_images
+from tests.support.tiny_sd import build_tiny_sd, make_instance_images, tiny_job_request
 
 pytest.importorskip("diffusers")
 
@@ -69,28 +69,6 @@ def _request(request_id: str, data: bytes, filename: str, **extra: object) -> by
     source = {"data_base64": base64.b64encode(data).decode(), "filename": filename}
     return json.dumps(
         {"request_id": request_id, "document_id": f"doc-{request_id}", "source": source, **extra}
-    ).encode()
-
-
-def _finetune_request(job_id: str, base: Path, images: str) -> bytes:
-    return json.dumps(
-        {
-            "job_id": job_id,
-            "base_model": str(base),
-            "instance_images": [images],
-            "instance_prompt": "a photo of sks dog",
-            "class_prompt": "a photo of dog",
-            "num_class_images": 2,
-            "resolution": 64,
-            "max_train_steps": 4,
-            "checkpointing_steps": 2,
-            "checkpoints_total_limit": 2,
-            "learning_rate": 1e-3,
-            "mixed_precision": "no",
-            "num_inference_steps": 2,
-            "num_validation_images": 1,
-            "seed": 3,
-        }
     ).encode()
 
 
@@ -253,7 +231,7 @@ async def test_dashboard_and_alert_queries_on_a_real_prometheus(
             await produce(
                 stack.bootstrap_servers,
                 topics.finetune_requests,
-                [(job_id.encode(), _finetune_request(job_id, tiny_sd, images))],
+                [(job_id.encode(), tiny_job_request(job_id, tiny_sd, images))],
             )
             # Two daemons in two groups: every document is answered twice.
             await consume_all(stack.bootstrap_servers, topics.ocr_results, count=4, timeout_s=300)

@@ -10,7 +10,7 @@ from ocrbooth.daemon.embedded import EmbeddedStack
 from tests.support.daemon import DaemonProcess
 from tests.support.kafka import consume_all, produce, wait_until
 from tests.support.stack import TopicNames, unique_suffix
-from tests.support.tiny_sd import build_tiny_sd, make_instance_images
+from tests.support.tiny_sd import build_tiny_sd, make_instance_images, tiny_job_request
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -35,22 +35,9 @@ async def test_killed_daemon_is_replaced_and_the_job_resumes_from_its_checkpoint
     for i, data in enumerate(make_instance_images(3)):
         s3.put_object(Bucket=stack.bucket, Key=f"{s3_prefix}instance/{i}.png", Body=data)
     job = f"ft-takeover-{unique_suffix()}"
-    request = {
-        "job_id": job,
-        "base_model": str(model),
-        "instance_images": [f"s3://{stack.bucket}/{s3_prefix}instance/"],
-        "instance_prompt": "a photo of sks dog",
-        "class_prompt": "a photo of dog",
-        "num_class_images": 2,
-        "resolution": 64,
-        "max_train_steps": 60,
-        "checkpointing_steps": 5,
-        "checkpoints_total_limit": 2,
-        "mixed_precision": "no",
-        "num_inference_steps": 2,
-        "num_validation_images": 1,
-    }
-    await produce(stack.bootstrap_servers, topics.finetune_requests, [(job.encode(), json.dumps(request).encode())])
+    images = f"s3://{stack.bucket}/{s3_prefix}instance/"
+    request = tiny_job_request(job, model, images, max_train_steps=60, checkpointing_steps=5)
+    await produce(stack.bootstrap_servers, topics.finetune_requests, [(job.encode(), request)])
     env = {
         **daemon_env,
         "OCRBOOTH_HANDLERS": "finetune",

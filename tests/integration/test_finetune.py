@@ -16,7 +16,7 @@ from tests.support.daemon import running_daemon, settings_for
 from tests.support.kafka import committed_offsets, consume_all, produce
 from tests.support.s3faults import S3FaultProxy
 from tests.support.stack import TopicNames, unique_suffix
-from tests.support.tiny_sd import build_tiny_sd, make_instance_images
+from tests.support.tiny_sd import build_tiny_sd, make_instance_images, tiny_job_request
 
 TERMINAL = {"completed", "failed", "cancelled"}
 
@@ -34,27 +34,6 @@ def instance_prefix(stack: EmbeddedStack, s3_prefix: str) -> str:
     for i, data in enumerate(make_instance_images(3)):
         s3.put_object(Bucket=stack.bucket, Key=f"{s3_prefix}instance/{i}.png", Body=data)
     return f"s3://{stack.bucket}/{s3_prefix}instance/"
-
-
-def _request(job_id: str, base: Path, images: str, **overrides: Any) -> bytes:
-    fields: dict[str, Any] = {
-        "job_id": job_id,
-        "base_model": str(base),
-        "instance_images": [images],
-        "instance_prompt": "a photo of sks dog",
-        "class_prompt": "a photo of dog",
-        "num_class_images": 2,
-        "resolution": 64,
-        "max_train_steps": 4,
-        "checkpointing_steps": 2,
-        "checkpoints_total_limit": 2,
-        "learning_rate": 1e-3,
-        "mixed_precision": "no",
-        "num_inference_steps": 2,
-        "num_validation_images": 1,
-        "seed": 3,
-    }
-    return json.dumps(fields | overrides).encode()
 
 
 def _events(records: list[Any]) -> dict[str, list[dict[str, Any]]]:
@@ -101,9 +80,9 @@ async def test_jobs_stream_events_in_order_share_class_images_and_completed_jobs
         stack.bootstrap_servers,
         topics.finetune_requests,
         [
-            (first.encode(), _request(first, tiny_sd, instance_prefix)),
-            (second.encode(), _request(second, tiny_sd, instance_prefix)),
-            (first.encode(), _request(first, tiny_sd, instance_prefix)),  # again, after it completed
+            (first.encode(), tiny_job_request(first, tiny_sd, instance_prefix)),
+            (second.encode(), tiny_job_request(second, tiny_sd, instance_prefix)),
+            (first.encode(), tiny_job_request(first, tiny_sd, instance_prefix)),  # again, after it completed
         ],
         partition=0,  # one partition: the jobs run one after the other, in this order
     )
@@ -161,7 +140,7 @@ async def test_cancel_stops_a_running_job_and_prevents_one_not_yet_started(
         [
             (
                 running.encode(),
-                _request(running, tiny_sd, instance_prefix, max_train_steps=2000, checkpointing_steps=500),
+                tiny_job_request(running, tiny_sd, instance_prefix, max_train_steps=2000, checkpointing_steps=500),
             )
         ],
         partition=0,
@@ -182,7 +161,7 @@ async def test_cancel_stops_a_running_job_and_prevents_one_not_yet_started(
         await produce(
             stack.bootstrap_servers,
             topics.finetune_requests,
-            [(early.encode(), _request(early, tiny_sd, instance_prefix))],
+            [(early.encode(), tiny_job_request(early, tiny_sd, instance_prefix))],
             partition=1,
         )
         records = await consume_all(
@@ -226,8 +205,11 @@ async def test_bad_requests_fail_with_a_specific_code_and_the_daemon_keeps_servi
         stack.bootstrap_servers,
         topics.finetune_requests,
         [
-            (bad.encode(), _request(bad, tiny_sd, instance_prefix, **overrides)),
-            (good.encode(), _request(good, tiny_sd, instance_prefix, max_train_steps=2, with_prior_preservation=False)),
+            (bad.encode(), tiny_job_request(bad, tiny_sd, instance_prefix, **overrides)),
+            (
+                good.encode(),
+                tiny_job_request(good, tiny_sd, instance_prefix, max_train_steps=2, with_prior_preservation=False),
+            ),
         ],
         partition=0,
     )
@@ -270,7 +252,7 @@ async def test_a_crashed_trainer_restarts_from_its_checkpoint(
     await produce(
         stack.bootstrap_servers,
         topics.finetune_requests,
-        [(job.encode(), _request(job, tiny_sd, instance_prefix, max_train_steps=40, checkpointing_steps=4))],
+        [(job.encode(), tiny_job_request(job, tiny_sd, instance_prefix, max_train_steps=40, checkpointing_steps=4))],
     )
     settings = settings_for(monkeypatch, _env(daemon_env, tmp_path))
     async with running_daemon(settings):
@@ -307,7 +289,7 @@ async def test_shutdown_checkpoints_the_job_and_leaves_it_for_the_next_daemon(
     await produce(
         stack.bootstrap_servers,
         topics.finetune_requests,
-        [(job.encode(), _request(job, tiny_sd, instance_prefix, max_train_steps=60, checkpointing_steps=50))],
+        [(job.encode(), tiny_job_request(job, tiny_sd, instance_prefix, max_train_steps=60, checkpointing_steps=50))],
         partition=0,
     )
     settings = settings_for(monkeypatch, _env(daemon_env, tmp_path))
@@ -350,7 +332,7 @@ async def test_a_failed_checkpoint_upload_is_counted_and_the_trainer_restarts(
     await produce(
         stack.bootstrap_servers,
         topics.finetune_requests,
-        [(job.encode(), _request(job, tiny_sd, instance_prefix, max_train_steps=6, checkpointing_steps=2))],
+        [(job.encode(), tiny_job_request(job, tiny_sd, instance_prefix, max_train_steps=6, checkpointing_steps=2))],
     )
     settings = settings_for(
         monkeypatch,
