@@ -18,6 +18,24 @@ log = logging.getLogger(__name__)
 _MISSING = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
 
 
+def s3_call(client: Any, op: str, **kwargs: Any) -> Any:
+    """`client.<op>(**kwargs)` with boto3's errors classified: a missing object or bucket and a refused access
+    are poison (retrying cannot help), anything else is retryable."""
+    where = f"s3://{kwargs.get('Bucket')}/{kwargs.get('Key', kwargs.get('Prefix', ''))}"
+    try:
+        return getattr(client, op)(**kwargs)
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code in _MISSING or status == 404:
+            raise PoisonError(f"{where} does not exist", code="source_not_found") from exc
+        if status in (401, 403):
+            raise PoisonError(f"access to {where} denied ({code})", code="source_forbidden") from exc
+        raise RetryableError(f"S3 {op} on {where} failed: {code or status}", code="storage_unavailable") from exc
+    except BotoCoreError as exc:
+        raise RetryableError(f"S3 {op} on {where} failed: {exc}", code="storage_unavailable") from exc
+
+
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """`s3://bucket/key` -> (bucket, key)."""
     if not uri.startswith("s3://"):
@@ -83,16 +101,4 @@ class S3Storage:
         await self._call("head_bucket", Bucket=self.bucket)
 
     async def _call(self, op: str, **kwargs: Any) -> Any:
-        try:
-            return await asyncio.to_thread(getattr(self._client, op), **kwargs)
-        except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            where = f"s3://{kwargs.get('Bucket')}/{kwargs.get('Key', '')}"
-            if code in _MISSING or status == 404:
-                raise PoisonError(f"{where} does not exist", code="source_not_found") from exc
-            if status in (401, 403):
-                raise PoisonError(f"access to {where} denied ({code})", code="source_forbidden") from exc
-            raise RetryableError(f"S3 {op} on {where} failed: {code or status}", code="storage_unavailable") from exc
-        except BotoCoreError as exc:
-            raise RetryableError(f"S3 {op} failed: {exc}", code="storage_unavailable") from exc
+        return await asyncio.to_thread(s3_call, self._client, op, **kwargs)

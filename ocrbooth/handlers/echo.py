@@ -55,14 +55,7 @@ class EchoHandler(Handler):
 
     def failure_outputs(self, event: BaseModel, ctx: MessageContext, error: ErrorInfo) -> Sequence[OutputEvent]:
         assert isinstance(event, DocumentRequest)
-        result = OcrResult(
-            request_id=event.request_id,
-            document_id=event.document_id,
-            status="failed",
-            error=error,
-            engine="echo",
-            metadata=event.metadata,
-        )
+        result = OcrResult.failure(event, error, "echo")
         return [OutputEvent(self.settings.topics.ocr_results, event.document_id, result)]
 
     @staticmethod

@@ -216,16 +216,8 @@ class OcrHandler(Handler):
 
     def failure_outputs(self, event: BaseModel, ctx: MessageContext, error: ErrorInfo) -> Sequence[OutputEvent]:
         assert isinstance(event, DocumentRequest)
-        result = OcrResult(
-            request_id=event.request_id,
-            document_id=event.document_id,
-            status="failed",
-            error=error,
-            engine=(event.options.engine if event.options and event.options.engine != "auto" else None)
-            or self.default_engine
-            or None,
-            metadata=event.metadata,
-        )
+        requested = event.options.engine if event.options and event.options.engine != "auto" else None
+        result = OcrResult.failure(event, error, requested or self.default_engine or None)
         if self._runtime is not None:
             self._runtime.metrics.ocr_documents.labels(result.engine or "", "failed").inc()
         return [OutputEvent(self.settings.topics.ocr_results, event.document_id, result)]

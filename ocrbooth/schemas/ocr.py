@@ -168,6 +168,18 @@ class OcrResult(WireModel):
         """A copy without pages that points at `uri`, where the full result was stored."""
         return self.model_copy(update={"pages": [], "result_uri": uri})
 
+    @classmethod
+    def failure(cls, request: DocumentRequest, error: ErrorInfo, engine: str | None) -> OcrResult:
+        """The failed answer to `request`: its ids and metadata, the error, no pages."""
+        return cls(
+            request_id=request.request_id,
+            document_id=request.document_id,
+            status="failed",
+            error=error,
+            engine=engine,
+            metadata=request.metadata,
+        )
+
 
 class ReviewFlag(WireModel):
     """A result that a human should check. Keyed by `document_id`."""

@@ -94,7 +94,7 @@ def build_tiny_lightonocr(
     processor to `path`. With `script` ({token text: next token text}), the decoder is rigged so that after
     each key token it emits its value (attention and MLP outputs zeroed, so the output depends only on the
     previous token); the prompt ends with "\\n", so a script starts there."""
-    from transformers import GenerationConfig, LightOnOcrConfig, LightOnOcrForConditionalGeneration
+    from transformers import LightOnOcrConfig, LightOnOcrForConditionalGeneration
 
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer, longest_edge=longest_edge)
@@ -133,13 +133,7 @@ def build_tiny_lightonocr(
         model.lm_head.weight.normal_(0.0, 0.3)
         if script is not None:
             _rig(model, tokenizer, script)
-    model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
-    )
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return _save(model, processor, tokenizer, path)
 
 
 def _rig(model: Any, tokenizer: Any, script: Mapping[str, str]) -> None:
@@ -167,7 +161,7 @@ def build_full_size_lightonocr(path: Path, *, seed: int = 0, device: str = "cuda
     """Save LightOnOCR-1B's architecture (default LightOnOcrConfig: Qwen3 1024 x 28 layers, vocab 151936;
     Pixtral 1024 x 24 layers) with random bfloat16 weights, and a processor whose tokenizer covers the whole
     vocabulary, to `path`. For benchmarks: its output is noise, but costs what the real model costs."""
-    from transformers import GenerationConfig, LightOnOcrConfig, LightOnOcrForConditionalGeneration
+    from transformers import LightOnOcrConfig, LightOnOcrForConditionalGeneration
 
     config = LightOnOcrConfig()
     tokenizer = build_tokenizer(vocab_size=int(config.text_config.vocab_size))
@@ -177,6 +171,13 @@ def build_full_size_lightonocr(path: Path, *, seed: int = 0, device: str = "cuda
     torch.manual_seed(seed)
     with torch.device(device):
         model = LightOnOcrForConditionalGeneration(config).to(torch.bfloat16).eval()
+    return _save(model, processor, tokenizer, path)
+
+
+def _save(model: Any, processor: Any, tokenizer: Any, path: Path) -> Path:
+    """Greedy decoding by default, then model and processor saved where `from_pretrained(path)` finds them."""
+    from transformers import GenerationConfig
+
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
     )

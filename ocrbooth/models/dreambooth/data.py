@@ -22,17 +22,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from botocore.exceptions import BotoCoreError, ClientError
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
 from ocrbooth.daemon.config import Settings
-from ocrbooth.daemon.storage import parse_s3_uri, s3_client
+from ocrbooth.daemon.storage import parse_s3_uri, s3_call, s3_client
 from ocrbooth.errors import PoisonError, RetryableError
 
 log = logging.getLogger(__name__)
 
-_MISSING = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
 _COMPLETE_FILE = ".complete"  # local marker of a fully downloaded model directory
 
 
@@ -132,19 +130,7 @@ class S3Objects:
                 raise RetryableError(f"S3 delete failed: {result['Errors'][:3]}", code="storage_unavailable")
 
     def _call(self, op: str, **kwargs: Any) -> Any:
-        where = f"s3://{kwargs.get('Bucket')}/{kwargs.get('Key', kwargs.get('Prefix', ''))}"
-        try:
-            return getattr(self.client, op)(**kwargs)
-        except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            if code in _MISSING or status == 404:
-                raise PoisonError(f"{where} does not exist", code="source_not_found") from exc
-            if status in (401, 403):
-                raise PoisonError(f"access to {where} denied ({code})", code="source_forbidden") from exc
-            raise RetryableError(f"S3 {op} on {where} failed: {code or status}", code="storage_unavailable") from exc
-        except BotoCoreError as exc:
-            raise RetryableError(f"S3 {op} on {where} failed: {exc}", code="storage_unavailable") from exc
+        return s3_call(self.client, op, **kwargs)
 
 
 # ---- base models -------------------------------------------------------------------------------------------
