@@ -307,12 +307,14 @@ async def daemon_run(settings: Settings, probe: Probe) -> None:
 
 
 def settings_for(
-    stack_env: Mapping[str, str], topics: RunTopics, max_in_flight: int
+    stack_env: Mapping[str, str], topics: RunTopics, max_in_flight: int, overrides: Mapping[str, str]
 ) -> tuple[Settings, dict[str, str]]:
-    """Settings read from the environment as the daemon reads them; returns them with the variables used."""
+    """Settings read from the environment as the daemon reads them; returns them with the variables used.
+    `overrides` (--set) are OCRBOOTH_* settings for both sides, e.g. to measure without a tuning."""
     env = {
         **stack_env,
         **DAEMON_ENV,
+        **overrides,
         "OCRBOOTH_MAX_IN_FLIGHT": str(max_in_flight),
         "OCRBOOTH_TOPICS_OCR_REQUESTS": topics.requests,
         "OCRBOOTH_TOPICS_OCR_RESULTS": topics.results,
@@ -331,7 +333,7 @@ async def one_run(
     """Fresh topics and group, N input events produced, then one timed run of `side`."""
     events: int = args.events
     topics = RunTopics.fresh(side, index)
-    settings, env = settings_for(stack.env(), topics, args.max_in_flight)
+    settings, env = settings_for(stack.env(), topics, args.max_in_flight, args.overrides)
     await ensure_topics(
         stack.bootstrap_servers, {topics.requests: args.partitions, topics.results: args.partitions, topics.dlq: 1}
     )
@@ -480,7 +482,8 @@ def plot(report: Report, path: Path) -> None:
     ax.set_title(
         f"ocrbooth runtime overhead (no-op handler): daemon/plain = {report.ratio:.2f}\n"
         f"{c['events']:,} events x {c['runs_per_side']} runs per side, {c['partitions']} partitions, "
-        f"Tansu {m['storage']} storage, {m['nproc']} CPUs, Python {m['python']}",
+        f"Tansu {m['storage']} storage, {m['nproc']} CPUs, Python {m['python']}"
+        + ("\nboth sides with " + ", ".join(f"{k}={v}" for k, v in c["overrides"].items()) if c["overrides"] else ""),
         fontsize=9,
     )
     ax.legend(loc="upper right", fontsize=8, framealpha=0.95)
@@ -507,8 +510,8 @@ async def bench(args: argparse.Namespace, data_dir: Path) -> Report:
                 report.runs.append(result)
         report.machine["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
         # The tuning the daemon ran with; addresses, credentials and per-run names are left out.
-        tuning = {k: v for k, v in env.items() if k in DAEMON_ENV or k in _TUNING_ENV}
-        defaults, _ = settings_for(stack.env(), RunTopics.fresh("daemon", -1), args.max_in_flight)
+        tuning = {k: v for k, v in env.items() if k in DAEMON_ENV or k in _TUNING_ENV or k in args.overrides}
+        defaults, _ = settings_for(stack.env(), RunTopics.fresh("daemon", -1), args.max_in_flight, {})
         report.config = {
             "events": args.events,
             "runs_per_side": args.runs,
@@ -518,6 +521,7 @@ async def bench(args: argparse.Namespace, data_dir: Path) -> Report:
             "handler": "echo (one OcrResult per DocumentRequest, no other work)",
             "timed_window": "first getmany() returning records -> commit() covering all N offsets returns",
             "daemon_env": tuning,
+            "overrides": dict(args.overrides),
             "daemon_defaults": {
                 "kafka_max_batch_bytes": defaults.kafka.max_batch_bytes,
                 "gc_gen0_threshold": defaults.gc_gen0_threshold,
@@ -550,7 +554,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--storage", choices=("s3", "memory"), default="s3", help="Tansu storage engine")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="where the JSON and PNG go")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="OCRBOOTH_KEY=VALUE",
+        help="a daemon setting for both sides (repeatable), e.g. OCRBOOTH_GC_FREEZE=false",
+    )
+    parser.add_argument("--name", default="runtime_overhead", help="file name of the JSON and PNG, without suffix")
     args = parser.parse_args(argv)
+    args.overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("OCRBOOTH_"):
+            parser.error(f"--set takes OCRBOOTH_KEY=VALUE, not {item!r}")
+        args.overrides[key] = value
     if min(args.events, args.runs, args.partitions, args.max_in_flight) < 1:
         parser.error("--events, --runs, --partitions and --max-in-flight must be positive")
     return args
@@ -565,11 +583,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ocrbooth-bench-") as tmp:
         report = asyncio.run(bench(args, Path(tmp)))
     args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / "runtime_overhead.json"
+    json_path, png_path = args.out / f"{args.name}.json", args.out / f"{args.name}.png"
     json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    plot(report, args.out / "runtime_overhead.png")
+    plot(report, png_path)
     print(report.table())
-    print(f"wrote {json_path} and {args.out / 'runtime_overhead.png'}")
+    print(f"wrote {json_path} and {png_path}")
     return 0
 
 
