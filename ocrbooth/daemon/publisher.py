@@ -102,9 +102,7 @@ class Publisher:
         records = []
         for events, ctx in batch:
             for index, event in enumerate(events):
-                record, value = self._encode_inline(event, ctx)
-                if record is None:
-                    record, _ = await self._offload(event, ctx, index, value)
+                record, _ = await self._encode(event, ctx, index)
                 records.append(record)
         if records:
             await self._send(records)
@@ -142,19 +140,13 @@ class Publisher:
             self._header_cache[cls] = fixed
         return [*fixed, (constants.HEADER_SOURCE, ctx.source.encode())]
 
-    def _encode_inline(self, event: OutputEvent, ctx: MessageContext) -> tuple[_Record | None, bytes]:
-        """The common case without an await: the record, or None and the value when it must be offloaded."""
+    async def _encode(self, event: OutputEvent, ctx: MessageContext, index: int) -> tuple[_Record, str | None]:
+        """The record for `event`, and the URI of the S3 object when its value had to be offloaded."""
         value = event.value.model_dump_json().encode()
         if len(value) > self._settings.max_message_bytes:
-            return None, value
+            return await self._offload(event, ctx, index, value)
         key_bytes = event.key.encode() if event.key else None
-        return _Record(event.topic, key_bytes, value, self._headers(event.value, ctx)), value
-
-    async def _encode(self, event: OutputEvent, ctx: MessageContext, index: int) -> tuple[_Record, str | None]:
-        record, value = self._encode_inline(event, ctx)
-        if record is not None:
-            return record, None
-        return await self._offload(event, ctx, index, value)
+        return _Record(event.topic, key_bytes, value, self._headers(event.value, ctx)), None
 
     async def _offload(
         self, event: OutputEvent, ctx: MessageContext, index: int, value: bytes
