@@ -93,6 +93,12 @@ class Handler(abc.ABC):
         """False while the handler cannot take work (model still loading)."""
         return True
 
+    def validate(self, event: BaseModel) -> None:  # noqa: B027  (optional hook)
+        """Cheap checks of a decoded event (bounds, allowlists), raising PoisonError with a specific code.
+
+        The consumer runs this before the event waits for a handler slot, so a flood of bad requests is
+        answered at decode speed even while every slot is busy. No I/O here."""
+
     @abc.abstractmethod
     async def handle(self, event: BaseModel, ctx: MessageContext) -> Sequence[OutputEvent]:
         """Process one event; raise PoisonError, RetryableError or FatalError to say how a failure is handled."""

@@ -133,6 +133,10 @@ class FinetuneHandler(Handler):
 
     # ---- jobs --------------------------------------------------------------------------------------
 
+    def validate(self, event: BaseModel) -> None:
+        assert isinstance(event, FinetuneRequest)
+        validate_request(event, self.settings)
+
     async def handle(self, event: BaseModel, ctx: MessageContext) -> Sequence[OutputEvent]:
         assert isinstance(event, FinetuneRequest)
         validate_request(event, self.settings)  # bounds first: a bad request fails before any GPU work
