@@ -162,7 +162,9 @@ class Consumer:
         return self._s.max_in_flight - self.tracker.tracked
 
     def _handler_full(self, handler: Handler) -> bool:
-        return handler.max_concurrency is not None and self._running[handler.name] >= handler.max_concurrency
+        return handler.busy() or (
+            handler.max_concurrency is not None and self._running[handler.name] >= handler.max_concurrency
+        )
 
     def _apply_pauses(self) -> None:
         """Pause exactly the partitions that cannot take work now; aiokafka forgets pauses on rebalance,

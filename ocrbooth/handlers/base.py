@@ -93,6 +93,11 @@ class Handler(abc.ABC):
         """False while the handler cannot take work (model still loading)."""
         return True
 
+    def busy(self) -> bool:
+        """True while the handler wants no new messages (its own resource budget, such as page memory, is
+        spent); the consumer pauses the handler's partitions until it turns False. Called often: keep it O(1)."""
+        return False
+
     def validate(self, event: BaseModel) -> None:  # noqa: B027  (optional hook)
         """Cheap checks of a decoded event (bounds, allowlists), raising PoisonError with a specific code.
 
