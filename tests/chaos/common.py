@@ -1,0 +1,75 @@
+"""Counting what came out of the daemon, shared by the chaos scenarios."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ocrbooth import constants
+from tests.support.daemon import DaemonProcess, metric_value, request_event
+from tests.support.kafka import consume_all
+
+
+def handled(proc: DaemonProcess) -> float:
+    """Messages this daemon process has finished (0 while its metrics server does not answer)."""
+    try:
+        return metric_value(proc.metrics(), "ocrbooth_handled_messages_total")
+    except AssertionError:
+        return 0.0
+
+
+def echo_stream(n: int, seed: int, *, delay_ms: tuple[int, int]) -> list[tuple[bytes, bytes]]:
+    """n (key, value) echo requests `req-0`..`req-{n-1}`, each with a delay drawn from `delay_ms` (seeded)."""
+    rng = random.Random(seed)
+    return [(f"doc-{i}".encode(), request_event(i, **{"echo.delay_ms": str(rng.randint(*delay_ms))})) for i in range(n)]
+
+
+def request_ids(records: Iterable[Any]) -> list[str]:
+    """The request_id of every OcrResult record, in order."""
+    return [json.loads(r.value)["request_id"] for r in records]
+
+
+@dataclass(frozen=True)
+class Tally:
+    """Distinct inputs answered, inputs with no output, and outputs beyond the first per input."""
+
+    answered: int
+    lost: int
+    duplicated: int
+    failed: int
+    missing: tuple[str, ...]
+
+
+def tally(expected: Iterable[str], results: Sequence[Any]) -> Tally:
+    """Count OcrResults against the request ids sent; an output for an id never sent fails the test."""
+    wanted = set(expected)
+    values = [json.loads(r.value) for r in results]
+    per_id = Counter(v["request_id"] for v in values)
+    strangers = set(per_id) - wanted
+    assert not strangers, f"results for requests never sent: {sorted(strangers)[:10]}"
+    missing = tuple(sorted(wanted - set(per_id)))
+    return Tally(
+        answered=len(per_id),
+        lost=len(missing),
+        duplicated=sum(per_id.values()) - len(per_id),
+        failed=len({v["request_id"] for v in values if v["status"] == "failed"}),
+        missing=missing[:20],
+    )
+
+
+async def answered_ids(bootstrap: str, topic: str, n: int, timeout_s: float) -> list[Any]:
+    """Read `topic` until n distinct request ids have results (AssertionError listing what came at timeout)."""
+    return await consume_all(bootstrap, topic, until=lambda recs: len(set(request_ids(recs))) >= n, timeout_s=timeout_s)
+
+
+def source_of(record: Any) -> tuple[str, int, int] | None:
+    """(topic, partition, offset) of the input an output record answers, from its `ocrbooth-source` header."""
+    for key, value in record.headers or ():
+        if key == constants.HEADER_SOURCE and value is not None:
+            topic, partition, offset = value.decode().rsplit("/", 2)
+            return topic, int(partition), int(offset)
+    return None
