@@ -13,6 +13,10 @@ from ocrbooth import constants
 from tests.support.daemon import DaemonProcess, metric_value, request_event
 from tests.support.kafka import consume_all
 
+# A killed member holds its partitions until its session expires, and Tansu completes a join after half the
+# session timeout: a 3 s session keeps the many restarts of these scenarios quick.
+SHORT_SESSION = {"OCRBOOTH_KAFKA_SESSION_TIMEOUT_MS": "3000", "OCRBOOTH_KAFKA_HEARTBEAT_INTERVAL_MS": "1000"}
+
 
 def handled(proc: DaemonProcess) -> float:
     """Messages this daemon process has finished (0 while its metrics server does not answer)."""
@@ -20,6 +24,11 @@ def handled(proc: DaemonProcess) -> float:
         return metric_value(proc.metrics(), "ocrbooth_handled_messages_total")
     except AssertionError:
         return 0.0
+
+
+def exited(proc: DaemonProcess) -> bool:
+    """Whether the daemon process has ended (a test waiting on its output can stop waiting)."""
+    return proc.proc is None or proc.proc.poll() is not None
 
 
 def echo_stream(n: int, seed: int, *, delay_ms: tuple[int, int]) -> list[tuple[bytes, bytes]]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.common import echo_stream, handled, request_ids, tally
+from tests.chaos.common import SHORT_SESSION, echo_stream, handled, request_ids, tally
 from tests.chaos.figures import Figures
 from tests.support.daemon import DaemonProcess
 from tests.support.kafka import committed_offsets, consume_all, high_watermarks, produce, wait_until
@@ -20,8 +20,6 @@ N = 2000
 KILLS = 10
 MAX_IN_FLIGHT = 32
 WALL_BOUND_S = 180
-# A killed member holds its partitions until its session expires; a short session keeps ten restarts quick.
-SHORT_SESSION = {"OCRBOOTH_KAFKA_SESSION_TIMEOUT_MS": "3000", "OCRBOOTH_KAFKA_HEARTBEAT_INTERVAL_MS": "1000"}
 
 
 @pytest.mark.timeout(WALL_BOUND_S + 60)
