@@ -88,24 +88,30 @@ def codes_of(pairs: Iterable[str]) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class Row:
-    """A table row as read back from the README."""
+    """A table row as read back from the README; None where the row says `?` (not measured yet)."""
 
     scenario: str
-    sent: int
-    answered: int
-    lost: int
+    sent: int | None
+    answered: int | None
+    lost: int | None
     duplicate_bound: int
-    failed: int
-    dead_lettered: dict[str, int]
+    failed: int | None
+    dead_lettered: dict[str, int] | None
     wall_bound_s: int
     text: str
 
 
+_N = r"(\d+|\?)"
 _ROW = re.compile(
-    r"^\| (?P<label>[^|]+?) \| (?P<sent>\d+) \| (?P<answered>\d+) \| (?P<lost>\d+) "
-    r"\| \d+ \(≤ (?P<dup_bound>\d+)\) \| (?P<failed>\d+) \| (?P<codes>[^|]+?) \| \d+ s \(≤ (?P<wall_bound>\d+) s\) \|$"
+    rf"^\| (?P<label>[^|]+?) \| (?P<sent>{_N}) \| (?P<answered>{_N}) \| (?P<lost>{_N}) "
+    rf"\| {_N} \(≤ (?P<dup_bound>\d+)\) \| (?P<failed>{_N}) \| (?P<codes>[^|]+?) "
+    rf"\| {_N} s \(≤ (?P<wall_bound>\d+) s\) \|$"
 )
 _CODE = re.compile(r"^`([a-z0-9_]+)` (\d+)$")
+
+
+def _int(text: str) -> int | None:
+    return None if text == "?" else int(text)
 
 
 def section(text: str) -> tuple[int, int]:
@@ -128,19 +134,21 @@ def read_rows(text: str) -> dict[str, Row]:
         assert match, f"README chaos table: cannot read row {line!r}"
         label = match["label"]
         assert label in by_label, f"README chaos table: unknown scenario {label!r}"
-        letters: dict[str, int] = {}
-        if match["codes"] != "—":
+        letters: dict[str, int] | None = {}
+        if match["codes"] == "?":
+            letters = None
+        elif match["codes"] != "—":
             for part in match["codes"].split(", "):
                 code = _CODE.match(part)
                 assert code, f"README chaos table: cannot read dead-letter count {part!r} in {line!r}"
                 letters[code[1]] = int(code[2])
         rows[by_label[label]] = Row(
             scenario=by_label[label],
-            sent=int(match["sent"]),
-            answered=int(match["answered"]),
-            lost=int(match["lost"]),
+            sent=_int(match["sent"]),
+            answered=_int(match["answered"]),
+            lost=_int(match["lost"]),
             duplicate_bound=int(match["dup_bound"]),
-            failed=int(match["failed"]),
+            failed=_int(match["failed"]),
             dead_lettered=letters,
             wall_bound_s=int(match["wall_bound"]),
             text=line,
@@ -152,8 +160,11 @@ def disagreements(row: Row, measured: Figures) -> list[str]:
     """Where the README's row and this session's figures disagree (empty when they agree)."""
     problems = []
     for name in ("sent", "answered", "lost", "failed", "dead_lettered", "duplicate_bound", "wall_bound_s"):
-        if getattr(row, name) != getattr(measured, name):
-            problems.append(f"{name}: README says {getattr(row, name)}, measured {getattr(measured, name)}")
+        said = getattr(row, name)
+        if said is None:
+            problems.append(f"{name}: README has no figure yet (`?`), measured {getattr(measured, name)}")
+        elif said != getattr(measured, name):
+            problems.append(f"{name}: README says {said}, measured {getattr(measured, name)}")
     if measured.duplicated > row.duplicate_bound:
         problems.append(f"duplicated: measured {measured.duplicated}, over the README's bound {row.duplicate_bound}")
     if measured.wall_s > row.wall_bound_s:
