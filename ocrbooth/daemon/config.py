@@ -290,13 +290,25 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=9400, ge=0, le=65535)
     """Port of /metrics, /healthz and /readyz (0 picks a free one)."""
     max_in_flight: int = Field(default=64, ge=1, le=100_000)
-    """Messages accepted but not yet committed, across partitions; bounds redelivery after a crash."""
+    """Messages accepted but not yet committed, per handler (its partitions together); bounds redelivery after a
+    crash, and keeps one handler's backlog from starving another's topics."""
     max_message_bytes: int = Field(default=1_000_000, ge=1_024)
     """Largest output value sent to Kafka; larger outputs are offloaded to S3."""
     max_input_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1_024)
     """Largest input value accepted; larger ones are dead-lettered as message_too_large."""
     dlq_max_value_bytes: int = Field(default=64 * 1024, ge=0)
-    """Bytes of the original value kept in a DeadLetter; the rest is cut and value_truncated is set."""
+    """Bytes of the original value kept in a DeadLetter (and of its headers together); the rest is cut and
+    value_truncated / headers_truncated is set."""
+    dlq_max_key_bytes: int = Field(default=1_024, ge=0, le=1_048_576)
+    """Bytes of the original key kept in a DeadLetter (and as its record key); key_truncated says when cut."""
+    max_key_bytes: int = Field(default=4_096, ge=16, le=1_048_576)
+    """Largest record key of an output; a result whose key is longer fails as output_too_large."""
+    max_process_deaths: int = Field(default=3, ge=0, le=100)
+    """Times the daemon may die while handling one message before it is dead-lettered as crash_loop
+    (0 turns crash-loop protection off, and with it the S3 record of in-flight offsets)."""
+    outage_budget_s: float = Field(default=600.0, gt=0)
+    """How long a message waits out an S3 outage (S3 unreachable or answering 5xx) before it fails with
+    retries_exhausted; meanwhile no new work is taken and /readyz answers 503."""
     drain_timeout_s: float = Field(default=25.0, gt=0)
     """Time in-flight work gets to finish on shutdown; keep below the pod's grace period."""
     commit_interval_ms: int = Field(default=1_000, ge=10)

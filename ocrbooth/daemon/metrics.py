@@ -43,6 +43,29 @@ class Metrics:
         self.dead_letters = Counter(
             f"{P}_dead_letters_total", "Messages dead-lettered, by error code.", ["source_topic", "code"], registry=r
         )
+        self.dead_letters_dropped = Counter(
+            f"{P}_dead_letters_dropped_total",
+            "Dead letters the broker refused even in their smallest form (logged instead; the DLQ topic is broken).",
+            registry=r,
+        )
+        self.crash_loops = Counter(
+            f"{P}_crash_loop_messages_total",
+            "Messages dead-lettered as crash_loop: the daemon died max_process_deaths times while handling them.",
+            ["topic"],
+            registry=r,
+        )
+        self.dependency_up = Gauge(
+            f"{P}_dependency_up",
+            "1 while a dependency (s3, kafka) answers, 0 during an outage (no new work is taken meanwhile).",
+            ["dependency"],
+            registry=r,
+        )
+        self.loop_restarts = Counter(
+            f"{P}_loop_restarts_total",
+            "Daemon loops (fetch, commit, broadcast) restarted after an unexpected error.",
+            ["loop"],
+            registry=r,
+        )
         self.handler_retries = Counter(
             f"{P}_handler_retries_total", "Retries after retryable handler failures.", ["topic"], registry=r
         )
@@ -176,6 +199,7 @@ class Metrics:
         `code` label has too many values to enumerate.)"""
         for topic in inputs:
             self.consumed.labels(topic)
+            self.crash_loops.labels(topic)
             self.handler_retries.labels(topic)
             self.handle_seconds.labels(topic)
             for outcome in HANDLED_OUTCOMES:
