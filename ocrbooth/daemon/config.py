@@ -260,8 +260,9 @@ class FinetuneSettings(_Section):
     max_prompt_bytes: int = Field(default=1_024, ge=16)
     """Longest prompt (instance, class, each validation prompt), in UTF-8 bytes (string_too_long); CLIP reads
     only the first 77 tokens anyway."""
-    max_uri_bytes: int = Field(default=2_048, ge=64)
-    """Longest URI (each instance_images entry, output_uri), in UTF-8 bytes (string_too_long)."""
+    max_uri_bytes: int = Field(default=1_024, ge=64)
+    """Longest URI (each instance_images entry, output_uri), in UTF-8 bytes (string_too_long); an S3 key itself
+    is at most 1024 bytes."""
     max_base_model_bytes: int = Field(default=1_024, ge=16)
     """Longest base_model, in UTF-8 bytes (string_too_long)."""
     allowed_base_models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_BASE_MODELS))
