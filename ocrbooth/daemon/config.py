@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextvars
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -118,14 +118,21 @@ class S3Settings(_Section):
     """Read timeout of one S3 request."""
     allowed_buckets: Annotated[list[str], NoDecode] = []
     """Buckets documents may be read from (`a,b`); empty means only `bucket`. No other scheme is fetched."""
+    output_buckets: Annotated[list[str], NoDecode] = []
+    """Buckets a fine-tune request's output_uri may name (`a,b`); empty means only `bucket`."""
 
-    @field_validator("allowed_buckets", mode="before")
+    @field_validator("allowed_buckets", "output_buckets", mode="before")
     @classmethod
     def _buckets_csv(cls, value: object) -> object:
         return _split_csv(value)
 
     def readable_buckets(self) -> set[str]:
+        """Buckets requests may read from."""
         return set(self.allowed_buckets) or {self.bucket}
+
+    def writable_buckets(self) -> set[str]:
+        """Buckets requests may have outputs written to."""
+        return set(self.output_buckets) or {self.bucket}
 
 
 class TopicSettings(_Section):
@@ -185,8 +192,9 @@ class OcrSettings(_Section):
     """Documents with more pages (or requests selecting more) fail with too_many_pages."""
     max_image_pixels: int = Field(default=80_000_000, ge=1_000_000)
     """Images with more pixels fail with image_too_large (pixel-bomb guard)."""
-    max_inline_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
-    """Largest inline (base64-decoded) document."""
+    max_inline_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    """Largest inline (base64-decoded) document. Its base64 form (4/3 of it) must fit in
+    max_input_message_bytes; larger documents belong in S3."""
     max_source_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
     """Largest document fetched from S3."""
     max_batch_pages: int = Field(default=32, ge=1, le=1024)
@@ -206,6 +214,16 @@ class OcrSettings(_Section):
         return _split_csv(value)
 
 
+# Stable Diffusion pipelines in diffusers format on the Hugging Face hub, allowed unless the operator says
+# otherwise (the first is `ocrbooth finetune`'s default).
+DEFAULT_BASE_MODELS: Final = (
+    "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "CompVis/stable-diffusion-v1-4",
+    "stabilityai/stable-diffusion-2-1",
+    "stabilityai/stable-diffusion-2-1-base",
+)
+
+
 class FinetuneSettings(_Section):
     """DreamBooth jobs: operator bounds every request must fit, GPU slots, attempts."""
 
@@ -214,23 +232,44 @@ class FinetuneSettings(_Section):
     max_attempts: int = Field(default=3, ge=1, le=20)
     """Trainer runs per job (a crash resumes from the last checkpoint) before the job fails."""
     max_train_steps: int = Field(default=5_000, ge=1)
-    """Largest max_train_steps a request may ask for."""
+    """Largest max_train_steps (and lr_warmup_steps) a request may ask for (too_many_steps)."""
     min_resolution: int = Field(default=64, ge=8)
-    """Smallest training resolution."""
+    """Smallest training resolution (resolution_out_of_range)."""
     max_resolution: int = Field(default=1024, ge=8)
-    """Largest training resolution."""
+    """Largest training resolution (resolution_out_of_range)."""
     max_instance_images: int = Field(default=20, ge=1)
-    """Most subject photos per job."""
+    """Most subject photos per job (too_many_images)."""
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
-    """Largest single subject photo."""
+    """Largest single subject photo (image_too_large)."""
     max_class_images: int = Field(default=1_000, ge=0)
-    """Most class images a request may ask for."""
+    """Most class images a request may ask for (too_many_images)."""
     max_train_batch_size: int = Field(default=16, ge=1)
-    """Largest train_batch_size."""
+    """Largest train_batch_size (batch_too_large)."""
+    max_gradient_accumulation_steps: int = Field(default=64, ge=1)
+    """Largest gradient_accumulation_steps (too_many_steps): each optimizer step costs this many batches."""
+    max_checkpoints_per_job: int = Field(default=100, ge=1)
+    """Most checkpoints a job may write, max_train_steps / checkpointing_steps (too_many_checkpoints)."""
+    max_checkpoints_total_limit: int = Field(default=10, ge=1)
+    """Largest checkpoints_total_limit, the checkpoints kept at once in S3 (too_many_checkpoints)."""
+    max_validation_prompts: int = Field(default=8, ge=0)
+    """Most validation prompts per request (too_many_prompts)."""
     max_validation_images: int = Field(default=16, ge=0)
-    """Most validation images per prompt."""
-    allowed_base_models: Annotated[list[str], NoDecode] = []
-    """Base models (hub ids, paths, s3:// prefixes) a request may name; empty allows any that loads."""
+    """Most validation images per prompt (too_many_images)."""
+    max_inference_steps: int = Field(default=200, ge=1)
+    """Largest num_inference_steps of class and validation images (too_many_steps)."""
+    max_prompt_bytes: int = Field(default=1_024, ge=16)
+    """Longest prompt (instance, class, each validation prompt), in UTF-8 bytes (string_too_long); CLIP reads
+    only the first 77 tokens anyway."""
+    max_uri_bytes: int = Field(default=1_024, ge=64)
+    """Longest URI (each instance_images entry, output_uri), in UTF-8 bytes (string_too_long); an S3 key itself
+    is at most 1024 bytes."""
+    max_base_model_bytes: int = Field(default=1_024, ge=16)
+    """Longest base_model, in UTF-8 bytes (string_too_long)."""
+    allowed_base_models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_BASE_MODELS))
+    """Base models a request may name (`a,b`): hub ids (exact) and `s3://bucket/prefix/` prefixes; the default
+    is four Stable Diffusion hub ids; empty allows none (base_model_not_allowed)."""
+    allow_local_base_models: bool = False
+    """Also allow any local path as base_model (a directory on the daemon's disk); for tests and development."""
     progress_every_steps: int = Field(default=10, ge=1)
     """A progress event every this many steps."""
     stop_timeout_s: float = Field(default=120.0, gt=0)
@@ -355,12 +394,30 @@ class Settings(BaseSettings):
             problems.append("handlers: a handler is listed twice")
         if self.retry.initial_backoff_ms > self.retry.max_backoff_ms:
             problems.append("retry.initial_backoff_ms: must not exceed retry.max_backoff_ms")
+        problems += self._size_problems()
         topic_names = list(self.topics.model_dump().values())
         if len(set(topic_names)) != len(topic_names):
             problems.append("topics: every topic needs its own name")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _size_problems(self) -> list[str]:
+        """Limits that contradict each other, so that one of them could never apply."""
+        problems: list[str] = []
+        # An inline document travels base64-encoded (4 bytes per 3) inside one input message.
+        inline_b64 = -(-self.ocr.max_inline_bytes // 3) * 4
+        if inline_b64 > self.max_input_message_bytes:
+            problems.append(
+                f"ocr.max_inline_bytes: {self.ocr.max_inline_bytes} is {inline_b64} bytes in base64, over "
+                f"max_input_message_bytes ({self.max_input_message_bytes}): keep it at most 3/4 of that"
+            )
+        if self.ocr.max_inline_bytes > self.ocr.max_source_bytes:
+            problems.append("ocr.max_inline_bytes: must not exceed ocr.max_source_bytes")
+        f = self.finetune
+        if f.min_resolution > f.max_resolution:
+            problems.append("finetune.min_resolution: must not exceed finetune.max_resolution")
+        return problems
 
     @classmethod
     def settings_customise_sources(

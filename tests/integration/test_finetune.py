@@ -16,7 +16,7 @@ from tests.support.daemon import running_daemon, settings_for
 from tests.support.kafka import committed_offsets, consume_all, produce
 from tests.support.s3faults import S3FaultProxy
 from tests.support.stack import TopicNames, unique_suffix
-from tests.support.tiny_sd import build_tiny_sd, make_instance_images, tiny_job_request
+from tests.support.tiny_sd import LOCAL_BASE_MODELS_ENV, build_tiny_sd, make_instance_images, tiny_job_request
 
 TERMINAL = {"completed", "failed", "cancelled"}
 
@@ -60,6 +60,7 @@ def _env(daemon_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
         "OCRBOOTH_FINETUNE_PROGRESS_EVERY_STEPS": "1",
         "OCRBOOTH_FINETUNE_MAX_CONCURRENT_JOBS": "1",
         "HF_HUB_OFFLINE": "1",
+        **LOCAL_BASE_MODELS_ENV,
     }
 
 
