@@ -479,8 +479,8 @@ def _defaults_for(locs: list[tuple[int | str, ...]]) -> dict[str, Any]:
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Read settings; raise ConfigError listing every problem at once."""
-    if config_file is not None and not config_file.is_file():
-        raise ConfigError(f"invalid settings:\n  --config: {config_file} does not exist")
+    if config_file is not None:
+        _check_config_file(config_file)
     token = _CONFIG_FILE.set(config_file)
     try:
         try:
@@ -496,3 +496,32 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             raise ConfigError("invalid settings:\n" + "\n".join(f"  {p}" for p in problems)) from None
     finally:
         _CONFIG_FILE.reset(token)
+
+
+def _check_config_file(path: Path) -> None:
+    """ConfigError naming what is wrong with the YAML file itself (missing, unreadable, not YAML, not a mapping),
+    which pydantic-settings would otherwise report as a traceback."""
+    import yaml
+
+    def fail(problem: str) -> ConfigError:
+        return ConfigError(f"invalid settings:\n  --config: {path} {problem}")
+
+    if path.is_dir():
+        raise fail("is a directory, not a YAML file")
+    if not path.exists():
+        raise fail("does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise fail(f"cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise fail("is not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise fail(f"is not valid YAML: {problem}{where}") from None
+    if data is not None and not isinstance(data, dict):
+        raise fail(
+            f"must hold a mapping of settings (e.g. `kafka: {{bootstrap_servers: ...}}`), not a {type(data).__name__}"
+        )
