@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -53,9 +54,9 @@ def test_a_request_within_every_default_bound_passes() -> None:
     validate_request(_request(), _settings())
 
 
-def test_the_cli_default_base_model_is_allowed_by_default() -> None:
+def test_the_cli_default_base_model_is_allowed_by_default(tmp_path: Path) -> None:
     """`ocrbooth finetune` without --base-model names a model the default allowlist takes."""
-    args = build_parser().parse_args(["finetune", "imgs", "--instance-prompt", "p", "--class-prompt", "c"])
+    args = build_parser().parse_args(["finetune", str(tmp_path), "--instance-prompt", "p", "--class-prompt", "c"])
     assert args.base_model in DEFAULT_BASE_MODELS
     validate_request(_request(base_model=args.base_model), _settings())
 
