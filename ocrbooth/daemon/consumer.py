@@ -97,7 +97,12 @@ class Consumer:
             fetch_max_bytes=max(self._s.max_input_message_bytes * 2, 50 * 1024 * 1024),
             isolation_level="read_committed",
         )
-        await self._consumer.start()
+        try:
+            await self._consumer.start()
+        except BaseException:
+            consumer, self._consumer = self._consumer, None
+            await consumer.stop()
+            raise
         self._consumer.subscribe(list(self._routes), listener=_Listener(self))
 
     def stop_fetching(self) -> None:

@@ -76,7 +76,13 @@ class Publisher:
             compression_type=k.compression_type,
             max_request_size=_max_request_bytes(self._settings),
         )
-        await self._producer.start()
+        try:
+            await self._producer.start()
+        except BaseException:
+            # A broker unreachable at startup: close the half-started client instead of leaking its tasks.
+            producer, self._producer = self._producer, None
+            await producer.stop()
+            raise
 
     async def stop(self) -> None:
         """Flush what is buffered, then close."""
