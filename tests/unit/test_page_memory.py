@@ -16,7 +16,8 @@ async def test_requests_wait_in_order_until_bytes_are_released() -> None:
     big = asyncio.ensure_future(budget.acquire(50))
     small = asyncio.ensure_future(budget.acquire(10))
     await asyncio.sleep(0)
-    assert not big.done() and not small.done()
+    assert not big.done()
+    assert not small.done()
     assert budget.exhausted
     budget.release(60)
     await asyncio.wait_for(asyncio.gather(big, small), 1)
@@ -28,9 +29,11 @@ async def test_a_page_larger_than_the_budget_runs_alone() -> None:
     """A single page larger than the whole budget is granted when nothing else is held (no deadlock)."""
     budget = PageMemory(100)
     await asyncio.wait_for(budget.acquire(500), 1)
-    assert budget.used_bytes == 500 and budget.exhausted
+    assert budget.used_bytes == 500
+    assert budget.exhausted
     budget.release(500)
-    assert budget.used_bytes == 0 and not budget.exhausted
+    assert budget.used_bytes == 0
+    assert not budget.exhausted
 
 
 async def test_a_cancelled_waiter_lets_the_next_one_in() -> None:
