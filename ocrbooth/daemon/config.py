@@ -207,6 +207,17 @@ class OcrSettings(_Section):
     """Processes rendering pages (CPU), overlapping with GPU work."""
     tesseract_threads: int = Field(default=2, ge=1, le=64)
     """Tesseract processes run in parallel per batch."""
+    render_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    """Longest a page may take to render in its worker; the worker is then killed and replaced, and the
+    document fails with render_timeout."""
+    render_worker_max_bytes: int = Field(default=2 * 1024**3, ge=256 * 1024**2)
+    """Address-space cap (RLIMIT_AS) of each render worker, about 0.55 GiB of it taken by the interpreter and
+    MuPDF; a page needing more fails with render_out_of_memory."""
+    max_page_memory_bytes: int = Field(default=512 * 1024**2, ge=1024**2)
+    """Pixels of rendered pages held in the daemon (rendered, not yet recognised), across all documents; while
+    spent, no new pages are rendered and the OCR partitions pause."""
+    render_ahead_pages: int = Field(default=8, ge=1, le=1024)
+    """Pages of one document rendered or waiting for the engine at once (its look-ahead window)."""
 
     @field_validator("default_languages", mode="before")
     @classmethod

@@ -148,6 +148,22 @@ class Metrics:
         self.ocr_batch_splits = Counter(
             f"{P}_ocr_batch_splits_total", "Batches split after a failure (e.g. out of memory).", ["engine"], registry=r
         )
+        self.ocr_render_workers = Gauge(
+            f"{P}_ocr_render_workers",
+            "Render worker processes started and alive (below ocr.render_workers while replacements start).",
+            registry=r,
+        )
+        self.ocr_render_failures = Counter(
+            f"{P}_ocr_render_failures_total",
+            "Render workers lost or tasks failed, by reason (timeout, out_of_memory, crashed, start_failed).",
+            ["reason"],
+            registry=r,
+        )
+        self.ocr_page_memory = Gauge(
+            f"{P}_ocr_page_memory_bytes",
+            "Bytes of rendered pages held in the daemon, waiting for or in recognition (ocr.max_page_memory_bytes).",
+            registry=r,
+        )
         self.ocr_engine_busy = Counter(
             f"{P}_ocr_engine_busy_seconds_total",
             "Seconds the engine (the GPU, for lightonocr) spent on batches; rate() is the busy fraction.",
@@ -218,6 +234,11 @@ class Metrics:
         self.ocr_batch_seconds.labels(engine)
         self.ocr_batch_splits.labels(engine)
         self.ocr_engine_busy.labels(engine)
+
+    def init_render(self, reasons: Iterable[str]) -> None:
+        """The render-failure series at 0 for every reason, once the render pool exists."""
+        for reason in reasons:
+            self.ocr_render_failures.labels(reason)
 
     def init_finetune(self) -> None:
         for outcome in FINETUNE_OUTCOMES:
