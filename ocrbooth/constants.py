@@ -21,6 +21,7 @@ S3_PREFIX_OFFLOAD: Final = "offload/"  # output events too large for Kafka: offl
 S3_PREFIX_UPLOADS: Final = "uploads/"  # documents uploaded by `ocrbooth submit`
 S3_PREFIX_JOBS: Final = "jobs/"  # fine-tune job state and checkpoints: jobs/{job_id}/...
 S3_PREFIX_CLASS_IMAGES: Final = "class-images/"  # prior-preservation images shared by jobs: class-images/{key}/
+S3_PREFIX_STATE: Final = "state/"  # daemon state that must survive restarts: state/crashloop/{group}/{topic}/{p}.json
 
 # Prometheus metric name prefix.
 METRIC_PREFIX: Final = "ocrbooth"

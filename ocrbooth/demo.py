@@ -190,6 +190,8 @@ def run_demo(*, keep: bool = False) -> int:
                 "OCRBOOTH_FINETUNE_PROGRESS_EVERY_STEPS": "4",
                 "OCRBOOTH_LOG_LEVEL": "WARNING",  # the trainer subprocess logs through the same settings
                 "OCRBOOTH_FINETUNE_WORKDIR": str(data_dir / "jobs"),
+                # The demo's tiny Stable Diffusion is a local directory, refused by default.
+                "OCRBOOTH_FINETUNE_ALLOW_LOCAL_BASE_MODELS": "true",
                 "HF_HUB_OFFLINE": "1",
                 "OCRBOOTH_OCR_ENGINE": os.environ.get("OCRBOOTH_OCR_ENGINE", "auto"),
                 "OCRBOOTH_OCR_DEFAULT_LANGUAGES": "eng,fra,deu,spa,ita,nld,por,swe,dan",

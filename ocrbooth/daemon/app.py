@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from ocrbooth.daemon.broadcast import BroadcastConsumer
 from ocrbooth.daemon.config import Settings
-from ocrbooth.daemon.consumer import BroadcastConsumer, Consumer, Route
+from ocrbooth.daemon.consumer import Consumer
+from ocrbooth.daemon.crashloop import CrashGuard
+from ocrbooth.daemon.dispatch import Dispatcher, Route
 from ocrbooth.daemon.gctune import tune_gc
 from ocrbooth.daemon.health import HealthServer
 from ocrbooth.daemon.metrics import Metrics
+from ocrbooth.daemon.outage import Dependencies
 from ocrbooth.daemon.publisher import Publisher
 from ocrbooth.daemon.shutdown import Lifecycle, State, wait_event
 from ocrbooth.daemon.storage import S3Storage
@@ -27,6 +31,7 @@ log = logging.getLogger(__name__)
 # /healthz fails when the event loop has not ticked for this long (something blocks it).
 _LOOP_STALL_S = 10.0
 _TICK_S = 1.0
+_LOOP_RESTART_S = 1.0  # pause before a loop that failed unexpectedly is started again
 
 
 class Daemon:
@@ -44,11 +49,26 @@ class Daemon:
         self.lifecycle = Lifecycle()
         self.handlers = list(handlers) if handlers is not None else load_handlers(settings.handlers, settings)
         self.storage = S3Storage(settings.s3)
-        self.publisher = Publisher(settings, self.metrics, self.storage)
+        self.dependencies = Dependencies(self.metrics.dependency_up)
+        self.s3 = self.dependencies.add("s3", self.storage.check)
+        self.broker = self.dependencies.add("kafka", None)
+        self.publisher = Publisher(settings, self.metrics, self.storage, self.broker)
         routes = {
             topic: Route(handler, model) for handler in self.handlers for topic, model in handler.input_topics().items()
         }
-        self.consumer = Consumer(settings, self.metrics, self.publisher, routes, self.spawn, self.fatal)
+        self.stopping = asyncio.Event()
+        self.dispatcher = Dispatcher(settings, self.metrics, self.publisher, self.s3, self.stopping)
+        self.consumer = Consumer(
+            settings, self.metrics, self.publisher, routes, self.spawn, self.dispatcher, self.dependencies
+        )
+        if settings.max_process_deaths > 0:
+            self.consumer.guard = CrashGuard(
+                self.storage,
+                settings.group_id,
+                settings.max_process_deaths,
+                self.consumer.tracker.pending_offsets,
+                lambda tp: (tp.topic, tp.partition),
+            )
         broadcast = {
             topic: Route(handler, model)
             for handler in self.handlers
@@ -64,6 +84,7 @@ class Daemon:
         self.exit_code = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
+        self._loop_factories: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {}
         self._last_tick = time.monotonic()
         self._started_at = time.monotonic()
         self._shutdown_steps: list[tuple[str, Any]] = []
@@ -77,16 +98,35 @@ class Daemon:
         task.add_done_callback(self._task_done)
         return task
 
+    def spawn_loop(self, factory: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
+        """A loop that runs for the daemon's life; restarted (after a pause) if it fails unexpectedly."""
+        self._loop_factories[name] = factory
+        self._loops.append(self.spawn(factory(), name))
+
     def _task_done(self, task: asyncio.Task[None]) -> None:
+        """Only a FatalError (GPU or driver broken) stops the daemon. Any other failure is logged; a loop that
+        died is started again, a message's task has already answered for its message."""
         self._tasks.discard(task)
         if task.cancelled():
             return
         exc = task.exception()
-        if exc is None:
-            if task in self._loops and self.lifecycle.state is State.RUNNING:
-                self.fatal(FatalError(f"{task.get_name()} ended unexpectedly"))
+        if isinstance(exc, FatalError):
+            self.fatal(exc)
             return
-        self.fatal(exc)
+        name = task.get_name()
+        if task in self._loops:
+            self._loops.remove(task)
+            if self.lifecycle.state is not State.RUNNING:
+                return
+            log.error("%s ended unexpectedly; restarting it", name, exc_info=exc)
+            self.metrics.loop_restarts.labels(name).inc()
+            asyncio.get_running_loop().call_later(_LOOP_RESTART_S, self._restart_loop, name)
+        elif exc is not None:
+            log.error("task %s failed", name, exc_info=exc)
+
+    def _restart_loop(self, name: str) -> None:
+        if self.lifecycle.state is State.RUNNING and name in self._loop_factories:
+            self._loops.append(self.spawn(self._loop_factories[name](), name))
 
     def fatal(self, exc: BaseException) -> None:
         """Something is broken beyond one message: drain and exit non-zero so the pod is restarted."""
@@ -110,6 +150,9 @@ class Daemon:
             return False, self.lifecycle.state.value
         if not self.consumer.assigned_once:
             return False, "waiting for a partition assignment"
+        down = self.dependencies.down()
+        if down:
+            return False, "degraded: " + ", ".join(f"{d.name} unreachable ({d.last_error[:200]})" for d in down)
         not_ready = [h.name for h in self.handlers if not h.ready()]
         if not_ready:
             return False, "handlers not ready: " + ", ".join(not_ready)
@@ -129,7 +172,9 @@ class Daemon:
         self.lifecycle.state = State.STARTING
         await self.health.start()
         self._shutdown_steps.append(("health server", self.health.stop))
-        self._loops.append(self.spawn(self._ticker(), "ticker"))
+        self.spawn_loop(self._ticker, "ticker")
+        for dep in self.dependencies.by_name.values():
+            self.spawn_loop(dep.watch, f"{dep.name} watch")
         runtime = HandlerRuntime(self.settings, self.storage, self.metrics, self.publisher.publish)
         for handler in self.handlers:
             await handler.start(runtime)
@@ -143,10 +188,10 @@ class Daemon:
         self._shutdown_steps.append(("consumer", self.consumer.close))
         tune_gc(gen0_threshold=self.settings.gc_gen0_threshold, freeze=self.settings.gc_freeze)
         self.lifecycle.state = State.RUNNING
-        self._loops.append(self.spawn(self.consumer.fetch_loop(), "fetch loop"))
-        self._loops.append(self.spawn(self.consumer.commit_loop(), "commit loop"))
+        self.spawn_loop(self.consumer.fetch_loop, "fetch loop")
+        self.spawn_loop(self.consumer.commit_loop, "commit loop")
         if self.broadcast is not None:
-            self._loops.append(self.spawn(self.broadcast.loop(), "broadcast loop"))
+            self.spawn_loop(self.broadcast.loop, "broadcast loop")
         log.info(
             "ocrbooth running",
             extra={"handlers": [h.name for h in self.handlers], "group_id": self.settings.group_id},
@@ -171,6 +216,7 @@ class Daemon:
     async def shutdown(self) -> None:
         """Stop fetching, drain within drain_timeout_s, commit, then undo startup in reverse order."""
         self.lifecycle.state = State.DRAINING
+        self.stopping.set()
         self.consumer.stop_fetching()
         for handler in self.handlers:
             try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextvars
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -118,14 +118,21 @@ class S3Settings(_Section):
     """Read timeout of one S3 request."""
     allowed_buckets: Annotated[list[str], NoDecode] = []
     """Buckets documents may be read from (`a,b`); empty means only `bucket`. No other scheme is fetched."""
+    output_buckets: Annotated[list[str], NoDecode] = []
+    """Buckets a fine-tune request's output_uri may name (`a,b`); empty means only `bucket`."""
 
-    @field_validator("allowed_buckets", mode="before")
+    @field_validator("allowed_buckets", "output_buckets", mode="before")
     @classmethod
     def _buckets_csv(cls, value: object) -> object:
         return _split_csv(value)
 
     def readable_buckets(self) -> set[str]:
+        """Buckets requests may read from."""
         return set(self.allowed_buckets) or {self.bucket}
+
+    def writable_buckets(self) -> set[str]:
+        """Buckets requests may have outputs written to."""
+        return set(self.output_buckets) or {self.bucket}
 
 
 class TopicSettings(_Section):
@@ -185,8 +192,9 @@ class OcrSettings(_Section):
     """Documents with more pages (or requests selecting more) fail with too_many_pages."""
     max_image_pixels: int = Field(default=80_000_000, ge=1_000_000)
     """Images with more pixels fail with image_too_large (pixel-bomb guard)."""
-    max_inline_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
-    """Largest inline (base64-decoded) document."""
+    max_inline_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    """Largest inline (base64-decoded) document. Its base64 form (4/3 of it) must fit in
+    max_input_message_bytes; larger documents belong in S3."""
     max_source_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
     """Largest document fetched from S3."""
     max_batch_pages: int = Field(default=32, ge=1, le=1024)
@@ -199,11 +207,32 @@ class OcrSettings(_Section):
     """Processes rendering pages (CPU), overlapping with GPU work."""
     tesseract_threads: int = Field(default=2, ge=1, le=64)
     """Tesseract processes run in parallel per batch."""
+    render_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    """Longest a page may take to render in its worker; the worker is then killed and replaced, and the
+    document fails with render_timeout."""
+    render_worker_max_bytes: int = Field(default=2 * 1024**3, ge=256 * 1024**2)
+    """Address-space cap (RLIMIT_AS) of each render worker, about 0.55 GiB of it taken by the interpreter and
+    MuPDF; a page needing more fails with render_out_of_memory."""
+    max_page_memory_bytes: int = Field(default=512 * 1024**2, ge=1024**2)
+    """Pixels of rendered pages held in the daemon (rendered, not yet recognised), across all documents; while
+    spent, no new pages are rendered and the OCR partitions pause."""
+    render_ahead_pages: int = Field(default=8, ge=1, le=1024)
+    """Pages of one document rendered or waiting for the engine at once (its look-ahead window)."""
 
     @field_validator("default_languages", mode="before")
     @classmethod
     def _languages_csv(cls, value: object) -> object:
         return _split_csv(value)
+
+
+# Stable Diffusion pipelines in diffusers format on the Hugging Face hub, allowed unless the operator says
+# otherwise (the first is `ocrbooth finetune`'s default).
+DEFAULT_BASE_MODELS: Final = (
+    "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "CompVis/stable-diffusion-v1-4",
+    "stabilityai/stable-diffusion-2-1",
+    "stabilityai/stable-diffusion-2-1-base",
+)
 
 
 class FinetuneSettings(_Section):
@@ -214,23 +243,44 @@ class FinetuneSettings(_Section):
     max_attempts: int = Field(default=3, ge=1, le=20)
     """Trainer runs per job (a crash resumes from the last checkpoint) before the job fails."""
     max_train_steps: int = Field(default=5_000, ge=1)
-    """Largest max_train_steps a request may ask for."""
+    """Largest max_train_steps (and lr_warmup_steps) a request may ask for (too_many_steps)."""
     min_resolution: int = Field(default=64, ge=8)
-    """Smallest training resolution."""
+    """Smallest training resolution (resolution_out_of_range)."""
     max_resolution: int = Field(default=1024, ge=8)
-    """Largest training resolution."""
+    """Largest training resolution (resolution_out_of_range)."""
     max_instance_images: int = Field(default=20, ge=1)
-    """Most subject photos per job."""
+    """Most subject photos per job (too_many_images)."""
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
-    """Largest single subject photo."""
+    """Largest single subject photo (image_too_large)."""
     max_class_images: int = Field(default=1_000, ge=0)
-    """Most class images a request may ask for."""
+    """Most class images a request may ask for (too_many_images)."""
     max_train_batch_size: int = Field(default=16, ge=1)
-    """Largest train_batch_size."""
+    """Largest train_batch_size (batch_too_large)."""
+    max_gradient_accumulation_steps: int = Field(default=64, ge=1)
+    """Largest gradient_accumulation_steps (too_many_steps): each optimizer step costs this many batches."""
+    max_checkpoints_per_job: int = Field(default=100, ge=1)
+    """Most checkpoints a job may write, max_train_steps / checkpointing_steps (too_many_checkpoints)."""
+    max_checkpoints_total_limit: int = Field(default=10, ge=1)
+    """Largest checkpoints_total_limit, the checkpoints kept at once in S3 (too_many_checkpoints)."""
+    max_validation_prompts: int = Field(default=8, ge=0)
+    """Most validation prompts per request (too_many_prompts)."""
     max_validation_images: int = Field(default=16, ge=0)
-    """Most validation images per prompt."""
-    allowed_base_models: Annotated[list[str], NoDecode] = []
-    """Base models (hub ids, paths, s3:// prefixes) a request may name; empty allows any that loads."""
+    """Most validation images per prompt (too_many_images)."""
+    max_inference_steps: int = Field(default=200, ge=1)
+    """Largest num_inference_steps of class and validation images (too_many_steps)."""
+    max_prompt_bytes: int = Field(default=1_024, ge=16)
+    """Longest prompt (instance, class, each validation prompt), in UTF-8 bytes (string_too_long); CLIP reads
+    only the first 77 tokens anyway."""
+    max_uri_bytes: int = Field(default=1_024, ge=64)
+    """Longest URI (each instance_images entry, output_uri), in UTF-8 bytes (string_too_long); an S3 key itself
+    is at most 1024 bytes."""
+    max_base_model_bytes: int = Field(default=1_024, ge=16)
+    """Longest base_model, in UTF-8 bytes (string_too_long)."""
+    allowed_base_models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_BASE_MODELS))
+    """Base models a request may name (`a,b`): hub ids (exact) and `s3://bucket/prefix/` prefixes; the default
+    is four Stable Diffusion hub ids; empty allows none (base_model_not_allowed)."""
+    allow_local_base_models: bool = False
+    """Also allow any local path as base_model (a directory on the daemon's disk); for tests and development."""
     progress_every_steps: int = Field(default=10, ge=1)
     """A progress event every this many steps."""
     stop_timeout_s: float = Field(default=120.0, gt=0)
@@ -290,13 +340,25 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=9400, ge=0, le=65535)
     """Port of /metrics, /healthz and /readyz (0 picks a free one)."""
     max_in_flight: int = Field(default=64, ge=1, le=100_000)
-    """Messages accepted but not yet committed, across partitions; bounds redelivery after a crash."""
+    """Messages accepted but not yet committed, per handler (its partitions together); bounds redelivery after a
+    crash, and keeps one handler's backlog from starving another's topics."""
     max_message_bytes: int = Field(default=1_000_000, ge=1_024)
     """Largest output value sent to Kafka; larger outputs are offloaded to S3."""
     max_input_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1_024)
     """Largest input value accepted; larger ones are dead-lettered as message_too_large."""
     dlq_max_value_bytes: int = Field(default=64 * 1024, ge=0)
-    """Bytes of the original value kept in a DeadLetter; the rest is cut and value_truncated is set."""
+    """Bytes of the original value kept in a DeadLetter (and of its headers together); the rest is cut and
+    value_truncated / headers_truncated is set."""
+    dlq_max_key_bytes: int = Field(default=1_024, ge=0, le=1_048_576)
+    """Bytes of the original key kept in a DeadLetter (and as its record key); key_truncated says when cut."""
+    max_key_bytes: int = Field(default=4_096, ge=16, le=1_048_576)
+    """Largest record key of an output; a result whose key is longer fails as output_too_large."""
+    max_process_deaths: int = Field(default=3, ge=0, le=100)
+    """Times the daemon may die while handling one message before it is dead-lettered as crash_loop
+    (0 turns crash-loop protection off, and with it the S3 record of in-flight offsets)."""
+    outage_budget_s: float = Field(default=600.0, gt=0)
+    """How long a message waits out an S3 outage (S3 unreachable or answering 5xx) before it fails with
+    retries_exhausted; meanwhile no new work is taken and /readyz answers 503."""
     drain_timeout_s: float = Field(default=25.0, gt=0)
     """Time in-flight work gets to finish on shutdown; keep below the pod's grace period."""
     commit_interval_ms: int = Field(default=1_000, ge=10)
@@ -343,12 +405,30 @@ class Settings(BaseSettings):
             problems.append("handlers: a handler is listed twice")
         if self.retry.initial_backoff_ms > self.retry.max_backoff_ms:
             problems.append("retry.initial_backoff_ms: must not exceed retry.max_backoff_ms")
+        problems += self._size_problems()
         topic_names = list(self.topics.model_dump().values())
         if len(set(topic_names)) != len(topic_names):
             problems.append("topics: every topic needs its own name")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _size_problems(self) -> list[str]:
+        """Limits that contradict each other, so that one of them could never apply."""
+        problems: list[str] = []
+        # An inline document travels base64-encoded (4 bytes per 3) inside one input message.
+        inline_b64 = -(-self.ocr.max_inline_bytes // 3) * 4
+        if inline_b64 > self.max_input_message_bytes:
+            problems.append(
+                f"ocr.max_inline_bytes: {self.ocr.max_inline_bytes} is {inline_b64} bytes in base64, over "
+                f"max_input_message_bytes ({self.max_input_message_bytes}): keep it at most 3/4 of that"
+            )
+        if self.ocr.max_inline_bytes > self.ocr.max_source_bytes:
+            problems.append("ocr.max_inline_bytes: must not exceed ocr.max_source_bytes")
+        f = self.finetune
+        if f.min_resolution > f.max_resolution:
+            problems.append("finetune.min_resolution: must not exceed finetune.max_resolution")
+        return problems
 
     @classmethod
     def settings_customise_sources(
@@ -410,8 +490,8 @@ def _defaults_for(locs: list[tuple[int | str, ...]]) -> dict[str, Any]:
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Read settings; raise ConfigError listing every problem at once."""
-    if config_file is not None and not config_file.is_file():
-        raise ConfigError(f"invalid settings:\n  --config: {config_file} does not exist")
+    if config_file is not None:
+        _check_config_file(config_file)
     token = _CONFIG_FILE.set(config_file)
     try:
         try:
@@ -427,3 +507,32 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             raise ConfigError("invalid settings:\n" + "\n".join(f"  {p}" for p in problems)) from None
     finally:
         _CONFIG_FILE.reset(token)
+
+
+def _check_config_file(path: Path) -> None:
+    """ConfigError naming what is wrong with the YAML file itself (missing, unreadable, not YAML, not a mapping),
+    which pydantic-settings would otherwise report as a traceback."""
+    import yaml
+
+    def fail(problem: str) -> ConfigError:
+        return ConfigError(f"invalid settings:\n  --config: {path} {problem}")
+
+    if path.is_dir():
+        raise fail("is a directory, not a YAML file")
+    if not path.exists():
+        raise fail("does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise fail(f"cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise fail("is not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise fail(f"is not valid YAML: {problem}{where}") from None
+    if data is not None and not isinstance(data, dict):
+        raise fail(
+            f"must hold a mapping of settings (e.g. `kafka: {{bootstrap_servers: ...}}`), not a {type(data).__name__}"
+        )

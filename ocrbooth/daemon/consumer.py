@@ -1,88 +1,49 @@
-"""The consumer loop: fetch, decode, hand to a handler, publish, commit. At-least-once by construction.
+"""The consumer loop: fetch, accept, hand each message to the dispatcher, commit. At-least-once by construction.
 
-A fetched record is *accepted* when a slot is free: it is tracked until a commit covers it, so at most
-`max_in_flight` records can be redelivered after a crash. When slots run out (globally, or for a handler
-with its own limit) the partitions are paused and polling goes on, so the member stays in the group.
+A fetched record is *accepted* when its handler has room: it is tracked until a commit covers it, so at most
+`max_in_flight` records per handler can be redelivered after a crash. When a handler has no room (its budget
+is spent, or it says it is busy) its partitions are paused and polling goes on, so the member stays in the
+group. While S3 is unreachable every partition is paused. A message that was in flight when a daemon died is
+handled alone next time, and one that keeps killing the daemon is dead-lettered (`daemon/crashloop.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
-from pydantic import BaseModel, ValidationError
 
-from ocrbooth.constants import SCHEMA_VERSION
 from ocrbooth.daemon.config import Settings
+from ocrbooth.daemon.crashloop import CrashGuard
+from ocrbooth.daemon.decode import decode, message_context
+from ocrbooth.daemon.dispatch import Dispatcher, Interrupted, Route
 from ocrbooth.daemon.metrics import Metrics, observe_many
 from ocrbooth.daemon.offsets import OffsetTracker
+from ocrbooth.daemon.outage import Dependencies
 from ocrbooth.daemon.publisher import Publisher
 from ocrbooth.daemon.retry import backoff_s
 from ocrbooth.daemon.shutdown import wait_event
-from ocrbooth.errors import FatalError, PoisonError, RequeueError, RetryableError
+from ocrbooth.errors import FatalError, OcrboothError, PoisonError
 from ocrbooth.handlers.base import Handler, MessageContext, OutputEvent
-from ocrbooth.logs import bind, log_context
+from ocrbooth.logs import log_context
 from ocrbooth.schemas import ErrorInfo
 
 log = logging.getLogger(__name__)
 
 Spawn = Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]
+Mode = Literal["normal", "isolated", "crash_loop"]
 
-
-def decode(value: bytes | None, model: type[BaseModel], *, max_bytes: int) -> BaseModel:
-    """Bytes -> event model, or PoisonError with a specific code. Cheap: runs before any GPU work."""
-    if value is None or not value:
-        raise PoisonError("message has no value", code="empty_message")
-    if len(value) > max_bytes:
-        raise PoisonError(f"message is {len(value)} bytes, over the {max_bytes} byte limit", code="message_too_large")
-    try:
-        # Fast path: parse and validate in one pass. Only a failure pays for the precise diagnosis below.
-        return model.model_validate_json(value)
-    except ValidationError:
-        pass
-    try:
-        text = value.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise PoisonError(f"value is not UTF-8: {exc}", code="invalid_utf8") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PoisonError(f"value is not JSON: {exc}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise PoisonError(f"value is a JSON {type(data).__name__}, expected an object", code="schema_violation")
-    version = data.get("schema_version", SCHEMA_VERSION)
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise PoisonError(f"schema_version must be an integer, got {version!r}", code="schema_violation")
-    if version != SCHEMA_VERSION:
-        raise PoisonError(
-            f"schema_version {version!r} is not supported (this daemon reads {SCHEMA_VERSION})",
-            code="unsupported_schema_version",
-        )
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()[:10]
-        )
-        raise PoisonError(f"{model.__name__} is invalid: {problems}", code="schema_violation") from None
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    handler: Handler
-    model: type[BaseModel]
+__all__ = ["Consumer", "Route", "decode"]
 
 
 class Consumer:
-    """Owns the group consumer, the offset tracker and the pause state."""
+    """Owns the group consumer, the offset tracker, the crash guard and the pause state."""
 
     def __init__(
         self,
@@ -91,19 +52,26 @@ class Consumer:
         publisher: Publisher,
         routes: Mapping[str, Route],
         spawn: Spawn,
-        on_fatal: Callable[[BaseException], None],
+        dispatcher: Dispatcher,
+        dependencies: Dependencies,
+        guard: CrashGuard[TopicPartition] | None = None,
     ) -> None:
         self._s = settings
         self._metrics = metrics
         self._publisher = publisher
         self._routes = dict(routes)
         self._spawn = spawn
-        self._on_fatal = on_fatal
+        self._dispatcher = dispatcher
+        self._deps = dependencies
         self._consumer: AIOKafkaConsumer | None = None
         self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
-        self._running: dict[str, int] = {r.handler.name: 0 for r in self._routes.values()}
+        self.guard = guard
+        self._handlers = {r.handler.name: r.handler for r in self._routes.values()}
+        self._tracked_by: dict[str, int] = dict.fromkeys(self._handlers, 0)
         self._tasks: set[asyncio.Task[None]] = set()
         self._paused: set[TopicPartition] = set()
+        self._loading: set[TopicPartition] = set()
+        self._isolating: tuple[TopicPartition, int] | None = None
         self._full_since: float | None = None
         self._fetching = True
         self._commit_wanted = asyncio.Event()
@@ -129,7 +97,12 @@ class Consumer:
             fetch_max_bytes=max(self._s.max_input_message_bytes * 2, 50 * 1024 * 1024),
             isolation_level="read_committed",
         )
-        await self._consumer.start()
+        try:
+            await self._consumer.start()
+        except BaseException:
+            consumer, self._consumer = self._consumer, None
+            await consumer.stop()
+            raise
         self._consumer.subscribe(list(self._routes), listener=_Listener(self))
 
     def stop_fetching(self) -> None:
@@ -149,34 +122,43 @@ class Consumer:
         return 0
 
     async def close(self) -> None:
-        """Commit what is complete, then leave the group (aiokafka does not call revoke before stop)."""
+        """Commit what is complete, hand the partitions over cleanly, then leave the group (aiokafka does not
+        call revoke before stop)."""
         if self._consumer is None:
             return
         await self.commit()
+        await self._release(self.tracker.partitions())
         consumer, self._consumer = self._consumer, None
         await consumer.stop()
 
     # ---- capacity and pausing --------------------------------------------------------------------
 
-    def _free_slots(self) -> int:
-        return self._s.max_in_flight - self.tracker.tracked
+    def _room(self, handler: Handler) -> int:
+        return self._s.max_in_flight - self._tracked_by[handler.name]
 
-    def _handler_full(self, handler: Handler) -> bool:
-        return handler.busy() or (
-            handler.max_concurrency is not None and self._running[handler.name] >= handler.max_concurrency
-        )
+    def _blocked(self, handler: Handler) -> bool:
+        """The handler takes no new message now: its budget is spent, or it says it is busy."""
+        return self._tracked_by[handler.name] >= self._s.max_in_flight or handler.busy()
 
-    def _apply_pauses(self) -> None:
+    def _apply_pauses(self, *, only: TopicPartition | None = None, everything: bool = False) -> None:
         """Pause exactly the partitions that cannot take work now; aiokafka forgets pauses on rebalance,
         so this also runs after every assignment."""
         consumer = self._consumer
         if consumer is None:
             return
         assigned = consumer.assignment()
-        if self._full_since is not None and time.monotonic() - self._full_since >= self._s.pause_after_ms / 1000:
+        if everything or self._deps.any_down():
+            want = set(assigned)
+        elif only is not None:
+            want = set(assigned) - {only}
+        elif self._full_since is not None and time.monotonic() - self._full_since >= self._s.pause_after_ms / 1000:
             want = set(assigned)
         else:
-            want = {tp for tp in assigned if self._handler_full(self._routes[tp.topic].handler)}
+            blocked = {name for name, h in self._handlers.items() if self._blocked(h)}
+            if len(blocked) == len(self._handlers):
+                blocked = set()  # all full: keep prefetching for a while (pause_after_ms) before pausing
+            want = {tp for tp in assigned if self._routes[tp.topic].handler.name in blocked or tp in self._loading}
+        want |= self._loading & assigned
         to_pause = want - self._paused
         to_resume = (self._paused - want) & assigned
         if to_pause:
@@ -186,20 +168,36 @@ class Consumer:
         self._paused = want
         self._metrics.paused_partitions.set(len(want))
 
+    async def _idle_poll(self) -> None:
+        """Wait for capacity with every partition paused, polling so the member stays in the group."""
+        consumer = self._consumer
+        assert consumer is not None
+        self._capacity_freed.clear()  # before the awaits: a commit that frees room meanwhile must wake the wait
+        if self._paused:
+            await consumer.getmany(timeout_ms=0)
+        await wait_event(self._capacity_freed, self._s.poll_timeout_ms / 1000)
+
     # ---- the fetch loop --------------------------------------------------------------------------
 
     async def fetch_loop(self) -> None:
         consumer = self._consumer
         assert consumer is not None
         while self._fetching:
-            free = self._free_slots()
-            if free <= 0:
-                # Full. A short wait (slots free as commits land) keeps aiokafka prefetching; when it lasts
-                # past pause_after_ms the partitions are paused and polling goes on, so the member stays in
-                # the group however long the work takes (Karafka's long-running-jobs pattern).
+            if self._deps.any_down():
+                # An outage: take nothing new; what is in flight waits for the dependency (dispatch.py).
+                self._apply_pauses(everything=True)
+                await self._idle_poll()
+                continue
+            if self._isolating is not None:
+                await self._isolation_step()
+                continue
+            open_handlers = [h for h in self._handlers.values() if not self._blocked(h)]
+            if not open_handlers:
+                # Full. A short wait (room frees as commits land) keeps aiokafka prefetching; when it lasts past
+                # pause_after_ms the partitions are paused and polling goes on, so the member stays in the
+                # group however long the work takes (Karafka's long-running-jobs pattern).
                 if self._full_since is None:
                     self._full_since = time.monotonic()
-                # Cleared before the await below: a commit that frees slots meanwhile must wake the wait.
                 self._capacity_freed.clear()
                 self._apply_pauses()
                 if self._paused:
@@ -208,7 +206,13 @@ class Consumer:
                 continue
             self._full_since = None
             self._apply_pauses()
-            batch = await consumer.getmany(timeout_ms=self._s.poll_timeout_ms, max_records=free)
+            room = max(self._room(h) for h in open_handlers)
+            try:
+                batch = await consumer.getmany(timeout_ms=self._s.poll_timeout_ms, max_records=room)
+            except KafkaError as exc:  # aiokafka reconnects by itself; poll again after a pause
+                log.warning("fetch failed, retrying", extra={"error": repr(exc)})
+                await asyncio.sleep(backoff_s(1, initial_ms=200, max_ms=1000) + 0.1)
+                continue
             if not self._fetching:
                 # Stopped while fetching: these records were never accepted, a later member reads them again.
                 break
@@ -217,25 +221,30 @@ class Consumer:
 
     def _accept(self, consumer: AIOKafkaConsumer, tp: TopicPartition, records: list[Any]) -> None:
         route = self._routes[tp.topic]
-        owned = self.tracker.has(tp)
-        batch: list[tuple[Any, int]] | None = [] if route.handler.batch_mode else None
+        handler = route.handler
+        owned = self.tracker.has(tp) and tp not in self._loading
+        batch: list[tuple[Any, int]] | None = [] if handler.batch_mode else None
         accepted = 0
+        guard = self.guard
         for i, record in enumerate(records):
-            if not owned or self._handler_full(route.handler) or self._free_slots() <= 0:
-                # Not accepted: rewind so these records are fetched again once there is room.
+            verdict = "ok" if guard is None else guard.verdict(tp, record.offset)
+            if not owned or self._blocked(handler) or verdict == "suspect":
+                # Not accepted: rewind so these records are fetched again once there is room. A suspect (in
+                # flight when a daemon died) waits until it can be handled alone.
+                if verdict == "suspect" and owned and self._isolating is None:
+                    self._isolating = (tp, record.offset)
                 if tp in consumer.assignment():
                     consumer.seek(tp, record.offset)
                 log.debug("rewound %s to %d (%d records not accepted)", tp, record.offset, len(records) - i)
                 break
-            epoch = self.tracker.start(tp, record.offset)
+            epoch = self._start(tp, handler, record.offset)
             accepted += 1
-            self._running[route.handler.name] += 1
-            if batch is not None:
+            if verdict == "crash_loop":
+                self._spawn_one(record, route, epoch, "crash_loop")
+            elif batch is not None:
                 batch.append((record, epoch))
-                continue
-            task = self._spawn(self._process(record, route, epoch), f"handle {tp.topic}/{tp.partition}/{record.offset}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            else:
+                self._spawn_one(record, route, epoch, "normal")
         if accepted:
             self._metrics.consumed.labels(tp.topic).inc(accepted)
         if batch:
@@ -248,6 +257,66 @@ class Consumer:
         self._metrics.in_flight.set(len(self._tasks))
         self._metrics.uncommitted.set(self.tracker.tracked)
 
+    def _start(self, tp: TopicPartition, handler: Handler, offset: int) -> int:
+        epoch = self.tracker.start(tp, offset)
+        self._tracked_by[handler.name] += 1
+        return epoch
+
+    def _spawn_one(self, record: Any, route: Route, epoch: int, mode: Mode) -> None:
+        task = self._spawn(
+            self._process(record, route, epoch, mode), f"handle {record.topic}/{record.partition}/{record.offset}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _isolation_step(self) -> None:
+        """Handle the suspect alone: wait until nothing else is in flight, fetch exactly it, run it, wait."""
+        consumer = self._consumer
+        assert consumer is not None
+        assert self._isolating is not None
+        tp, offset = self._isolating
+        if tp not in consumer.assignment() or not self.tracker.has(tp) or not self._fetching:
+            self._isolating = None
+            return
+        if self._tasks:
+            self._apply_pauses(everything=True)
+            await self._idle_poll()
+            return
+        self._apply_pauses(only=tp)
+        try:
+            batch = await consumer.getmany(tp, timeout_ms=self._s.poll_timeout_ms, max_records=1)
+        except KafkaError as exc:
+            log.warning("fetch failed, retrying", extra={"error": repr(exc)})
+            await asyncio.sleep(0.5)
+            return
+        records = batch.get(tp) or []
+        if not records or not self._fetching:
+            if records:
+                consumer.seek(tp, records[0].offset)
+            return
+        record = records[0]
+        route = self._routes[tp.topic]
+        if record.offset != offset or self.guard is None or self.guard.verdict(tp, offset) != "suspect":
+            self._isolating = None
+            consumer.seek(tp, record.offset)  # not (or no longer) the suspect: the ordinary path takes it
+            return
+        log.warning(
+            "handling a message alone: it was in flight when a daemon died",
+            extra={
+                "topic": tp.topic,
+                "partition": tp.partition,
+                "offset": offset,
+                "deaths": self.guard.deaths(tp, offset),
+            },
+        )
+        epoch = self._start(tp, route.handler, record.offset)
+        self._metrics.consumed.labels(tp.topic).inc()
+        self._spawn_one(record, route, epoch, "isolated")
+        while self._tasks:
+            self._apply_pauses(everything=True)
+            await self._idle_poll()
+        self._isolating = None
+
     # ---- one message -----------------------------------------------------------------------------
 
     def _topic_metrics(self, topic: str, outcome: str) -> tuple[Any, Any]:
@@ -259,24 +328,57 @@ class Consumer:
             self._metric_children[key] = found
         return found
 
+    async def _in_flight_recorded(self, tp: TopicPartition) -> None:
+        """Wait until the crash guard has recorded this partition's in-flight offsets (S3 outages waited out)."""
+        guard = self.guard
+        if guard is None or not guard.enabled:
+            return
+        await self._durably(lambda: guard.record(tp), "record in-flight offsets")
+
+    async def _durably(self, op: Callable[[], Coroutine[Any, Any, None]], what: str) -> None:
+        """Run an S3 write of the daemon's own state until it succeeds; an outage pauses work meanwhile."""
+        attempt = 0
+        while True:
+            try:
+                await op()
+                return
+            except OcrboothError as exc:
+                attempt += 1
+                down = await self._dispatcher.s3.confirm(str(exc))
+                log.warning("%s failed, retrying", what, extra={"error": str(exc), "attempt": attempt, "s3_down": down})
+                await self._dispatcher.until_stopping(
+                    asyncio.sleep(
+                        backoff_s(
+                            attempt, initial_ms=self._s.retry.initial_backoff_ms, max_ms=self._s.retry.max_backoff_ms
+                        )
+                    )
+                )
+
     async def _process_batch(self, items: list[tuple[Any, int]], route: Route) -> None:
         """Batch mode, for handlers that do no I/O of their own (`Handler.batch_mode`): one task per fetched
         batch instead of one per message, and all outputs sent with one acknowledgement wait. Anything that
         fails takes the per-message path, with its retries, failure results and dead letters."""
         started = time.perf_counter()
         done: list[tuple[Any, int, str]] = []
-        staged: list[tuple[Any, int, MessageContext, Sequence[OutputEvent]]] = []
+        tp = TopicPartition(items[0][0].topic, items[0][0].partition)  # one task per fetched partition
         try:
+            try:
+                await self._in_flight_recorded(tp)
+            except Interrupted:
+                done.extend((record, epoch, "requeued") for record, epoch in items)
+                return
+            staged: list[tuple[Any, int, MessageContext, Sequence[OutputEvent]]] = []
             for record, epoch in items:
-                ctx = _context(record)
+                ctx = message_context(record)
                 try:
                     event = decode(record.value, route.model, max_bytes=self._s.max_input_message_bytes)
+                    route.handler.validate(event)
                     outputs = await route.handler.handle(event, ctx)
                 except FatalError:
                     raise
                 except Exception:
                     with log_context(topic=ctx.topic, partition=ctx.partition, offset=ctx.offset):
-                        done.append((record, epoch, await self._handle(record.value, route, ctx)))
+                        done.append((record, epoch, await self._dispatch(record.value, route, ctx)))
                     continue
                 staged.append((record, epoch, ctx, outputs))
             if staged:
@@ -286,11 +388,11 @@ class Consumer:
                 except PoisonError:
                     for record, epoch, ctx, _ in staged:
                         with log_context(topic=ctx.topic, partition=ctx.partition, offset=ctx.offset):
-                            done.append((record, epoch, await self._handle(record.value, route, ctx)))
+                            done.append((record, epoch, await self._dispatch(record.value, route, ctx)))
+        finally:
             elapsed = time.perf_counter() - started
             wanted = False
             outcomes: Counter[str] = Counter()
-            tp = TopicPartition(items[0][0].topic, items[0][0].partition)  # one task per fetched partition
             complete = self.tracker.complete
             for record, epoch, outcome in done:
                 outcomes[outcome] += 1
@@ -303,80 +405,60 @@ class Consumer:
                 observe_many(seconds, elapsed, n)
             if wanted:
                 self._commit_wanted.set()
-        finally:
-            self._running[route.handler.name] -= len(items)
             self._capacity_freed.set()
 
-    async def _process(self, record: Any, route: Route, epoch: int) -> None:
+    async def _dispatch(self, value: bytes | None, route: Route, ctx: MessageContext) -> str:
+        """The dispatcher's outcome; a bug anywhere below still ends in a dead letter, never in silence."""
+        try:
+            return await self._dispatcher.dispatch(value, route, ctx)
+        except (FatalError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            log.exception("dispatching a message failed")
+            error = ErrorInfo(code="internal_error", message=f"{type(exc).__name__}: {exc}"[:2000])
+            return await self._dispatcher.dead_letter(ctx, value, error)
+
+    async def _process(self, record: Any, route: Route, epoch: int, mode: Mode) -> None:
         tp = TopicPartition(record.topic, record.partition)
-        ctx = _context(record)
+        ctx = message_context(record)
         started = time.perf_counter()
+        outcome = "requeued"
         try:
             with log_context(topic=ctx.topic, partition=ctx.partition, offset=ctx.offset):
-                outcome = await self._handle(record.value, route, ctx)
+                outcome = await self._process_one(tp, record, route, ctx, mode)
+        finally:
             self.counts[outcome] += 1
             handled, seconds = self._topic_metrics(ctx.topic, outcome)
             handled.inc()
             seconds.observe(time.perf_counter() - started)
             if outcome != "requeued" and self.tracker.complete(tp, record.offset, epoch):
                 self._commit_wanted.set()
-        finally:
-            self._running[route.handler.name] -= 1
             self._capacity_freed.set()
 
-    async def _handle(self, value: bytes | None, route: Route, ctx: MessageContext) -> str:
-        """Run the handler with retries; return the outcome label. Raises only FatalError (or bugs)."""
+    async def _process_one(self, tp: TopicPartition, record: Any, route: Route, ctx: MessageContext, mode: Mode) -> str:
+        guard = self.guard
+        if mode == "crash_loop" and guard is not None:
+            n = guard.deaths(tp, record.offset)
+            self._metrics.crash_loops.labels(tp.topic).inc()
+            error = ErrorInfo(
+                code="crash_loop",
+                message=f"the daemon died {n} times while handling this message; it is not handled again",
+            )
+            log.error("dead-lettering a message that keeps killing the daemon", extra={"deaths": n})
+            return await self._dispatcher.dead_letter(ctx, record.value, error)
         try:
-            event = decode(value, route.model, max_bytes=self._s.max_input_message_bytes)
-        except PoisonError as exc:
-            log.warning("dead-lettering undecodable message", extra={"code": exc.code, "reason": exc.message})
-            await self._publisher.dead_letter(ctx, value, ErrorInfo(code=exc.code, message=exc.message))
-            return "dead_lettered"
-        fields = event.__dict__  # not getattr: pydantic raises (expensively) for fields a model lacks
-        bind(**{k: v for k in ("request_id", "document_id", "job_id") if isinstance(v := fields.get(k), str)})
-        r = self._s.retry
-        attempt = 0
-        while True:
-            attempt += 1
+            await self._in_flight_recorded(tp)
+            if mode == "isolated" and guard is not None:
+                await self._durably(lambda: guard.isolate(tp, record.offset), "record the isolated offset")
+        except Interrupted:
+            return "requeued"
+        outcome = await self._dispatch(record.value, route, ctx)
+        if mode == "isolated" and guard is not None:
             try:
-                outputs = await route.handler.handle(event, _with_attempt(ctx, attempt))
-                await self._publisher.publish(outputs, ctx)
-                return "succeeded"
-            except FatalError:
-                raise
-            except RequeueError as exc:
-                # Interrupted (shutdown): leave it uncommitted; the next owner of the partition resumes it.
-                log.info("left uncommitted for redelivery", extra={"reason": str(exc)})
-                return "requeued"
-            except RetryableError as exc:
-                if attempt >= r.max_attempts:
-                    error = ErrorInfo(
-                        code="retries_exhausted", message=f"gave up after {attempt} attempts: [{exc.code}] {exc}"
-                    )
-                    break
-                self._metrics.handler_retries.labels(ctx.topic).inc()
-                delay = backoff_s(attempt, initial_ms=r.initial_backoff_ms, max_ms=r.max_backoff_ms)
-                log.info(
-                    "retryable failure, backing off", extra={"attempt": attempt, "error": str(exc), "delay_s": delay}
-                )
-                await asyncio.sleep(delay)
-            except PoisonError as exc:
-                error = ErrorInfo(code=exc.code, message=exc.message)
-                break
-            except Exception as exc:  # a handler bug must not kill the loop: fail this message, keep going
-                log.exception("handler raised")
-                error = ErrorInfo(code="handler_error", message=f"{type(exc).__name__}: {exc}")
-                break
-        failure = route.handler.failure_outputs(event, ctx, error)
-        if failure:
-            try:
-                await self._publisher.publish(failure, ctx)
-                return "failed_result"
-            except PoisonError as exc:
-                error = ErrorInfo(code=exc.code, message=f"{error.message}; failure result rejected: {exc}")
-        log.warning("dead-lettering failed message", extra={"code": error.code, "reason": error.message})
-        await self._publisher.dead_letter(ctx, value, error)
-        return "dead_lettered"
+                await self._durably(lambda: guard.isolate(tp, None), "clear the isolated offset")
+            except Interrupted:
+                pass  # a stale isolated offset only costs one more lone run of a message that is done
+        return outcome
 
     # ---- commits ---------------------------------------------------------------------------------
 
@@ -410,7 +492,10 @@ class Consumer:
                 self._metrics.commit_failures.inc()
                 log.warning("commit failed, will retry", extra={"error": repr(exc)})
                 return False
+            before = {tp: self.tracker.tracked_in(tp) for tp in plan}
             freed = self.tracker.mark_committed(plan)
+            for tp, n in before.items():
+                self._tracked_by[self._routes[tp.topic].handler.name] -= n - self.tracker.tracked_in(tp)
             self._metrics.commits.inc()
             self._metrics.uncommitted.set(self.tracker.tracked)
             if freed:
@@ -432,10 +517,33 @@ class Consumer:
 
     # ---- rebalances ------------------------------------------------------------------------------
 
+    async def _release(self, partitions: Iterable[TopicPartition]) -> None:
+        """Tell the crash guard these partitions are handed over cleanly (best effort: a failure only makes
+        their in-flight messages suspects for the next owner)."""
+        guard = self.guard
+        if guard is None:
+            return
+        for tp in partitions:
+            if tp in self._loading:
+                guard.forget(tp)
+                continue
+            try:
+                async with asyncio.timeout(5):
+                    await guard.release(tp, self.tracker.committed(tp))
+            except (OcrboothError, TimeoutError) as exc:
+                guard.forget(tp)
+                log.warning("could not record a clean hand-over", extra={"partition": str(tp), "error": str(exc)})
+
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         await self.commit(only=revoked)
+        await self._release(revoked)
+        for tp in revoked:
+            self._tracked_by[self._routes[tp.topic].handler.name] -= self.tracker.tracked_in(tp)
         self.tracker.revoke(revoked)
         self._paused -= revoked
+        self._loading -= revoked
+        if self._isolating is not None and self._isolating[0] in revoked:
+            self._isolating = None
         for tp in revoked:
             try:
                 self._metrics.consumer_lag.remove(tp.topic, str(tp.partition))
@@ -447,7 +555,8 @@ class Consumer:
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         consumer = self._consumer
-        assert consumer is not None
+        if consumer is None:  # closing: the group is being left, nothing to take on
+            return
         new = [tp for tp in assigned if tp not in self.tracker.partitions()]
         self.tracker.assign(new)
         for tp in new:
@@ -457,12 +566,32 @@ class Consumer:
                 committed = None
             if committed is not None:
                 self.tracker.mark_committed({tp: committed})
+        if self.guard is not None and self.guard.enabled:
+            # Read what the previous owner left in flight before fetching; paused until then.
+            for tp in new:
+                self._loading.add(tp)
+                self._spawn(self._load_guard(tp), f"crash guard {tp.topic}/{tp.partition}")
         self._paused = set()
         self._apply_pauses()
         self.assigned_once = True
         self._metrics.rebalances.inc()
         self._metrics.assigned_partitions.set(len(assigned))
         log.info("partitions assigned", extra={"partitions": sorted(f"{t.topic}/{t.partition}" for t in assigned)})
+
+    async def _load_guard(self, tp: TopicPartition) -> None:
+        guard = self.guard
+        assert guard is not None
+        try:
+            await self._durably(lambda: guard.load(tp, self.tracker.committed(tp)), "read the crash-loop record")
+        except Interrupted:
+            return
+        except Exception:  # a bug here must not leave the partition paused: go on without its history
+            log.exception("reading the crash-loop record failed; the partition goes on without it")
+            guard.forget(tp)
+        finally:
+            self._capacity_freed.set()
+        if self.tracker.has(tp):
+            self._loading.discard(tp)
 
     # ---- state for health and idle detection -----------------------------------------------------
 
@@ -473,30 +602,13 @@ class Consumer:
     def caught_up(self) -> bool:
         """Nothing in flight, nothing uncommitted, and every assigned partition read to its high watermark."""
         consumer = self._consumer
-        if consumer is None or not self.assigned_once or self._tasks or self.tracker.tracked:
+        if consumer is None or not self.assigned_once or self._tasks or self.tracker.tracked or self._loading:
             return False
         for tp in consumer.assignment():
             hw = consumer.highwater(tp)
             if hw is None or hw > (self.tracker.committed(tp) or 0):
                 return False
         return True
-
-
-def _context(record: Any) -> MessageContext:
-    return MessageContext(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        key=record.key,
-        timestamp_ms=record.timestamp,
-        headers=tuple((k, bytes(v)) for k, v in (record.headers or ())),
-    )
-
-
-def _with_attempt(ctx: MessageContext, attempt: int) -> MessageContext:
-    if attempt == ctx.attempt:
-        return ctx
-    return MessageContext(ctx.topic, ctx.partition, ctx.offset, ctx.key, ctx.timestamp_ms, ctx.headers, attempt)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -508,67 +620,3 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         await self._owner.on_assigned(set(assigned))
-
-
-class BroadcastConsumer:
-    """Reads broadcast topics in full on every replica (no consumer group, from the beginning): commands
-    such as cancel must reach whichever replica runs the job, and one sent before the job starts must be
-    remembered. Nothing is committed; a restart reads the topic again, which handlers treat idempotently."""
-
-    def __init__(self, settings: Settings, publisher: Publisher, routes: Mapping[str, Route]) -> None:
-        self._s = settings
-        self._publisher = publisher
-        self._routes = dict(routes)
-        self._consumer: AIOKafkaConsumer | None = None
-
-    async def start(self) -> None:
-        self._consumer = AIOKafkaConsumer(
-            **self._s.kafka.client_options(), group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
-        )
-        await self._consumer.start()
-        tps: list[TopicPartition] = []
-        for topic in self._routes:
-            partitions = self._consumer.partitions_for_topic(topic)
-            deadline = time.monotonic() + 30
-            while not partitions and time.monotonic() < deadline:
-                await self._consumer.topics()
-                partitions = self._consumer.partitions_for_topic(topic)
-                if not partitions:
-                    await asyncio.sleep(0.5)
-            if not partitions:
-                raise FatalError(f"broadcast topic {topic} does not exist")
-            tps.extend(TopicPartition(topic, p) for p in sorted(partitions))
-        self._consumer.assign(tps)
-        for tp in tps:
-            self._consumer.seek(tp, 0)
-
-    async def loop(self) -> None:
-        consumer = self._consumer
-        assert consumer is not None
-        while self._consumer is not None:
-            batch = await consumer.getmany(timeout_ms=self._s.poll_timeout_ms * 5)
-            for records in batch.values():
-                for record in records:
-                    await self._one(record)
-
-    async def _one(self, record: Any) -> None:
-        route = self._routes[record.topic]
-        ctx = _context(record)
-        with log_context(topic=ctx.topic, partition=ctx.partition, offset=ctx.offset):
-            try:
-                event = decode(record.value, route.model, max_bytes=self._s.max_input_message_bytes)
-                await route.handler.on_broadcast(event, ctx)
-            except PoisonError as exc:
-                await self._publisher.dead_letter(ctx, record.value, ErrorInfo(code=exc.code, message=exc.message))
-            except FatalError:
-                raise
-            except Exception as exc:  # one bad command must not stop the others
-                log.exception("broadcast handler raised")
-                await self._publisher.dead_letter(
-                    ctx, record.value, ErrorInfo(code="handler_error", message=f"{type(exc).__name__}: {exc}")
-                )
-
-    async def close(self) -> None:
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            await consumer.stop()

@@ -766,11 +766,19 @@ def run_dev(
     partitions: int = 4,
     print_fn: Callable[[str], None] = print,
 ) -> int:
-    """Run the stack in the foreground until SIGINT/SIGTERM; print the env lines to use it. Returns 0.
+    """Run the stack in the foreground until SIGINT/SIGTERM; print the env lines to use it. Returns 0, or 1
+    when a child exits; raises EmbeddedStackError, saying what to do, when the stack cannot start.
 
     Data persists in `data_dir` across runs. A port of None means "pick a free one". A second signal
     stops the children with SIGKILL at once.
     """
+    _check_dev_data_dir(data_dir)
+    for name, option, port in (("Kafka", "--kafka-port", kafka_port), ("S3", "--s3-port", s3_port)):
+        if port is not None and not _port_is_free(port):
+            raise EmbeddedStackError(
+                f"{name} port {port} on {HOST} is already in use (another `ocrbooth dev`?); stop what holds it"
+                f" or pass {option} 0 to pick a free port"
+            )
     stack = EmbeddedStack(data_dir, kafka_port=kafka_port, s3_port=s3_port, topics=default_topics(partitions))
     stop_requested = threading.Event()
 
@@ -793,9 +801,6 @@ def run_dev(
         stack.stop()
         logger.info("embedded stack stopped; data kept in %s", stack.data_dir)
         return 0
-    except EmbeddedStackError as exc:
-        logger.error("the embedded stack failed to start: %s", exc)
-        return 1
     except KeyboardInterrupt:
         logger.warning("forced exit: killing the embedded stack")
         stack.kill()
@@ -803,3 +808,17 @@ def run_dev(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _check_dev_data_dir(data_dir: Path) -> None:
+    """Create `data_dir` and prove it writable before any child starts (weed's own error would be a log line
+    in a file inside that very directory)."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        probe = data_dir / f".ocrbooth-write-probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise EmbeddedStackError(
+            f"cannot use {data_dir} as the data directory: {exc.strerror or exc}; pass a writable --data-dir"
+        ) from exc

@@ -43,6 +43,29 @@ class Metrics:
         self.dead_letters = Counter(
             f"{P}_dead_letters_total", "Messages dead-lettered, by error code.", ["source_topic", "code"], registry=r
         )
+        self.dead_letters_dropped = Counter(
+            f"{P}_dead_letters_dropped_total",
+            "Dead letters the broker refused even in their smallest form (logged instead; the DLQ topic is broken).",
+            registry=r,
+        )
+        self.crash_loops = Counter(
+            f"{P}_crash_loop_messages_total",
+            "Messages dead-lettered as crash_loop: the daemon died max_process_deaths times while handling them.",
+            ["topic"],
+            registry=r,
+        )
+        self.dependency_up = Gauge(
+            f"{P}_dependency_up",
+            "1 while a dependency (s3, kafka) answers, 0 during an outage (no new work is taken meanwhile).",
+            ["dependency"],
+            registry=r,
+        )
+        self.loop_restarts = Counter(
+            f"{P}_loop_restarts_total",
+            "Daemon loops (fetch, commit, broadcast) restarted after an unexpected error.",
+            ["loop"],
+            registry=r,
+        )
         self.handler_retries = Counter(
             f"{P}_handler_retries_total", "Retries after retryable handler failures.", ["topic"], registry=r
         )
@@ -125,6 +148,22 @@ class Metrics:
         self.ocr_batch_splits = Counter(
             f"{P}_ocr_batch_splits_total", "Batches split after a failure (e.g. out of memory).", ["engine"], registry=r
         )
+        self.ocr_render_workers = Gauge(
+            f"{P}_ocr_render_workers",
+            "Render worker processes started and alive (below ocr.render_workers while replacements start).",
+            registry=r,
+        )
+        self.ocr_render_failures = Counter(
+            f"{P}_ocr_render_failures_total",
+            "Render workers lost or tasks failed, by reason (timeout, out_of_memory, crashed, start_failed).",
+            ["reason"],
+            registry=r,
+        )
+        self.ocr_page_memory = Gauge(
+            f"{P}_ocr_page_memory_bytes",
+            "Bytes of rendered pages held in the daemon, waiting for or in recognition (ocr.max_page_memory_bytes).",
+            registry=r,
+        )
         self.ocr_engine_busy = Counter(
             f"{P}_ocr_engine_busy_seconds_total",
             "Seconds the engine (the GPU, for lightonocr) spent on batches; rate() is the busy fraction.",
@@ -176,6 +215,7 @@ class Metrics:
         `code` label has too many values to enumerate.)"""
         for topic in inputs:
             self.consumed.labels(topic)
+            self.crash_loops.labels(topic)
             self.handler_retries.labels(topic)
             self.handle_seconds.labels(topic)
             for outcome in HANDLED_OUTCOMES:
@@ -194,6 +234,11 @@ class Metrics:
         self.ocr_batch_seconds.labels(engine)
         self.ocr_batch_splits.labels(engine)
         self.ocr_engine_busy.labels(engine)
+
+    def init_render(self, reasons: Iterable[str]) -> None:
+        """The render-failure series at 0 for every reason, once the render pool exists."""
+        for reason in reasons:
+            self.ocr_render_failures.labels(reason)
 
     def init_finetune(self) -> None:
         for outcome in FINETUNE_OUTCOMES:

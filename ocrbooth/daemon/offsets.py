@@ -42,6 +42,11 @@ class PartitionOffsets:
             raise ValueError(f"offset {offset} is below the committed position {self.committed}")
         self._started.append(offset)
 
+    def pending_offsets(self) -> list[int]:
+        """Offsets started and not yet completed, ascending."""
+        done = self._done
+        return [o for o in self._started[self._head :] if o not in done]
+
     def complete(self, offset: int) -> None:
         self._done.add(offset)
         idx = max(self._contig, self._head)
@@ -153,6 +158,11 @@ class OffsetTracker(Generic[TP]):
     def tracked_in(self, tp: TP) -> int:
         part = self._parts.get(tp)
         return 0 if part is None else part.tracked
+
+    def pending_offsets(self, tp: TP) -> list[int]:
+        """Offsets of `tp` started and not yet completed (what a crash now would interrupt)."""
+        part = self._parts.get(tp)
+        return [] if part is None else part.pending_offsets()
 
     def committed(self, tp: TP) -> int | None:
         part = self._parts.get(tp)

@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from ocrbooth import constants
 from ocrbooth.daemon.config import Settings
 from ocrbooth.daemon.metrics import Metrics, observe_many
+from ocrbooth.daemon.outage import Dependency
 from ocrbooth.daemon.retry import backoff_s
 from ocrbooth.daemon.storage import S3Storage
 from ocrbooth.errors import FatalError, PoisonError
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 # Errors that no retry can fix: the record itself or our permissions are wrong.
 _NOT_RETRIABLE = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidTopicError, UnsupportedVersionError)
 _HEADROOM_BYTES = 64 * 1024  # request framing and headers on top of the largest value we send
+_MAX_ERROR_CHARS = 2_000  # an error message inside a dead letter or failed result
+_MIN_LETTER_MESSAGE_CHARS = 200  # the last-resort dead letter's error message
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +54,13 @@ class _Record:
 class Publisher:
     """Owns the producer. `publish` returns only once the broker has acknowledged every record."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, storage: S3Storage) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, storage: S3Storage, broker: Dependency | None = None
+    ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._storage = storage
+        self._broker = broker
         self._producer: AIOKafkaProducer | None = None
         self._topic_children: dict[str, tuple[Any, Any, Any]] = {}
         self._header_cache: dict[type[BaseModel], tuple[tuple[str, bytes], tuple[str, bytes]]] = {}
@@ -68,10 +74,15 @@ class Publisher:
             linger_ms=k.linger_ms,
             max_batch_size=k.max_batch_bytes,
             compression_type=k.compression_type,
-            max_request_size=max(self._settings.max_message_bytes, self._settings.dlq_max_value_bytes * 2)
-            + _HEADROOM_BYTES,
+            max_request_size=_max_request_bytes(self._settings),
         )
-        await self._producer.start()
+        try:
+            await self._producer.start()
+        except BaseException:
+            # A broker unreachable at startup: close the half-started client instead of leaking its tasks.
+            producer, self._producer = self._producer, None
+            await producer.stop()
+            raise
 
     async def stop(self) -> None:
         """Flush what is buffered, then close."""
@@ -108,27 +119,67 @@ class Publisher:
             await self._send(records)
 
     async def dead_letter(self, ctx: MessageContext, value: bytes | None, error: ErrorInfo) -> None:
-        """Publish a DeadLetter for an input message, keeping at most dlq_max_value_bytes of its value."""
-        limit = self._settings.dlq_max_value_bytes
-        kept = value[:limit] if value is not None else None
+        """Publish a DeadLetter for an input message. Never fails for the message's sake: the key, value,
+        headers and error message are cut to fit (and the letter says so); if the broker still refuses it, a
+        letter with only the source coordinates and the error goes instead."""
+        s = self._settings
+        key_limit, value_limit = s.dlq_max_key_bytes, s.dlq_max_value_bytes
+        kept_value = value[:value_limit] if value is not None else None
+        kept_key = ctx.key[:key_limit] if ctx.key is not None else None
+        headers: list[Header] = []
+        header_bytes = 0
+        headers_truncated = False
+        for k, v in ctx.headers:
+            size = len(k) + (len(v) if v is not None else 0)
+            if header_bytes + size > value_limit:
+                headers_truncated = True
+                break
+            header_bytes += size
+            headers.append(Header(key=k, value_base64=None if v is None else base64.b64encode(v).decode()))
         letter = DeadLetter(
             source_topic=ctx.topic,
             partition=ctx.partition,
             offset=ctx.offset,
-            key_base64=base64.b64encode(ctx.key).decode() if ctx.key is not None else None,
-            value_base64=base64.b64encode(kept).decode() if kept is not None else None,
-            value_truncated=value is not None and len(value) > limit,
-            headers=[Header(key=k, value_base64=base64.b64encode(v).decode()) for k, v in ctx.headers],
-            error=error,
+            key_base64=base64.b64encode(kept_key).decode() if kept_key is not None else None,
+            key_truncated=ctx.key is not None and len(ctx.key) > key_limit,
+            value_base64=base64.b64encode(kept_value).decode() if kept_value is not None else None,
+            value_truncated=value is not None and len(value) > value_limit,
+            headers=headers,
+            headers_truncated=headers_truncated,
+            error=_fit_error(error, _MAX_ERROR_CHARS),
             failed_at=datetime.now(UTC),
         )
-        record = _Record(
-            topic=self._settings.topics.dlq,
-            key=ctx.key,
-            value=letter.model_dump_json().encode(),
-            headers=self._headers(letter, ctx),
-        )
-        await self._send([record])
+        try:
+            await self._send(
+                [_Record(s.topics.dlq, kept_key, letter.model_dump_json().encode(), self._headers(letter, ctx))]
+            )
+        except PoisonError as exc:
+            # The broker's own limits are below ours: keep only what identifies the message and why it failed.
+            log.error("dead letter refused by the broker; sending a minimal one", extra={"error": str(exc)})
+            minimal = letter.model_copy(
+                update={
+                    "key_base64": None,
+                    "key_truncated": ctx.key is not None,
+                    "value_base64": None,
+                    "value_truncated": value is not None,
+                    "headers": [],
+                    "headers_truncated": bool(ctx.headers),
+                    "error": _fit_error(error, _MIN_LETTER_MESSAGE_CHARS),
+                }
+            )
+            try:
+                await self._send(
+                    [_Record(s.topics.dlq, None, minimal.model_dump_json().encode(), self._headers(minimal, ctx))]
+                )
+            except PoisonError as again:
+                # Nothing smaller exists: the DLQ topic itself is unusable (deleted, or a limit of a few hundred
+                # bytes). Holding the partition would stop every later message too; log it loudly and count it.
+                self._metrics.dead_letters_dropped.inc()
+                log.critical(
+                    "dead letter could not be published; the message is logged here instead",
+                    extra={"source": ctx.source, "code": error.code, "reason": error.message, "error": str(again)},
+                )
+                return
         self._metrics.dead_letters.labels(ctx.topic, error.code).inc()
 
     def _headers(self, value: BaseModel, ctx: MessageContext) -> list[tuple[str, bytes]]:
@@ -142,10 +193,15 @@ class Publisher:
 
     async def _encode(self, event: OutputEvent, ctx: MessageContext, index: int) -> tuple[_Record, str | None]:
         """The record for `event`, and the URI of the S3 object when its value had to be offloaded."""
+        key_bytes = event.key.encode() if event.key else None
+        if key_bytes is not None and len(key_bytes) > self._settings.max_key_bytes:
+            raise PoisonError(
+                f"output key is {len(key_bytes)} bytes, over max_key_bytes {self._settings.max_key_bytes}",
+                code="output_too_large",
+            )
         value = event.value.model_dump_json().encode()
         if len(value) > self._settings.max_message_bytes:
             return await self._offload(event, ctx, index, value)
-        key_bytes = event.key.encode() if event.key else None
         return _Record(event.topic, key_bytes, value, self._headers(event.value, ctx)), None
 
     async def _offload(
@@ -181,6 +237,7 @@ class Publisher:
             raise FatalError("publisher is not started")
         attempt = 0
         r = self._settings.retry
+        max_backoff_ms = max(r.max_backoff_ms, 1_000)
         while True:
             attempt += 1
             started = time.perf_counter()
@@ -193,17 +250,21 @@ class Publisher:
                 for rec in records:
                     self._children(rec.topic)[1].inc()
                 raise PoisonError(f"the broker refused the output: {exc!r}", code="output_rejected") from exc
-            except TopicAuthorizationFailedError as exc:
-                raise FatalError(f"not authorised to write: {exc!r}") from exc
-            except KafkaError as exc:
+            except (KafkaError, TopicAuthorizationFailedError) as exc:
+                # The broker is away or refuses us (ACLs being fixed): wait it out. Not the message's fault, and
+                # shutdown's drain deadline is what ends the wait.
                 for rec in records:
                     self._children(rec.topic)[1].inc()
-                delay = backoff_s(attempt, initial_ms=r.initial_backoff_ms, max_ms=r.max_backoff_ms)
+                if self._broker is not None and attempt >= 2:
+                    self._broker.mark_down(repr(exc))
+                delay = backoff_s(attempt, initial_ms=r.initial_backoff_ms, max_ms=max_backoff_ms)
                 log.warning(
                     "publish failed, retrying", extra={"attempt": attempt, "error": repr(exc), "delay_s": delay}
                 )
                 await asyncio.sleep(delay)
                 continue
+            if self._broker is not None and self._broker.down:
+                self._broker.mark_up()
             elapsed = time.perf_counter() - started
             per_topic = Counter(rec.topic for rec in records)
             for topic, n in per_topic.items():
@@ -222,3 +283,17 @@ class Publisher:
             found = (produced.labels(topic, "acked"), produced.labels(topic, "error"), m.publish_seconds.labels(topic))
             self._topic_children[topic] = found
         return found
+
+
+def _fit_error(error: ErrorInfo, limit: int) -> ErrorInfo:
+    if len(error.message) <= limit:
+        return error
+    return ErrorInfo(code=error.code, message=error.message[:limit] + "…")
+
+
+def _max_request_bytes(s: Settings) -> int:
+    """The largest record we may send: an output (key + value) or a dead letter (its record key, and a value
+    holding key, value and headers in base64 plus the error)."""
+    output = s.max_key_bytes + s.max_message_bytes
+    letter = s.dlq_max_key_bytes + (s.dlq_max_key_bytes + 2 * s.dlq_max_value_bytes) * 4 // 3 + 2 * _MAX_ERROR_CHARS
+    return max(output, letter) + _HEADROOM_BYTES

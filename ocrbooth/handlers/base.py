@@ -24,7 +24,8 @@ class MessageContext:
     offset: int
     key: bytes | None
     timestamp_ms: int | None
-    headers: tuple[tuple[str, bytes], ...] = ()
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+    """Record headers in order; a null header value is None."""
     attempt: int = 1
 
     @property

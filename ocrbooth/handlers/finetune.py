@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -338,4 +339,9 @@ def _parse(raw: bytes) -> dict[str, Any] | None:
 
 
 def _payload(line: dict[str, Any]) -> dict[str, Any]:
-    return {k: line[k] for k in _PAYLOAD if line.get(k) is not None}
+    # json.loads reads NaN and Infinity, which no wire model takes: a diverged loss is reported as absent.
+    return {
+        k: line[k]
+        for k in _PAYLOAD
+        if line.get(k) is not None and not (isinstance(line[k], float) and not math.isfinite(line[k]))
+    }

@@ -1,8 +1,10 @@
 """`ocr`: DocumentRequest in, OcrResult (+ ReviewFlag) out.
 
-fetch (S3 or inline) → count pages (CPU pool) → render each page (CPU pool) → micro-batcher → engine →
-assemble pages in order → review decision → outputs. Rendering of later pages overlaps with OCR of
-earlier ones, and pages of all in-flight documents share GPU batches.
+fetch (S3 or inline) → count pages (render pool) → render pages just ahead of the engine (render pool,
+within the page-memory budget) → micro-batcher → engine → assemble pages in order → review decision →
+outputs. Rendering of later pages overlaps with OCR of earlier ones, and pages of all in-flight documents
+share GPU batches. A page's pixels are released as soon as it is recognised; the result keeps only its size,
+blank flag and the engine's output.
 """
 
 from __future__ import annotations
@@ -14,12 +16,10 @@ import contextlib
 import functools
 import logging
 import math
-import multiprocessing
 import os
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -28,11 +28,13 @@ from pydantic import BaseModel
 
 from ocrbooth.daemon.config import OcrSettings, Settings
 from ocrbooth.daemon.storage import parse_s3_uri
-from ocrbooth.errors import ConfigError, FatalError, PoisonError
+from ocrbooth.errors import ConfigError, FatalError, OcrboothError, PoisonError
 from ocrbooth.handlers.base import Handler, HandlerRuntime, MessageContext, OutputEvent
 from ocrbooth.models.ocr.batcher import BatchLimits, BatchStats, BatchWorker
 from ocrbooth.models.ocr.engine import OcrEngine, PageInput, PageOutput
-from ocrbooth.models.ocr.render import DocFormat, RenderedPage, RenderLimits, page_count, render_page, sniff_format
+from ocrbooth.models.ocr.page_memory import PageMemory
+from ocrbooth.models.ocr.render import RenderLimits, inspect_file, page_bytes_bound, render_file_page
+from ocrbooth.models.ocr.render_pool import FAILURE_REASONS, RenderPool
 from ocrbooth.models.ocr.tables import extract_tables
 from ocrbooth.models.ocr.tesseract import TesseractEngine, validate_languages
 from ocrbooth.schemas import (
@@ -48,31 +50,6 @@ from ocrbooth.schemas import (
 )
 
 log = logging.getLogger(__name__)
-
-
-# ---- CPU pool work (module-level so spawned workers can import it) -----------------------------------
-
-
-def _document(path: str) -> bytes:
-    """The document's bytes, read once per worker process rather than once per page."""
-    stat = os.stat(path)
-    return _read(path, stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=2)
-def _read(path: str, mtime_ns: int, size: int) -> bytes:
-    # mtime and size in the key: a path rewritten for another message is read afresh.
-    return Path(path).read_bytes()
-
-
-def _inspect(path: str) -> tuple[DocFormat, int]:
-    data = _document(path)
-    fmt = sniff_format(data)
-    return fmt, page_count(data, fmt)
-
-
-def _render(path: str, fmt: DocFormat, page_number: int, limits: RenderLimits) -> RenderedPage:
-    return render_page(_document(path), fmt, page_number, limits)
 
 
 # ---- engines ---------------------------------------------------------------------------------------------
@@ -133,7 +110,12 @@ def load_engines(cfg: OcrSettings) -> tuple[str, dict[str, OcrEngine]]:
 
 @dataclass(frozen=True, slots=True)
 class _Page:
-    rendered: RenderedPage
+    """What a recognised page leaves behind: its pixels are gone by then."""
+
+    page_number: int
+    width_px: int
+    height_px: int
+    blank: bool
     output: PageOutput
 
 
@@ -147,7 +129,8 @@ class OcrHandler(Handler):
         self.cfg = settings.ocr
         self.default_engine = ""
         self.workers: dict[str, BatchWorker] = {}
-        self._pool: ProcessPoolExecutor | None = None
+        self.pool: RenderPool | None = None
+        self.pages: PageMemory | None = None
         self._runtime: HandlerRuntime | None = None
         self._tmp = Path(tempfile.gettempdir())
 
@@ -156,7 +139,7 @@ class OcrHandler(Handler):
 
     async def start(self, runtime: HandlerRuntime) -> None:
         self._runtime = runtime
-        self.default_engine, engines = await asyncio.to_thread(load_engines, self.cfg)
+        self.default_engine, engines = await asyncio.to_thread(self.create_engines)
         limits = BatchLimits(self.cfg.max_batch_pages, self.cfg.max_batch_tokens, self.cfg.max_wait_ms)
         for name, engine in engines.items():
             worker = BatchWorker(
@@ -165,18 +148,39 @@ class OcrHandler(Handler):
             worker.start()
             self.workers[name] = worker
             runtime.metrics.init_engine(name)  # "busy fraction" reads 0, not nothing, while idle
-        # spawn, not fork: the parent has threads (the batch workers, boto3), which fork does not copy safely.
-        self._pool = ProcessPoolExecutor(self.cfg.render_workers, mp_context=multiprocessing.get_context("spawn"))
+        metrics = runtime.metrics
+        metrics.init_render(FAILURE_REASONS)
+        self.pages = PageMemory(self.cfg.max_page_memory_bytes, on_change=metrics.ocr_page_memory.set)
+        self.pool = RenderPool(
+            "render",
+            self.cfg.render_workers,
+            task_timeout_s=self.cfg.render_timeout_s,
+            max_worker_bytes=self.cfg.render_worker_max_bytes,
+            preload=("ocrbooth.models.ocr.render",),
+            on_failure=lambda reason: metrics.ocr_render_failures.labels(reason).inc(),
+            on_workers=metrics.ocr_render_workers.set,
+        )
+        await self.pool.start()
+
+    def create_engines(self) -> tuple[str, dict[str, OcrEngine]]:
+        """(default engine name, engines by name) this handler serves; runs in a thread at start. A seam for
+        handlers that serve other engines (tests use a scripted one)."""
+        return load_engines(self.cfg)
 
     async def stop(self) -> None:
         for worker in self.workers.values():
             await asyncio.to_thread(worker.stop)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
 
     def ready(self) -> bool:
-        return bool(self.workers) and self._pool is not None
+        """Engines loaded and render workers startable (a pool whose workers keep failing to start is not)."""
+        return bool(self.workers) and self.pool is not None and self.pool.ready
+
+    def busy(self) -> bool:
+        """The page-memory budget is spent: pause intake until recognised pages give some back."""
+        return self.pages is not None and self.pages.exhausted
 
     def _on_batch(self, engine: str, stats: BatchStats) -> None:
         if self._runtime is not None:
@@ -194,6 +198,7 @@ class OcrHandler(Handler):
         data = await self._fetch(event)
         path = self._tmp / f"ocrbooth-{os.getpid()}-{ctx.topic}-{ctx.partition}-{ctx.offset}.doc"
         await asyncio.to_thread(path.write_bytes, data)
+        del data  # workers read the file; the daemon need not hold a document for as long as it renders
         try:
             pages, render_s, infer_s = await self._recognise(path, event, engine_name, languages, max_new_tokens)
         finally:
@@ -265,14 +270,18 @@ class OcrHandler(Handler):
             assert self._runtime is not None
             return await self._runtime.storage.get(source.uri, max_bytes=self.cfg.max_source_bytes)
         encoded = source.data_base64
-        if len(encoded) * 3 // 4 > self.cfg.max_inline_bytes + 3:
-            raise PoisonError(
-                f"inline document is over {self.cfg.max_inline_bytes} bytes; upload it to S3", code="source_too_large"
-            )
+        too_large = PoisonError(
+            f"inline document is over {self.cfg.max_inline_bytes} bytes; upload it to S3", code="source_too_large"
+        )
+        if len(encoded) > 4 * math.ceil(self.cfg.max_inline_bytes / 3):  # before decoding anything
+            raise too_large
         try:
-            return base64.b64decode(encoded, validate=True)
+            data = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise PoisonError(f"data_base64 is not valid base64: {exc}", code="invalid_source") from None
+        if len(data) > self.cfg.max_inline_bytes:  # exact: padding makes the length check above approximate
+            raise too_large
+        return data
 
     async def _recognise(
         self,
@@ -282,12 +291,16 @@ class OcrHandler(Handler):
         languages: tuple[str, ...],
         max_new_tokens: int,
     ) -> tuple[list[_Page], float, float]:
-        """Pages in order, plus seconds spent rendering and waiting for OCR (summed over pages)."""
-        loop = asyncio.get_running_loop()
-        pool = self._pool
-        if pool is None:
+        """Pages in order, plus seconds spent rendering and waiting for OCR (summed over pages).
+
+        `render_ahead_pages` lanes each take the next page number, hold its worst-case pixel bytes from the
+        page-memory budget, render it, hand it to the engine and give the bytes back once it is recognised;
+        so a document of any length holds at most that many pages at once. The first failure stops the
+        lanes from taking more pages and fails the document with the lowest failed page's error."""
+        pool, budget = self.pool, self.pages
+        if pool is None or budget is None:
             raise FatalError("the OCR handler is not started")
-        fmt, count = await loop.run_in_executor(pool, _inspect, str(path))
+        fmt, count = await pool.run(inspect_file, str(path))
         wanted = sorted(set(event.pages)) if event.pages else list(range(1, count + 1))
         if len(wanted) > self.cfg.max_pages:
             raise PoisonError(
@@ -301,21 +314,44 @@ class OcrHandler(Handler):
         limits = RenderLimits(
             self.cfg.render_longest_px, self.cfg.max_dpi, self.cfg.max_pages, self.cfg.max_image_pixels
         )
+        estimate = page_bytes_bound(limits)
         worker = self.workers[engine_name]
-
+        todo = iter(wanted)
+        done: dict[int, _Page] = {}
+        failures: list[tuple[int, OcrboothError | Exception]] = []
         spent = {"render": 0.0, "infer": 0.0}
 
-        async def one(page_number: int) -> _Page:
-            t0 = time.monotonic()
-            rendered: RenderedPage = await loop.run_in_executor(pool, _render, str(path), fmt, page_number, limits)
-            t1 = time.monotonic()
-            output = await worker.submit(PageInput(rendered.image, languages, max_new_tokens))
-            spent["render"] += t1 - t0
-            spent["infer"] += time.monotonic() - t1
-            return _Page(rendered, output)
+        async def one(page_number: int) -> None:
+            await budget.acquire(estimate)
+            held = estimate
+            try:
+                t0 = time.monotonic()
+                pixels = await pool.run(render_file_page, str(path), fmt, page_number, limits)
+                t1 = time.monotonic()
+                budget.release(held - pixels.nbytes)  # the estimate assumed a square page
+                held = pixels.nbytes
+                output = await worker.submit(PageInput(pixels.image(), languages, max_new_tokens))
+                spent["render"] += t1 - t0
+                spent["infer"] += time.monotonic() - t1
+                done[page_number] = _Page(page_number, pixels.width_px, pixels.height_px, pixels.blank, output)
+            finally:
+                budget.release(held)
 
-        pages = list(await asyncio.gather(*(one(p) for p in wanted)))
-        return pages, spent["render"], spent["infer"]
+        async def lane() -> None:
+            for page_number in todo:
+                if failures:
+                    return
+                try:
+                    await one(page_number)
+                except PoisonError as exc:
+                    failures.append((page_number, PoisonError(f"page {page_number}: {exc}", code=exc.code)))
+                except Exception as exc:  # handed to the caller below, as gather would
+                    failures.append((page_number, exc))
+
+        await asyncio.gather(*(lane() for _ in range(min(self.cfg.render_ahead_pages, len(wanted)))))
+        if failures:
+            raise min(failures, key=lambda f: f[0])[1]
+        return [done[n] for n in wanted], spent["render"], spent["infer"]
 
     def _assemble(
         self,
@@ -329,7 +365,7 @@ class OcrHandler(Handler):
         if failed:
             first = failed[0]
             raise PoisonError(
-                f"page {first.rendered.page_number} failed: {first.output.error_message}",
+                f"page {first.page_number} failed: {first.output.error_message}",
                 code=first.output.error_code or "ocr_failed",
             )
         results: list[PageResult] = []
@@ -337,24 +373,24 @@ class OcrHandler(Handler):
         review_pages: list[int] = []
         weighted: list[tuple[float, int]] = []
         for page in pages:
-            out, rendered = page.output, page.rendered
+            out = page.output
             page_reasons = []
             if out.confidence is not None and out.confidence < review_threshold:
                 page_reasons.append("low_confidence")
             if out.finish_reason in ("length", "repetition"):
                 page_reasons.append(out.finish_reason)
-            if not out.text.strip() and not rendered.blank:
+            if not out.text.strip() and not page.blank:
                 page_reasons.append("empty_output")
             if page_reasons:
                 reasons.update(page_reasons)
-                review_pages.append(rendered.page_number)
+                review_pages.append(page.page_number)
             if out.confidence is not None:
                 weighted.append((out.confidence, max(1, out.token_count)))
             results.append(
                 PageResult(
-                    page_number=rendered.page_number,
-                    width_px=rendered.width_px,
-                    height_px=rendered.height_px,
+                    page_number=page.page_number,
+                    width_px=page.width_px,
+                    height_px=page.height_px,
                     text=out.text,
                     confidence=out.confidence,
                     min_token_confidence=out.min_token_confidence,

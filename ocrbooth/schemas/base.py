@@ -14,9 +14,10 @@ S3_URI_PATTERN = r"^s3://[^/]+/.+"
 
 
 class WireObject(BaseModel):
-    """A part of a wire message: unknown fields are rejected so producers' typos surface at once."""
+    """A part of a wire message: unknown fields are rejected so producers' typos surface at once, and every
+    number is finite (Python's json reads `NaN`, `Infinity` and `1e999`, which JSON itself has no value for)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class WireModel(WireObject):

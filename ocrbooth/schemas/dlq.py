@@ -21,6 +21,10 @@ class DeadLetter(WireModel):
     partition: int = Field(ge=0, description="Partition the message was read from.")
     offset: int = Field(ge=0, description="Offset of the message in its partition.")
     key_base64: str | None = Field(default=None, description="Record key bytes, base64; null for no key.")
+    key_truncated: bool = Field(
+        default=False,
+        description="Whether `key_base64` (and this record's own key) holds only the first part of a too-long key.",
+    )
     value_base64: str | None = Field(
         default=None, description="Record value bytes, base64; null for a null value (tombstone)."
     )
@@ -28,5 +32,8 @@ class DeadLetter(WireModel):
         default=False, description="Whether `value_base64` holds only the first part of a too-large value."
     )
     headers: list[Header] = Field(default_factory=list, description="Record headers, in order.")
+    headers_truncated: bool = Field(
+        default=False, description="Whether `headers` holds only the first headers of the message (too many bytes)."
+    )
     error: ErrorInfo = Field(description="Why the message was dead-lettered.")
     failed_at: AwareDatetime = Field(description="When the message was dead-lettered (UTC).")

@@ -1,7 +1,8 @@
 """Fine-tune topics: `FinetuneRequest` and `FinetuneControl` in, `FinetuneEvent` out.
 
-Bounds here are sanity only (positive counts and the like). The operator's settings impose the real
-limits later, so that an oversized job is failed with a specific code rather than dead-lettered.
+Bounds here are sanity only (positive counts, finite numbers, seeds that fit 32 bits). The operator's settings
+impose the real limits (`ocrbooth.models.dreambooth.validate_request`), so that an oversized job is failed with
+a specific code rather than dead-lettered.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from ocrbooth.schemas.base import S3_URI_PATTERN, ErrorInfo, WireModel
 
 # Job ids name S3 prefixes and checkpoint folders, so no slashes or leading dots.
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+# Lightning and NumPy seed with unsigned 32-bit values (Lightning swaps a larger seed for a random one).
+SEED_MAX = 2**32 - 1
 
 JobId = Annotated[
     str,
@@ -66,7 +70,9 @@ class FinetuneRequest(WireModel):
     gradient_checkpointing: bool = Field(
         default=False, description="Trade compute for memory by recomputing activations."
     )
-    seed: int = Field(default=0, ge=0, description="Random seed, for reproducible training.")
+    seed: int = Field(
+        default=0, ge=0, le=SEED_MAX, description="Random seed, for reproducible training (0 to 2^32 - 1)."
+    )
     checkpointing_steps: int = Field(default=100, ge=1, description="Save a checkpoint every this many steps.")
     checkpoints_total_limit: int = Field(default=3, ge=1, description="Checkpoints kept; older ones are deleted.")
     validation_prompts: list[str] = Field(

@@ -10,7 +10,7 @@ from ocrbooth.daemon.embedded import EmbeddedStack
 from tests.support.daemon import DaemonProcess
 from tests.support.kafka import consume_all, produce, wait_until
 from tests.support.stack import TopicNames, unique_suffix
-from tests.support.tiny_sd import build_tiny_sd, make_instance_images, tiny_job_request
+from tests.support.tiny_sd import LOCAL_BASE_MODELS_ENV, build_tiny_sd, make_instance_images, tiny_job_request
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -43,6 +43,7 @@ async def test_killed_daemon_is_replaced_and_the_job_resumes_from_its_checkpoint
         "OCRBOOTH_HANDLERS": "finetune",
         "OCRBOOTH_FINETUNE_PROGRESS_EVERY_STEPS": "1",
         "HF_HUB_OFFLINE": "1",
+        **LOCAL_BASE_MODELS_ENV,
     }
 
     first = DaemonProcess({**env, "OCRBOOTH_FINETUNE_WORKDIR": str(tmp_path / "a")}, tmp_path / "a.log").start()

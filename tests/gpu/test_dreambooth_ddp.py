@@ -186,6 +186,7 @@ def setup(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Setup:
         "OCRBOOTH_FINETUNE_WORKDIR": str(root / "work"),
         "OCRBOOTH_FINETUNE_PROGRESS_EVERY_STEPS": "1",
         "OCRBOOTH_LOG_FORMAT": "console",
+        "OCRBOOTH_FINETUNE_ALLOW_LOCAL_BASE_MODELS": "true",  # the tiny model is a local directory
         "HF_HUB_OFFLINE": "1",
     }
     return Setup(s3, env, request, root / "runs")

@@ -16,7 +16,7 @@ from tests.support.daemon import running_daemon, settings_for
 from tests.support.kafka import committed_offsets, consume_all, produce
 from tests.support.s3faults import S3FaultProxy
 from tests.support.stack import TopicNames, unique_suffix
-from tests.support.tiny_sd import build_tiny_sd, make_instance_images, tiny_job_request
+from tests.support.tiny_sd import LOCAL_BASE_MODELS_ENV, build_tiny_sd, make_instance_images, tiny_job_request
 
 TERMINAL = {"completed", "failed", "cancelled"}
 
@@ -60,6 +60,7 @@ def _env(daemon_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
         "OCRBOOTH_FINETUNE_PROGRESS_EVERY_STEPS": "1",
         "OCRBOOTH_FINETUNE_MAX_CONCURRENT_JOBS": "1",
         "HF_HUB_OFFLINE": "1",
+        **LOCAL_BASE_MODELS_ENV,
     }
 
 
@@ -363,3 +364,55 @@ def _histogram_count(histogram: Any) -> float:
     """Observations in an unlabelled histogram, read from what it exports."""
     [family] = histogram.collect()
     return next(s.value for s in family.samples if s.name.endswith("_count"))
+
+
+async def test_bad_requests_are_answered_while_the_only_job_slot_trains(
+    monkeypatch: pytest.MonkeyPatch,
+    stack: EmbeddedStack,
+    topics: TopicNames,
+    daemon_env: dict[str, str],
+    tiny_sd: Path,
+    instance_prefix: str,
+    tmp_path: Path,
+) -> None:
+    """With the single job slot busy training, 40 requests out of bounds and 20 undecodable ones queued behind the
+    job on its own partition are all answered (failed events, dead letters) before the job ends: validation runs
+    before a request waits for a slot."""
+    running = f"ft-long-{unique_suffix()}"
+    await produce(
+        stack.bootstrap_servers,
+        topics.finetune_requests,
+        [
+            (
+                running.encode(),
+                tiny_job_request(running, tiny_sd, instance_prefix, max_train_steps=5000, checkpointing_steps=5000),
+            )
+        ],
+        partition=0,
+    )
+    bad = [f"ft-oob-{i}-{unique_suffix()}" for i in range(40)]
+    settings = settings_for(monkeypatch, _env(daemon_env, tmp_path))
+    async with running_daemon(settings):
+        await consume_all(
+            stack.bootstrap_servers,
+            topics.finetune_events,
+            until=lambda recs: any(json.loads(r.value)["event"] == "progress" for r in recs),
+            timeout_s=300,
+        )
+        items = [(job.encode(), tiny_job_request(job, tiny_sd, instance_prefix, resolution=100_000)) for job in bad]
+        items += [(f"junk-{i}".encode(), b"{not json") for i in range(20)]
+        await produce(stack.bootstrap_servers, topics.finetune_requests, items, partition=0)
+        records = await consume_all(
+            stack.bootstrap_servers, topics.finetune_events, until=_ended(set(bad)), timeout_s=60
+        )
+        letters = await consume_all(stack.bootstrap_servers, topics.dlq, count=20, timeout_s=60)
+        jobs = _events(records)
+        assert all(jobs[job][-1]["error"]["code"] == "resolution_out_of_range" for job in bad)
+        assert all(json.loads(r.value)["error"]["code"] == "invalid_json" for r in letters)
+        assert jobs[running][-1]["event"] not in TERMINAL  # still training: nothing waited for its slot
+        await produce(
+            stack.bootstrap_servers,
+            topics.finetune_control,
+            [(running.encode(), json.dumps({"job_id": running, "action": "cancel"}).encode())],
+        )
+        await consume_all(stack.bootstrap_servers, topics.finetune_events, until=_ended({running}), timeout_s=120)

@@ -88,7 +88,11 @@ async def test_malformed_events_are_dead_lettered_with_specific_codes(
         items.append((f"doc-{i}".encode(), request_event(i)))
     await produce(bootstrap, topics.ocr_requests, items)
     settings = settings_for(
-        monkeypatch, daemon_env, OCRBOOTH_MAX_INPUT_MESSAGE_BYTES="4096", OCRBOOTH_DLQ_MAX_VALUE_BYTES="1024"
+        monkeypatch,
+        daemon_env,
+        OCRBOOTH_MAX_INPUT_MESSAGE_BYTES="4096",
+        OCRBOOTH_OCR_MAX_INLINE_BYTES="3072",  # an inline document must fit in a message, base64-encoded
+        OCRBOOTH_DLQ_MAX_VALUE_BYTES="1024",
     )
     daemon = Daemon(settings)
     assert await asyncio.wait_for(daemon.run_until_idle(), 120) == 0

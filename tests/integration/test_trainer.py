@@ -33,7 +33,7 @@ from ocrbooth.errors import PoisonError  # noqa: E402
 from ocrbooth.models.dreambooth import EXIT_COMPLETED, EXIT_FAILED, EXIT_STOPPED, TrainJob, validate_request  # noqa: E402
 from ocrbooth.schemas.finetune import FinetuneRequest  # noqa: E402
 from tests.support.stack import unique_suffix  # noqa: E402
-from tests.support.tiny_sd import build_tiny_sd, make_instance_images  # noqa: E402
+from tests.support.tiny_sd import LOCAL_BASE_MODELS_ENV, build_tiny_sd, make_instance_images  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 120.0
@@ -192,6 +192,7 @@ def env(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Env:
         "OCRBOOTH_FINETUNE_WORKDIR": str(root / "work"),
         "OCRBOOTH_LOG_FORMAT": "console",
         "HF_HUB_OFFLINE": "1",
+        **LOCAL_BASE_MODELS_ENV,
     }
     return Env(stack, environ, root / "runs", request, stack.bucket, prefix)
 
@@ -422,6 +423,8 @@ def test_bad_request_fails_with_its_code(
             monkeypatch.setenv(key, value)
     if code == "image_too_large":
         monkeypatch.setenv("OCRBOOTH_FINETUNE_MAX_IMAGE_BYTES", "1024")
+    if code == "unknown_base_model":  # allowed, but in no cache: the trainer finds nothing to load
+        monkeypatch.setenv("OCRBOOTH_FINETUNE_ALLOWED_BASE_MODELS", "no-such-org/no-such-model")
     job = env.job(**BAD_REQUESTS[code](env.bucket, bad_inputs))
     job_file = tmp_path / "job.json"
     job_file.write_text(json.dumps({"request": job, "attempt": 1}))
@@ -460,7 +463,7 @@ def test_unreadable_job_file_is_invalid_request(env: Env, tmp_path: Path, monkey
 def _request(**overrides: Any) -> FinetuneRequest:
     fields: dict[str, Any] = {
         "job_id": "j",
-        "base_model": "/models/sd",
+        "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
         "instance_images": ["s3://ocrbooth/in/"],
         "instance_prompt": "a photo of sks dog",
         "class_prompt": "a photo of dog",
@@ -474,13 +477,13 @@ def _request(**overrides: Any) -> FinetuneRequest:
         ({"resolution": 100_000}, {}, "resolution_out_of_range"),
         ({"resolution": 32}, {}, "resolution_out_of_range"),
         ({"max_train_steps": 1_000_000_000}, {}, "too_many_steps"),
-        ({"train_batch_size": 64}, {}, "invalid_request"),
-        ({"num_class_images": 5000}, {}, "invalid_request"),
-        ({"num_validation_images": 64}, {}, "invalid_request"),
-        ({"instance_images": [f"s3://ocrbooth/{i}.png" for i in range(21)]}, {}, "invalid_request"),
+        ({"train_batch_size": 64}, {}, "batch_too_large"),
+        ({"num_class_images": 5000}, {}, "too_many_images"),
+        ({"num_validation_images": 64}, {}, "too_many_images"),
+        ({"instance_images": [f"s3://ocrbooth/{i}.png" for i in range(21)]}, {}, "too_many_images"),
         ({"instance_images": ["s3://elsewhere/a.png"]}, {}, "source_not_allowed"),
         ({"base_model": "s3://elsewhere/sd/"}, {}, "source_not_allowed"),
-        ({"output_uri": "file:///srv/out"}, {}, "invalid_request"),
+        ({"output_uri": "file:///srv/out"}, {}, "invalid_uri"),
         ({}, {"OCRBOOTH_FINETUNE_ALLOWED_BASE_MODELS": "org/a,org/b"}, "base_model_not_allowed"),
     ],
 )

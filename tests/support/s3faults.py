@@ -90,6 +90,11 @@ class S3FaultProxy:
         with self._lock:
             self.rules.append((method, re.compile(path_pattern)))
 
+    def heal(self) -> None:
+        """Drop every rule: requests pass through again."""
+        with self._lock:
+            self.rules.clear()
+
     def matches(self, method: str, path: str) -> bool:
         with self._lock:
             hit = any(m == method and p.search(path) for m, p in self.rules)

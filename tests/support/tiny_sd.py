@@ -9,7 +9,10 @@ from typing import Any
 
 from ocrbooth.models.dreambooth.tiny import build_tiny_sd, make_instance_images
 
-__all__ = ["build_tiny_sd", "make_instance_images", "tiny_job_request"]
+__all__ = ["LOCAL_BASE_MODELS_ENV", "build_tiny_sd", "make_instance_images", "tiny_job_request"]
+
+# The tiny model is a local path, which the daemon and the trainer refuse unless told otherwise.
+LOCAL_BASE_MODELS_ENV = {"OCRBOOTH_FINETUNE_ALLOW_LOCAL_BASE_MODELS": "true"}
 
 
 def tiny_job_request(job_id: str, base: Path, images: str, **overrides: Any) -> bytes:

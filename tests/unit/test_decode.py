@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from ocrbooth.constants import SCHEMA_VERSION
-from ocrbooth.daemon.consumer import decode
+from ocrbooth.daemon.decode import decode
 from ocrbooth.errors import PoisonError
 from ocrbooth.schemas import DocumentRequest, UriSource
 

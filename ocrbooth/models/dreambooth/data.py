@@ -195,7 +195,7 @@ def list_instance_images(uris: Sequence[str], settings: Settings, s3: S3Objects)
         raise PoisonError(f"no instance images at {', '.join(uris)}", code="no_instance_images")
     limit = settings.finetune.max_instance_images
     if len(found) > limit:
-        raise PoisonError(f"{len(found)} instance images, over the limit of {limit}", code="invalid_request")
+        raise PoisonError(f"{len(found)} instance images, over the limit of {limit}", code="too_many_images")
     for obj in found:
         if obj.size > settings.finetune.max_image_bytes:
             raise PoisonError(

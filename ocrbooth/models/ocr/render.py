@@ -4,7 +4,8 @@ The format is decided by the bytes, never by a file name. PDFs render with PyMuP
 `render_longest_px` (the size LightOnOCR was trained at) but never above `max_dpi`; images are downscaled to
 the same bound and never upscaled. Every way an input can be unprocessable raises `PoisonError` with its own
 code: `unsupported_format`, `corrupt_document`, `encrypted_document`, `too_many_pages`, `image_too_large`,
-`page_out_of_range`.
+`page_out_of_range`, `render_out_of_memory` (MuPDF could not allocate: the worker's memory cap was reached).
+`inspect_file` and `render_file_page` are the tasks the render pool's worker processes run.
 
 Meant for a worker pool. Pillow work runs in parallel across threads; PyMuPDF is not thread-safe, so its
 calls are serialised by a lock (use a process pool to render PDFs in parallel).
@@ -17,12 +18,15 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import re
 import struct
 import threading
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Protocol, cast
 
 import pymupdf
@@ -60,6 +64,14 @@ _PILLOW_ERRORS: tuple[type[Exception], ...] = (
 )
 # What PyMuPDF raises on malformed input: FileDataError is a RuntimeError; raw MuPDF errors are FzErrorBase.
 _MUPDF_ERRORS: tuple[type[Exception], ...] = (RuntimeError, ValueError, pymupdf.mupdf.FzErrorBase)
+# MuPDF reports a failed allocation (the worker's address-space cap) as a system error naming the allocator.
+_MUPDF_OOM = re.compile(r"\b(malloc|calloc|realloc)\b.*failed|out of memory", re.IGNORECASE)
+# Warnings MuPDF gives when it pads a cut-off image stream (JPEG or Flate) with grey instead of failing.
+_MUPDF_TRUNCATION = re.compile(r"premature end of|truncated image|unexpected end of", re.IGNORECASE)
+# An inline image (`BI <dict> ID <data> EI`) in a content stream: MuPDF decodes it at full size while drawing,
+# and page.get_images() does not list it. The dict is short; its W/H are read without decoding anything.
+_INLINE_IMAGE = re.compile(rb"(?:^|[\s\]>)}])BI\s(.{0,4096}?)\sID\s", re.DOTALL)
+_INLINE_SIZE = re.compile(rb"/(W|Width|H|Height)\s+(\d{1,12})\b")
 
 # MuPDF reports every repair it makes of a broken file; keep that off stdout/stderr.
 pymupdf.TOOLS.mupdf_display_errors(False)
@@ -99,6 +111,53 @@ class RenderedPage:
     height_px: int
     blank: bool
     """The page has (almost) no ink, so an empty OCR result is expected, not a failure."""
+
+
+@dataclass(frozen=True, slots=True)
+class PagePixels:
+    """A rendered page as the render pool sends it back: raw RGB rows, so the parent builds the image without
+    a copy (pickling a PIL image would copy it twice on each side)."""
+
+    page_number: int
+    width_px: int
+    height_px: int
+    blank: bool
+    pixels: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.pixels)
+
+    def image(self) -> Image.Image:
+        """The page as an RGB image sharing this object's buffer."""
+        return Image.frombuffer("RGB", (self.width_px, self.height_px), self.pixels, "raw", "RGB", 0, 1)
+
+
+def page_bytes_bound(limits: RenderLimits) -> int:
+    """Most bytes one rendered page can hold (RGB, longest side at the render size), known before rendering."""
+    return limits.render_longest_px * limits.render_longest_px * 3
+
+
+def inspect_file(path: str) -> tuple[DocFormat, int]:
+    """Format and page count of the document stored at `path` (a render pool task)."""
+    fmt = sniff_format(_head(path))
+    with _open(Path(path), fmt) as doc:
+        return fmt, doc.page_count
+
+
+def render_file_page(path: str, fmt: DocFormat, page_number: int, limits: RenderLimits) -> PagePixels:
+    """Render one page of the document stored at `path` (a render pool task). The file is opened, not read
+    whole: MuPDF and Pillow read what the page needs, so a large document costs the worker little memory."""
+    with _open(Path(path), fmt) as doc:
+        _check_page(page_number, doc.page_count)
+        page = doc.render(page_number, limits)
+    image = page.image
+    return PagePixels(page.page_number, page.width_px, page.height_px, page.blank, image.tobytes())
+
+
+def _head(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(1024)
 
 
 def sniff_format(data: bytes) -> DocFormat:
@@ -175,7 +234,7 @@ class _Document(Protocol):
 
 
 @contextmanager
-def _open(data: bytes, fmt: DocFormat) -> Iterator[_Document]:
+def _open(data: bytes | Path, fmt: DocFormat) -> Iterator[_Document]:
     if fmt == "pdf":
         pdf = _PdfDocument(data)
         try:
@@ -191,10 +250,14 @@ def _open(data: bytes, fmt: DocFormat) -> Iterator[_Document]:
 
 
 class _PdfDocument:
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | Path) -> None:
         with _MUPDF_LOCK:
             try:
-                self._doc = pymupdf.open(stream=data, filetype="pdf")
+                if isinstance(data, Path):
+                    self._doc = pymupdf.open(str(data), filetype="pdf")
+                    data = _tail(data)
+                else:
+                    self._doc = pymupdf.open(stream=data, filetype="pdf")
             except _MUPDF_ERRORS as exc:
                 pymupdf.TOOLS.reset_mupdf_warnings()
                 raise PoisonError(f"unreadable PDF: {exc}", code="corrupt_document") from exc
@@ -227,10 +290,21 @@ class _PdfDocument:
         with _MUPDF_LOCK:
             try:
                 image = self._render(page_number, limits)
+                warnings = pymupdf.TOOLS.mupdf_warnings()
             except _MUPDF_ERRORS as exc:
+                if _MUPDF_OOM.search(str(exc)):
+                    raise PoisonError(
+                        f"page {page_number} needs more memory than a render worker may use: {exc}",
+                        code="render_out_of_memory",
+                    ) from exc
                 raise PoisonError(f"page {page_number} failed to render: {exc}", code="corrupt_document") from exc
             finally:
                 pymupdf.TOOLS.reset_mupdf_warnings()
+        cut = _MUPDF_TRUNCATION.search(warnings)
+        if cut:
+            # A cut-off JPEG or Flate image would be OCRed as a grey band; say the upload is broken instead.
+            line = next(w for w in warnings.splitlines() if _MUPDF_TRUNCATION.search(w))
+            raise PoisonError(f"page {page_number} embeds a truncated image ({line})", code="corrupt_document")
         return _rendered(page_number, image)
 
     def _render(self, page_number: int, limits: RenderLimits) -> Image.Image:
@@ -252,6 +326,12 @@ class _PdfDocument:
                     f"{limits.max_image_pixels} pixels",
                     code="image_too_large",
                 )
+        for w, h in _inline_image_sizes(self._doc, page):
+            if w * h > limits.max_image_pixels:
+                raise PoisonError(
+                    f"page {page_number} has a {w}x{h} inline image, more than {limits.max_image_pixels} pixels",
+                    code="image_too_large",
+                )
         pix = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), colorspace=pymupdf.csRGB, alpha=False)
         image = Image.frombytes("RGB", (pix.width, pix.height), pix.samples, "raw", "RGB", pix.stride)
         if image.size != (width_px, height_px):
@@ -264,16 +344,38 @@ class _PdfDocument:
             self._doc.close()
 
 
+def _tail(path: Path) -> bytes:
+    with path.open("rb") as f:
+        f.seek(max(0, os.fstat(f.fileno()).st_size - _PDF_EOF_WINDOW))
+        return f.read()
+
+
+def _inline_image_sizes(doc: pymupdf.Document, page: pymupdf.Page) -> Iterator[tuple[int, int]]:
+    """(width, height) of every inline image in the page's content and in the form XObjects it draws, read
+    from the image dictionaries without decoding them; each form is read once however often it is drawn."""
+    streams = [page.read_contents()]
+    streams.extend(doc.xref_stream(xref) or b"" for xref in {x[0] for x in page.get_xobjects()})
+    for stream in streams:
+        for match in _INLINE_IMAGE.finditer(stream):
+            entries = {key[:1]: int(value) for key, value in _INLINE_SIZE.findall(match.group(1))}
+            if b"W" in entries and b"H" in entries:
+                yield entries[b"W"], entries[b"H"]
+
+
 class _RasterDocument:
-    def __init__(self, data: bytes, fmt: DocFormat) -> None:
+    def __init__(self, data: bytes | Path, fmt: DocFormat) -> None:
         self._fmt = fmt
+        # A file is kept open while the image is: Pillow reads frames from it lazily.
+        self._file = data.open("rb") if isinstance(data, Path) else io.BytesIO(data)
         try:
-            self._image = _RASTER_OPENERS[fmt](io.BytesIO(data))
+            self._image = _RASTER_OPENERS[fmt](self._file)
             # Only TIFF pages are frames; an animated PNG or WebP is one picture.
             self.page_count = int(getattr(self._image, "n_frames", 1)) if fmt == "tiff" else 1
         except Image.DecompressionBombError as exc:
+            self._file.close()
             raise PoisonError(str(exc), code="image_too_large") from exc
         except _PILLOW_ERRORS as exc:
+            self._file.close()
             raise PoisonError(f"unreadable {fmt.upper()} image: {exc}", code="corrupt_document") from exc
 
     def render(self, page_number: int, limits: RenderLimits) -> RenderedPage:
@@ -313,6 +415,7 @@ class _RasterDocument:
 
     def close(self) -> None:
         self._image.close()
+        self._file.close()
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

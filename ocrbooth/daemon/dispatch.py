@@ -1,0 +1,230 @@
+"""The per-message policy: decode → validate → wait for a handler slot → handle with retries → publish; on
+failure a failed result, else a dead letter. Every path ends in an outcome label; only FatalError (GPU or
+driver broken) and cancellation leave this module as exceptions.
+
+Retries: a RetryableError spends one of `retry.max_attempts`, except during an outage of S3 (the failure's
+code is `storage_unavailable` and a probe confirms S3 is unreachable): then the message waits for S3 to
+answer again, up to `outage_budget_s` from its first outage failure, without spending attempts. Shutdown
+interrupts every wait and leaves the message uncommitted for redelivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from ocrbooth.daemon.config import Settings
+from ocrbooth.daemon.decode import decode
+from ocrbooth.daemon.metrics import Metrics
+from ocrbooth.daemon.outage import Dependency
+from ocrbooth.daemon.publisher import Publisher
+from ocrbooth.daemon.retry import backoff_s
+from ocrbooth.errors import FatalError, PoisonError, RequeueError, RetryableError
+from ocrbooth.handlers.base import Handler, MessageContext, OutputEvent
+from ocrbooth.logs import bind
+from ocrbooth.schemas import ErrorInfo
+
+log = logging.getLogger(__name__)
+
+# RetryableError codes that mean "S3 did not answer", as opposed to one request being slow.
+OUTAGE_CODES = frozenset({"storage_unavailable"})
+_MAX_ERROR_CHARS = 2_000
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Which handler reads a topic, and the model its values decode to."""
+
+    handler: Handler
+    model: type[BaseModel]
+
+
+class Interrupted(Exception):
+    """Shutdown began while the message waited (for a slot or for S3): leave it for redelivery."""
+
+
+class Dispatcher:
+    """Runs one message through its handler and publishes whatever comes of it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        publisher: Publisher,
+        s3: Dependency,
+        stopping: asyncio.Event,
+    ) -> None:
+        self._s = settings
+        self._metrics = metrics
+        self._publisher = publisher
+        self.s3 = s3
+        self._stopping = stopping
+        self._slots: dict[str, asyncio.Semaphore] = {}
+
+    def slot(self, handler: Handler) -> asyncio.Semaphore | None:
+        if handler.max_concurrency is None:
+            return None
+        sem = self._slots.get(handler.name)
+        if sem is None:
+            sem = self._slots[handler.name] = asyncio.Semaphore(handler.max_concurrency)
+        return sem
+
+    async def dispatch(self, value: bytes | None, route: Route, ctx: MessageContext) -> str:
+        """Handle one message; return its outcome (succeeded, failed_result, dead_lettered, requeued)."""
+        try:
+            event = decode(value, route.model, max_bytes=self._s.max_input_message_bytes)
+        except PoisonError as exc:
+            log.warning("dead-lettering undecodable message", extra={"code": exc.code, "reason": exc.message})
+            await self._publisher.dead_letter(ctx, value, ErrorInfo(code=exc.code, message=exc.message))
+            return "dead_lettered"
+        fields = event.__dict__  # not getattr: pydantic raises (expensively) for fields a model lacks
+        bind(**{k: v for k in ("request_id", "document_id", "job_id") if isinstance(v := fields.get(k), str)})
+        handler = route.handler
+        try:
+            handler.validate(event)
+        except PoisonError as exc:
+            return await self._fail(value, handler, event, ctx, ErrorInfo(code=exc.code, message=exc.message))
+        except Exception as exc:  # a bug in a check fails this message, not the daemon
+            log.exception("handler validation raised")
+            return await self._fail(value, handler, event, ctx, _handler_error(exc))
+        slot = self.slot(handler)
+        try:
+            if slot is None:
+                error = await self._run(handler, event, ctx)
+            else:
+                await self._acquire(slot)
+                try:
+                    error = await self._run(handler, event, ctx)
+                finally:
+                    slot.release()
+        except (Interrupted, RequeueError) as exc:
+            # Interrupted by shutdown: leave it uncommitted; the next owner of the partition handles it again.
+            log.info("left uncommitted for redelivery", extra={"reason": str(exc)})
+            return "requeued"
+        if error is None:
+            return "succeeded"
+        return await self._fail(value, handler, event, ctx, error)
+
+    async def _run(self, handler: Handler, event: BaseModel, ctx: MessageContext) -> ErrorInfo | None:
+        """Handle and publish with retries; None on success, else why the message failed."""
+        r = self._s.retry
+        attempt = 0
+        outage_started: float | None = None
+        while True:
+            attempt += 1
+            try:
+                outputs = await handler.handle(event, _with_attempt(ctx, attempt))
+                await self._publisher.publish(outputs, ctx)
+                return None
+            except (FatalError, RequeueError):
+                raise
+            except RetryableError as exc:
+                if exc.code in OUTAGE_CODES and await self.s3.confirm(str(exc)):
+                    now = time.monotonic()
+                    outage_started = outage_started or now
+                    left = self._s.outage_budget_s - (now - outage_started)
+                    if left > 0:
+                        attempt -= 1  # an outage spends no attempts
+                        self._metrics.handler_retries.labels(ctx.topic).inc()
+                        log.info("S3 is unreachable; waiting for it", extra={"error": str(exc), "budget_s": left})
+                        await self.until_stopping(_wait_until(self.s3.recovered, left))
+                        continue
+                    return ErrorInfo(
+                        code="retries_exhausted",
+                        message=_short(
+                            f"S3 stayed unreachable past the {self._s.outage_budget_s:g} s outage budget: {exc}"
+                        ),
+                    )
+                if attempt >= r.max_attempts:
+                    return ErrorInfo(
+                        code="retries_exhausted",
+                        message=_short(f"gave up after {attempt} attempts: [{exc.code}] {exc}"),
+                    )
+                self._metrics.handler_retries.labels(ctx.topic).inc()
+                delay = backoff_s(attempt, initial_ms=r.initial_backoff_ms, max_ms=r.max_backoff_ms)
+                log.info(
+                    "retryable failure, backing off", extra={"attempt": attempt, "error": str(exc), "delay_s": delay}
+                )
+                await self.until_stopping(asyncio.sleep(delay))
+            except PoisonError as exc:
+                return ErrorInfo(code=exc.code, message=_short(exc.message))
+            except Exception as exc:  # a handler bug must not kill the loop: fail this message, keep going
+                log.exception("handler raised")
+                return _handler_error(exc)
+
+    async def _fail(
+        self, value: bytes | None, handler: Handler, event: BaseModel, ctx: MessageContext, error: ErrorInfo
+    ) -> str:
+        """Publish the handler's failed result, or dead-letter the message when there is none or it is refused."""
+        try:
+            failure: Sequence[OutputEvent] = handler.failure_outputs(event, ctx, error)
+        except Exception:  # a broken failure builder still leaves a dead letter
+            log.exception("failure_outputs raised")
+            failure = ()
+        if failure:
+            try:
+                await self._publisher.publish(failure, ctx)
+                return "failed_result"
+            except PoisonError as exc:
+                error = ErrorInfo(code=error.code, message=_short(f"{error.message}; failure result rejected: {exc}"))
+        log.warning("dead-lettering failed message", extra={"code": error.code, "reason": error.message})
+        await self._publisher.dead_letter(ctx, value, error)
+        return "dead_lettered"
+
+    async def dead_letter(self, ctx: MessageContext, value: bytes | None, error: ErrorInfo) -> str:
+        await self._publisher.dead_letter(ctx, value, error)
+        return "dead_lettered"
+
+    async def until_stopping(self, aw: Awaitable[object]) -> None:
+        """Await `aw` unless shutdown begins first (then Interrupted)."""
+        task = asyncio.ensure_future(aw)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if task.cancelled() or not task.done():
+            raise Interrupted("shutdown began")
+        task.result()
+
+    async def _acquire(self, slot: asyncio.Semaphore) -> None:
+        """Take a handler slot, or raise Interrupted (holding nothing) when shutdown begins first."""
+        try:
+            await self.until_stopping(slot.acquire())
+        except Interrupted:
+            raise
+        if self._stopping.is_set():
+            slot.release()
+            raise Interrupted("shutdown began")
+
+
+async def _wait_until(event: asyncio.Event, timeout_s: float) -> None:
+    try:
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    except TimeoutError:
+        pass
+
+
+def _handler_error(exc: Exception) -> ErrorInfo:
+    return ErrorInfo(code="handler_error", message=_short(f"{type(exc).__name__}: {exc}"))
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS] + "…"
+
+
+def _with_attempt(ctx: MessageContext, attempt: int) -> MessageContext:
+    if attempt == ctx.attempt:
+        return ctx
+    return MessageContext(ctx.topic, ctx.partition, ctx.offset, ctx.key, ctx.timestamp_ms, ctx.headers, attempt)

@@ -1,0 +1,127 @@
+"""Crash-loop protection's bookkeeping: who died in flight, who is a suspect, who is dead-lettered."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ocrbooth.daemon.crashloop import CrashGuard, Ledger, deaths_after_restart
+from ocrbooth.errors import PoisonError, RetryableError
+
+
+class MemoryStore:
+    """An in-memory object store with S3Storage's signatures (missing keys are source_not_found)."""
+
+    bucket = "b"
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.puts = 0
+        self.fail_next = 0
+
+    def uri(self, key: str, bucket: str | None = None) -> str:
+        return f"s3://{bucket or self.bucket}/{key}"
+
+    async def put(self, key: str, data: bytes, *, content_type: str = "application/octet-stream") -> str:
+        await asyncio.sleep(0)  # a real write yields to the loop while it waits for S3
+        if self.fail_next:
+            self.fail_next -= 1
+            raise RetryableError("S3 down", code="storage_unavailable")
+        self.puts += 1
+        self.objects[key] = data
+        return self.uri(key)
+
+    async def get(self, uri: str, *, max_bytes: int | None = None) -> bytes:
+        key = uri.split("/", 3)[3]
+        if key not in self.objects:
+            raise PoisonError(f"{uri} does not exist", code="source_not_found")
+        return self.objects[key]
+
+
+def test_in_flight_offsets_become_suspects_and_the_isolated_one_gains_a_death() -> None:
+    """Offsets in flight at a death get one death; the isolated offset gains one more; committed ones drop."""
+    ledger = Ledger(in_flight=[3, 5, 9], isolated=9, deaths={9: 1, 2: 2})
+    assert deaths_after_restart(ledger, committed=4) == {5: 1, 9: 2}
+    assert deaths_after_restart(ledger, committed=None) == {3: 1, 5: 1, 9: 2, 2: 2}
+    assert deaths_after_restart(Ledger(in_flight=[7], deaths={7: 1}), committed=0) == {7: 1}
+
+
+def test_ledger_round_trips_and_garbage_reads_as_empty() -> None:
+    """A ledger survives encode/decode; an unreadable record counts as empty instead of failing."""
+    ledger = Ledger(in_flight=[1, 2], isolated=2, deaths={2: 2})
+    assert Ledger.decode(ledger.encode()) == ledger
+    assert Ledger.decode(b"not json") == Ledger()
+    assert Ledger.decode(b'{"in_flight": "x"}') == Ledger()
+
+
+async def test_three_deaths_make_a_crash_loop_verdict() -> None:
+    """A message alone in flight at each of max_deaths deaths is judged crash_loop; its neighbours are not."""
+    store = MemoryStore()
+    pending: dict[str, list[int]] = {"tp": []}
+
+    def guard() -> CrashGuard[str]:
+        return CrashGuard(store, "g", 3, lambda tp: list(pending[tp]), lambda tp: ("topic", 0))
+
+    g = guard()
+    await g.load("tp", committed=10)
+    assert g.verdict("tp", 12) == "ok"
+    pending["tp"] = [10, 11, 12]
+    await g.record("tp")  # ... and the daemon dies with 10, 11, 12 in flight
+    g = guard()
+    await g.load("tp", committed=10)
+    assert [g.verdict("tp", o) for o in (10, 11, 12, 13)] == ["suspect", "suspect", "suspect", "ok"]
+    # 10 and 11 pass alone and are committed; 12 kills the daemon twice while isolated.
+    for expected in ("suspect", "crash_loop"):
+        pending["tp"] = [12]
+        await g.isolate("tp", 12)
+        g = guard()
+        await g.load("tp", committed=12)
+        assert g.verdict("tp", 12) == expected
+        assert g.verdict("tp", 13) == "ok"
+    assert g.deaths("tp", 12) == 3
+
+
+async def test_clean_release_counts_no_death() -> None:
+    """A partition handed over cleanly (revoke, shutdown) leaves nothing suspect for the next owner."""
+    store = MemoryStore()
+    g: CrashGuard[str] = CrashGuard(store, "g", 3, lambda tp: [4, 5], lambda tp: ("t", 1))
+    await g.load("tp", committed=4)
+    await g.record("tp")
+    await g.release("tp", committed=6)
+    fresh: CrashGuard[str] = CrashGuard(store, "g", 3, lambda tp: [], lambda tp: ("t", 1))
+    await fresh.load("tp", committed=6)
+    assert fresh.verdict("tp", 4) == fresh.verdict("tp", 5) == "ok"
+
+
+async def test_concurrent_records_share_writes() -> None:
+    """Many messages starting together cost at most two writes, and each waits until its offset is durable."""
+    store = MemoryStore()
+    g: CrashGuard[str] = CrashGuard(store, "g", 3, lambda tp: [1, 2, 3], lambda tp: ("t", 0))
+    await g.load("tp", committed=1)
+    before = store.puts
+    await asyncio.gather(*(g.record("tp") for _ in range(50)))
+    assert 1 <= store.puts - before <= 2
+    assert Ledger.decode(store.objects["state/crashloop/g/t/0.json"]).in_flight == [1, 2, 3]
+
+
+async def test_record_failure_reaches_every_waiter() -> None:
+    """A failed write raises in the caller that made it (it retries); the guard is usable afterwards."""
+    store = MemoryStore()
+    g: CrashGuard[str] = CrashGuard(store, "g", 3, lambda tp: [1], lambda tp: ("t", 0))
+    await g.load("tp", committed=1)
+    store.fail_next = 1
+    with pytest.raises(RetryableError):
+        await g.record("tp")
+    await g.record("tp")
+    assert Ledger.decode(store.objects["state/crashloop/g/t/0.json"]).in_flight == [1]
+
+
+async def test_disabled_guard_touches_nothing() -> None:
+    """max_deaths 0 turns the guard off: no reads, no writes, every verdict ok."""
+    store = MemoryStore()
+    g: CrashGuard[str] = CrashGuard(store, "g", 0, lambda tp: [1], lambda tp: ("t", 0))
+    await g.load("tp", committed=0)
+    await g.record("tp")
+    assert store.puts == 0
+    assert g.verdict("tp", 1) == "ok"
