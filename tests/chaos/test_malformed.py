@@ -166,6 +166,7 @@ async def test_generated_malformed_records_are_dead_lettered_and_the_daemon_keep
         **SHORT_SESSION,
         "OCRBOOTH_HANDLERS": "echo,finetune",
         "OCRBOOTH_MAX_INPUT_MESSAGE_BYTES": str(INPUT_LIMIT),
+        "OCRBOOTH_OCR_MAX_INLINE_BYTES": str(INPUT_LIMIT // 2),  # an inline document must fit in a message
         # Only the cancelled job's model is allowed: whatever slips through validation can never train.
         "OCRBOOTH_FINETUNE_ALLOWED_BASE_MODELS": ALLOWED_MODEL,
         "OCRBOOTH_FINETUNE_WORKDIR": str(tmp_path / "jobs"),
@@ -272,4 +273,11 @@ async def test_generated_malformed_records_are_dead_lettered_and_the_daemon_keep
         elif what.codes is not None and code not in what.codes:
             problems.append(f"{key} {what.describe()}: code {code}, expected one of {sorted(what.codes)}")
     assert not problems, f"{len(problems)} records not answered as they should be:\n" + "\n".join(problems[:40])
+    # A 1 MiB key cannot be repeated in a dead letter (raw and base64, over the broker's limit): it is cut.
+    huge = {key for key, what in sent.items() if isinstance(what, Malformed) and what.kind == "huge_key"}
+    letters_for_huge = [r for r in everything if r.topic == topics.dlq and source_of(r) in huge]
+    assert len(letters_for_huge) == len(huge)
+    for record in letters_for_huge:
+        assert json.loads(record.value)["key_truncated"] is True
+        assert len(record.key or b"") < 1024 * 1024
     assert duplicated == 0
