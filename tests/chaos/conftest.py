@@ -15,6 +15,7 @@ _README_TEST = "tests/chaos/test_readme.py"
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Keep each phase's report on the item, so `chaos_report` knows whether the test passed."""
     report = yield
     item.stash.setdefault(_PHASES, {})[report.when] = report
     return report
@@ -31,6 +32,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Every scenario's figures at the end of the run, passed or not."""
     if REPORTED:
         terminalreporter.section("chaos figures")
         for figures in REPORTED:

@@ -25,6 +25,7 @@ class KillerHandler(EchoHandler):
     name = "killer"
 
     async def handle(self, event: BaseModel, ctx: MessageContext) -> Sequence[OutputEvent]:
+        """Die on the marker, echo otherwise."""
         assert isinstance(event, DocumentRequest)
         if event.metadata.get(MARKER) == "1":
             _note(ctx.source)

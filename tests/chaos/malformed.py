@@ -33,6 +33,7 @@ class Malformed:
     codes: frozenset[str] | None
 
     def describe(self) -> str:
+        """A short description for failure messages."""
         size = "null" if self.value is None else f"{len(self.value)} B"
         return f"{self.kind} (value {size}: {(self.value or b'')[:60]!r}, key {len(self.key or b'')} B)"
 
@@ -44,7 +45,8 @@ class Topic:
     name: str
     valid: Mapping[str, Any]
     bad_values: Mapping[str, tuple[Any, ...]]
-    """Field -> values that fail the schema (never values pydantic would coerce)."""
+    """Field -> values that fail the schema (never values pydantic would coerce). A supported-looking but
+    unknown schema_version is a kind of its own (`version`): it has its own code."""
     number_fields: tuple[str, ...]
     """Fields where a non-finite or huge number can go."""
 
@@ -53,6 +55,7 @@ _S3 = "s3://ocrbooth/chaos/x.pdf"
 
 
 def ocr_topic() -> Topic:
+    """`ocr.requests`: DocumentRequest."""
     return Topic(
         name="ocr.requests",
         valid={"schema_version": 1, "request_id": "m", "document_id": "d", "source": {"uri": _S3}},
@@ -63,7 +66,7 @@ def ocr_topic() -> Topic:
             "pages": ([0], "1", [-1], {}, []),
             "metadata": ([], {"a": 1}, "x", {"a": None}),
             "options": ({"engine": "gpu"}, {"review_threshold": 2}, [], {"max_new_tokens": 0}),
-            "schema_version": (2, 0, -1, "1", True, None, 1.5),
+            "schema_version": ("1", True, None, 1.5),
         },
         number_fields=("options.review_threshold", "options.max_new_tokens", "pages[]", "schema_version"),
     )
@@ -92,20 +95,21 @@ def finetune_topic(job_id: str, base_model: str) -> Topic:
             "lr_scheduler": ("warp",),
             "mixed_precision": ("fp64",),
             "with_prior_preservation": ("maybe", [], None),
-            "schema_version": (2, "1", True, None),
+            "schema_version": ("1", True, None, [1]),
         },
         number_fields=("guidance_scale", "learning_rate", "prior_loss_weight", "resolution", "max_train_steps"),
     )
 
 
 def control_topic(job_id: str) -> Topic:
+    """`finetune.control`, read by every replica: valid records cancel `job_id`."""
     return Topic(
         name="finetune.control",
         valid={"schema_version": 1, "job_id": job_id, "action": "cancel"},
         bad_values={
             "job_id": (".x", "", None, 3, "a/b"),
             "action": ("resume", None, "", 1, ["cancel"]),
-            "schema_version": (2, "1", False),
+            "schema_version": ("1", False, {}),
         },
         number_fields=("schema_version", "job_id", "action"),
     )
@@ -153,6 +157,11 @@ def _schema_violation(topic: Topic) -> st.SearchStrategy[bytes]:
         .map(lambda field: {**topic.valid, field: 1})
     )
     return st.one_of(replace, drop, extra).map(lambda doc: json.dumps(doc).encode())
+
+
+def _unknown_version(topic: Topic) -> st.SearchStrategy[bytes]:
+    versions = st.one_of(st.integers(2, 10**6), st.integers(-(10**6), 0))
+    return versions.map(lambda v: json.dumps({**topic.valid, "schema_version": v}).encode())
 
 
 def _invalid_utf8_values(topic: Topic) -> st.SearchStrategy[bytes]:
@@ -275,7 +284,6 @@ def _kind(
 
 def kinds(limit: int) -> dict[str, Build]:
     """Every kind of damage, by name; `limit` is the daemon's max_input_message_bytes."""
-    schema = frozenset({"schema_violation", "unsupported_schema_version"})
     return {
         # A record needs a key or a value, and a tombstone is a key without a value.
         "tombstone": _kind("tombstone", lambda t: st.none(), frozenset({"empty_message"}), keys=_present_keys),
@@ -283,13 +291,16 @@ def kinds(limit: int) -> dict[str, Build]:
         "invalid_utf8": _kind("invalid_utf8", _invalid_utf8_values, frozenset({"invalid_utf8"})),
         "not_json": _kind("not_json", _not_json, frozenset({"invalid_json"})),
         "not_object": _kind("not_object", _not_object, frozenset({"schema_violation"})),
-        "schema": _kind("schema", _schema_violation, schema),
-        "deep_nesting": _kind("deep_nesting", _deep, None),
-        "huge_int": _kind("huge_int", _huge_int, None),
-        "non_finite": _kind("non_finite", _non_finite, None),
+        "schema": _kind("schema", _schema_violation, frozenset({"schema_violation"})),
+        "version": _kind("version", _unknown_version, frozenset({"unsupported_schema_version"})),
+        # Nesting past the parser's limit and integers past Python's 4,300 digits are unusable JSON.
+        "deep_nesting": _kind("deep_nesting", _deep, frozenset({"invalid_json"})),
+        "huge_int": _kind("huge_int", _huge_int, frozenset({"invalid_json"})),
+        "non_finite": _kind("non_finite", _non_finite, frozenset({"schema_violation"})),
         "oversize": _kind("oversize", lambda t: _oversize(t, limit), frozenset({"message_too_large"})),
         "headers": lambda topic: st.builds(
-            lambda key, value, headers: Malformed("headers", key, value, headers, None),
+            # Headers are kept, base64, in the dead letter; the value decides the code.
+            lambda key, value, headers: Malformed("headers", key, value, headers, frozenset({"schema_violation"})),
             _small_keys,
             _schema_violation(topic),
             _headers(),
@@ -301,14 +312,16 @@ def kinds(limit: int) -> dict[str, Build]:
                 {
                     "resolution_out_of_range",
                     "too_many_steps",
-                    "invalid_request",
+                    "batch_too_large",
                     "base_model_not_allowed",
                     "source_not_allowed",
                 }
             ),
         ),
         "huge_key": lambda topic: st.builds(
-            lambda size, fill, value: Malformed("huge_key", bytes([fill]) * size, value, (), None),
+            lambda size, fill, value: Malformed(
+                "huge_key", bytes([fill]) * size, value, (), frozenset({"schema_violation"})
+            ),
             st.integers(1024 * 1024, 1024 * 1024 + 512),
             st.integers(0, 255),
             _schema_violation(topic),

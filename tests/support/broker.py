@@ -40,6 +40,7 @@ class PrivateBroker:
 
     @property
     def running(self) -> bool:
+        """Whether the broker process is alive."""
         return self._proc is not None and self._proc.poll() is None
 
     def env(self) -> dict[str, str]:
@@ -47,6 +48,7 @@ class PrivateBroker:
         return {**self.stack.env(), "OCRBOOTH_KAFKA_BOOTSTRAP_SERVERS": self.bootstrap_servers}
 
     def create_topics(self, topics: Mapping[str, int]) -> None:
+        """Create topics (name -> partitions) if missing; call it from a thread when a proxy runs in the loop."""
         bootstrap = self.bootstrap_servers
         embedded.run_sync(lambda: embedded.ensure_topics(bootstrap, topics))
 
@@ -111,6 +113,7 @@ class PrivateBroker:
         self.restarts += 1
 
     def log_tail(self, lines: int = 30) -> str:
+        """The last lines of the broker's output, for failure messages."""
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:

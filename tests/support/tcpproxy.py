@@ -68,6 +68,7 @@ class TcpProxy:
 
     @property
     def open_connections(self) -> int:
+        """Client connections being forwarded now."""
         return len(self._links)
 
     async def start(self) -> TcpProxy:
@@ -87,6 +88,7 @@ class TcpProxy:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[TcpProxy]:
+        """Listening for the duration of the block, closed after it."""
         await self.start()
         try:
             yield self
@@ -113,6 +115,7 @@ class TcpProxy:
 
     @property
     def stalled(self) -> bool:
+        """Whether a stall is in progress."""
         return not self._flowing.is_set()
 
     async def down(self) -> int:
