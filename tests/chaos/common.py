@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import random
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -82,3 +85,30 @@ def source_of(record: Any) -> tuple[str, int, int] | None:
             topic, partition, offset = value.decode().rsplit("/", 2)
             return topic, int(partition), int(offset)
     return None
+
+
+async def dead_lettered(bootstrap: str, dlq: str) -> dict[str, str]:
+    """request_id -> code of every dead-lettered DocumentRequest (valid requests must have none)."""
+    letters: dict[str, str] = {}
+    for record in await consume_all(bootstrap, dlq, timeout_s=30):
+        letter = json.loads(record.value)
+        try:
+            original = json.loads(base64.b64decode(letter.get("value_base64") or ""))
+            request_id = str(original["request_id"])
+        except (ValueError, KeyError, TypeError):
+            request_id = f"{letter['partition']}@{letter['offset']}"
+        letters[request_id] = letter["error"]["code"]
+    return letters
+
+
+async def settled(bootstrap: str, results: str, dlq: str, n: int, timeout_s: float) -> None:
+    """Wait until n distinct requests have a result or a dead letter (a valid request that was dead-lettered
+    must fail the test by name, not by a timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        answered = set(request_ids(await consume_all(bootstrap, results, timeout_s=30)))
+        if len(answered) >= n or len(answered | set(await dead_lettered(bootstrap, dlq))) >= n:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{n - len(answered)} requests unanswered after {timeout_s:.0f}s")
+        await asyncio.sleep(2)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.common import SHORT_SESSION, echo_stream, handled, request_ids, tally
-from tests.chaos.figures import Figures
+from tests.chaos.common import SHORT_SESSION, dead_lettered, echo_stream, handled, request_ids, tally
+from tests.chaos.figures import Figures, codes_of
 from tests.support.daemon import DaemonProcess
 from tests.support.kafka import committed_offsets, consume_all, high_watermarks, produce, wait_until
 from tests.support.stack import TopicNames
@@ -59,6 +59,7 @@ async def test_ten_sigkills_during_a_stream_lose_nothing(
     finally:
         last.kill()
     results = await consume_all(bootstrap, topics.ocr_results, timeout_s=60)
+    letters = await dead_lettered(bootstrap, topics.dlq)
     counted = tally((f"req-{i}" for i in range(N)), results)
     chaos_report(
         Figures(
@@ -71,8 +72,10 @@ async def test_ten_sigkills_during_a_stream_lose_nothing(
             failed=counted.failed,
             wall_s=time.monotonic() - started,
             wall_bound_s=WALL_BOUND_S,
+            dead_lettered=codes_of(letters.values()),
         )
     )
+    assert not letters, f"valid requests dead-lettered: {dict(list(letters.items())[:10])}"
     assert counted.lost == 0, f"lost {counted.lost}: {counted.missing}"
     assert counted.failed == 0
     assert counted.duplicated <= KILLS * MAX_IN_FLIGHT
