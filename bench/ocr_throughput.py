@@ -85,7 +85,7 @@ def run(
 
     from ocrbooth.models.ocr.engine import PageInput
     from ocrbooth.models.ocr.lightonocr import LightOnOcrEngine, RepetitionGuard
-    from tests.support.tiny_models import build_full_size_lightonocr
+    from ocrbooth.testing.tiny_lightonocr import build_full_size_lightonocr
 
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA device")
@@ -310,7 +310,7 @@ def profile(workdir: Path, batches: list[int], what: str) -> None:
 
     from ocrbooth.models.ocr.engine import PageInput
     from ocrbooth.models.ocr.lightonocr import LightOnOcrEngine, RepetitionGuard
-    from tests.support.tiny_models import build_full_size_lightonocr
+    from ocrbooth.testing.tiny_lightonocr import build_full_size_lightonocr
 
     path = build_full_size_lightonocr(workdir / "lightonocr-1b-random")
     engine = LightOnOcrEngine(str(path), repetition=RepetitionGuard(enabled=False), eos_token_ids=())

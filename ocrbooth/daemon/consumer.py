@@ -19,19 +19,20 @@ from typing import Any, Literal
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
-from ocrbooth.daemon.config import Settings
+from ocrbooth.config import Settings
 from ocrbooth.daemon.crashloop import CrashGuard
 from ocrbooth.daemon.decode import decode, message_context
 from ocrbooth.daemon.dispatch import Dispatcher, Interrupted, Route
-from ocrbooth.daemon.metrics import Metrics, observe_many
 from ocrbooth.daemon.offsets import OffsetTracker
 from ocrbooth.daemon.outage import Dependencies
 from ocrbooth.daemon.publisher import Publisher
-from ocrbooth.daemon.retry import backoff_s
 from ocrbooth.daemon.shutdown import wait_event
 from ocrbooth.errors import FatalError, OcrboothError, PoisonError
-from ocrbooth.handlers.base import Handler, MessageContext, OutputEvent
+from ocrbooth.handlers.base import Handler
 from ocrbooth.logs import log_context
+from ocrbooth.messages import MessageContext, OutputEvent
+from ocrbooth.metrics import Metrics, observe_many
+from ocrbooth.retry import backoff_s
 from ocrbooth.schemas import ErrorInfo
 
 log = logging.getLogger(__name__)

@@ -19,15 +19,16 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from ocrbooth.daemon.config import Settings
+from ocrbooth.config import Settings
 from ocrbooth.daemon.decode import decode
-from ocrbooth.daemon.metrics import Metrics
 from ocrbooth.daemon.outage import Dependency
 from ocrbooth.daemon.publisher import Publisher
-from ocrbooth.daemon.retry import backoff_s
 from ocrbooth.errors import FatalError, PoisonError, RequeueError, RetryableError
-from ocrbooth.handlers.base import Handler, MessageContext, OutputEvent
+from ocrbooth.handlers.base import Handler
 from ocrbooth.logs import bind
+from ocrbooth.messages import MessageContext, OutputEvent
+from ocrbooth.metrics import Metrics
+from ocrbooth.retry import backoff_s
 from ocrbooth.schemas import ErrorInfo
 
 log = logging.getLogger(__name__)

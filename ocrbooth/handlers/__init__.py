@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from ocrbooth.daemon.config import Settings
+from ocrbooth.config import Settings
 from ocrbooth.errors import ConfigError
 from ocrbooth.handlers.base import Handler
 

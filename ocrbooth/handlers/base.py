@@ -9,38 +9,11 @@ from typing import ClassVar
 
 from pydantic import BaseModel
 
-from ocrbooth.daemon.config import Settings
-from ocrbooth.daemon.metrics import Metrics
-from ocrbooth.daemon.storage import S3Storage
+from ocrbooth.config import Settings
+from ocrbooth.messages import MessageContext, OutputEvent
+from ocrbooth.metrics import Metrics
 from ocrbooth.schemas import ErrorInfo
-
-
-@dataclass(frozen=True, slots=True)
-class MessageContext:
-    """Where an input event came from."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    timestamp_ms: int | None
-    headers: tuple[tuple[str, bytes | None], ...] = ()
-    """Record headers in order; a null header value is None."""
-    attempt: int = 1
-
-    @property
-    def source(self) -> str:
-        return f"{self.topic}/{self.partition}/{self.offset}"
-
-
-@dataclass(frozen=True, slots=True)
-class OutputEvent:
-    """One record to publish; `value` is a schema model, encoded once by the publisher."""
-
-    topic: str
-    key: str | None
-    value: BaseModel
-
+from ocrbooth.storage import S3Storage
 
 Publish = Callable[[Sequence[OutputEvent], MessageContext], Awaitable[None]]
 

@@ -15,7 +15,8 @@ from collections.abc import Mapping, Sequence
 from pydantic import BaseModel
 
 from ocrbooth.errors import FatalError, PoisonError, RetryableError
-from ocrbooth.handlers.base import Handler, MessageContext, OutputEvent
+from ocrbooth.handlers.base import Handler
+from ocrbooth.messages import MessageContext, OutputEvent
 from ocrbooth.schemas import DocumentRequest, ErrorInfo, OcrResult, PageResult
 
 FAULTS_ENV = "OCRBOOTH_ECHO_FAULTS"

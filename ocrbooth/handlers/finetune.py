@@ -27,10 +27,11 @@ from typing import Any
 from pydantic import BaseModel
 
 from ocrbooth import constants
-from ocrbooth.daemon.config import Settings
-from ocrbooth.daemon.metrics import Metrics
+from ocrbooth.config import Settings
 from ocrbooth.errors import PoisonError, RequeueError, RetryableError
-from ocrbooth.handlers.base import Handler, HandlerRuntime, MessageContext, OutputEvent
+from ocrbooth.handlers.base import Handler, HandlerRuntime
+from ocrbooth.messages import MessageContext, OutputEvent
+from ocrbooth.metrics import Metrics
 from ocrbooth.models.dreambooth import EXIT_FAILED, EXIT_STOPPED, PARENT_PID_ENV, validate_request
 from ocrbooth.schemas import ErrorInfo, FinetuneControl, FinetuneEvent, FinetuneRequest
 from ocrbooth.schemas.finetune import FinetuneEventKind

@@ -26,10 +26,10 @@ from typing import cast
 
 from pydantic import BaseModel
 
-from ocrbooth.daemon.config import OcrSettings, Settings
-from ocrbooth.daemon.storage import parse_s3_uri
+from ocrbooth.config import OcrSettings, Settings
 from ocrbooth.errors import ConfigError, FatalError, OcrboothError, PoisonError
-from ocrbooth.handlers.base import Handler, HandlerRuntime, MessageContext, OutputEvent
+from ocrbooth.handlers.base import Handler, HandlerRuntime
+from ocrbooth.messages import MessageContext, OutputEvent
 from ocrbooth.models.ocr.batcher import BatchLimits, BatchStats, BatchWorker
 from ocrbooth.models.ocr.engine import OcrEngine, PageInput, PageOutput
 from ocrbooth.models.ocr.page_memory import PageMemory
@@ -48,6 +48,7 @@ from ocrbooth.schemas import (
     Timings,
     UriSource,
 )
+from ocrbooth.storage import parse_s3_uri
 
 log = logging.getLogger(__name__)
 

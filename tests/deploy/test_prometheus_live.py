@@ -31,15 +31,15 @@ from typing import Any
 import pytest
 import yaml
 
-from ocrbooth import samples
-from ocrbooth.daemon.embedded import EmbeddedStack
+from ocrbooth.dev.embedded import EmbeddedStack
+from ocrbooth.testing import samples
+from ocrbooth.testing.tiny_lightonocr import build_tiny_lightonocr
 from tests.deploy.promql import dashboard_exprs, metric_names, substitute
 from tests.deploy.tools import DEPLOY, tool
 from tests.support.daemon import free_port, http_get, running_daemon, settings_for
 from tests.support.documents import numbered_pages_pdf
 from tests.support.kafka import consume_all, produce
 from tests.support.stack import TopicNames, unique_suffix
-from tests.support.tiny_models import build_tiny_lightonocr
 from tests.support.tiny_sd import build_tiny_sd, make_instance_images, tiny_job_request
 
 pytest.importorskip("diffusers")

@@ -140,7 +140,7 @@ def setup(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Setup:
     import boto3
     from botocore.config import Config
 
-    from ocrbooth.models.dreambooth.tiny import build_tiny_sd, make_instance_images
+    from ocrbooth.testing.tiny_sd import build_tiny_sd, make_instance_images
 
     root = tmp_path_factory.mktemp("ddp")
     credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}

@@ -13,7 +13,7 @@ from PIL import Image  # noqa: E402
 
 from ocrbooth.models.ocr.engine import PageInput  # noqa: E402
 from ocrbooth.models.ocr.lightonocr import LightOnOcrEngine, PageGeneration, RepetitionGuard  # noqa: E402
-from tests.support.tiny_models import build_tiny_lightonocr  # noqa: E402
+from ocrbooth.testing.tiny_lightonocr import build_tiny_lightonocr  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

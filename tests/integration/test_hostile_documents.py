@@ -22,8 +22,8 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from ocrbooth import samples
-from ocrbooth.daemon.embedded import EmbeddedStack
+from ocrbooth.dev.embedded import EmbeddedStack
+from ocrbooth.testing import samples
 from tests.support import hostile
 from tests.support.daemon import DaemonProcess, metric_value
 from tests.support.documents import numbered_pages_pdf

@@ -15,7 +15,7 @@ from ocrbooth.errors import ConfigError  # noqa: E402
 from ocrbooth.models.ocr.confidence import summarize  # noqa: E402
 from ocrbooth.models.ocr.engine import PageInput  # noqa: E402
 from ocrbooth.models.ocr.lightonocr import LightOnOcrEngine, RepetitionGuard  # noqa: E402
-from tests.support.tiny_models import build_tiny_lightonocr  # noqa: E402
+from ocrbooth.testing.tiny_lightonocr import build_tiny_lightonocr  # noqa: E402
 
 LOOP = {"\n": "a", "a": "b", "b": "c", "c": "a"}  # a model rigged to print "abcabc..." forever
 OK_THEN_STOP = {"\n": "O", "O": "K", "K": "<|im_end|>"}

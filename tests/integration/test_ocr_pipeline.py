@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from ocrbooth import samples
 from ocrbooth.daemon.app import Daemon
-from ocrbooth.daemon.embedded import EmbeddedStack
+from ocrbooth.dev.embedded import EmbeddedStack
+from ocrbooth.testing import samples
+from ocrbooth.testing.tiny_lightonocr import build_tiny_lightonocr
 from tests.support.daemon import running_daemon, settings_for
 from tests.support.documents import numbered_pages_pdf
 from tests.support.kafka import consume_all, produce
 from tests.support.stack import TopicNames
-from tests.support.tiny_models import build_tiny_lightonocr
 
 OCR_ENV = {
     "OCRBOOTH_HANDLERS": "ocr",

@@ -27,8 +27,8 @@ pytest.importorskip("pytorch_lightning")
 
 from safetensors.torch import load as load_safetensors  # noqa: E402
 
-from ocrbooth.daemon.config import load_settings  # noqa: E402
-from ocrbooth.daemon.embedded import EmbeddedStack  # noqa: E402
+from ocrbooth.config import load_settings  # noqa: E402
+from ocrbooth.dev.embedded import EmbeddedStack  # noqa: E402
 from ocrbooth.errors import PoisonError  # noqa: E402
 from ocrbooth.models.dreambooth import EXIT_COMPLETED, EXIT_FAILED, EXIT_STOPPED, TrainJob, validate_request  # noqa: E402
 from ocrbooth.schemas.finetune import FinetuneRequest  # noqa: E402

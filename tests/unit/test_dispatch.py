@@ -9,12 +9,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
-from ocrbooth.daemon.config import Settings
+from ocrbooth.config import Settings
 from ocrbooth.daemon.dispatch import Dispatcher, Route
-from ocrbooth.daemon.metrics import Metrics
 from ocrbooth.daemon.outage import Dependencies
 from ocrbooth.errors import FatalError, PoisonError, RetryableError
-from ocrbooth.handlers.base import Handler, MessageContext, OutputEvent
+from ocrbooth.handlers.base import Handler
+from ocrbooth.messages import MessageContext, OutputEvent
+from ocrbooth.metrics import Metrics
 from ocrbooth.schemas import DocumentRequest, ErrorInfo, OcrResult
 from tests.support.daemon import request_event
 

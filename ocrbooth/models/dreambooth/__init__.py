@@ -66,11 +66,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ocrbooth.config import Settings
 from ocrbooth.constants import S3_PREFIX_JOBS
-from ocrbooth.daemon.config import Settings
-from ocrbooth.daemon.storage import parse_s3_uri
 from ocrbooth.errors import PoisonError
 from ocrbooth.schemas.finetune import FinetuneRequest
+from ocrbooth.storage import parse_s3_uri
 
 EXIT_COMPLETED = 0
 EXIT_FAILED = 2  # a `failed` line was printed: retrying will not help

@@ -39,8 +39,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
-from ocrbooth.daemon.config import Settings, load_settings
-from ocrbooth.daemon.storage import parse_s3_uri
+from ocrbooth.config import Settings, load_settings
 from ocrbooth.errors import ConfigError, PoisonError
 from ocrbooth.models.dreambooth import (
     EXIT_COMPLETED,
@@ -71,6 +70,7 @@ from ocrbooth.models.dreambooth.data import (
 from ocrbooth.models.dreambooth.generate import inference_dtype, load_pipeline, render
 from ocrbooth.models.dreambooth.prior import ensure_class_images
 from ocrbooth.schemas.finetune import FinetuneRequest
+from ocrbooth.storage import parse_s3_uri
 
 log = logging.getLogger(__name__)
 
