@@ -81,7 +81,7 @@ def test_a_planted_upward_import_is_caught(tmp_path: Path) -> None:
     target = copy / "storage.py"
     target.write_text(target.read_text() + "\n\ndef _planted() -> None:\n    from ocrbooth.daemon import app  # noqa\n")
     assert upward_imports(copy) == [
-        "ocrbooth.storage (line %d) imports ocrbooth.daemon" % (len(target.read_text().splitlines()))
+        f"ocrbooth.storage (line {len(target.read_text().splitlines())}) imports ocrbooth.daemon"
     ]
 
 
