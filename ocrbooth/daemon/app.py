@@ -22,7 +22,7 @@ from ocrbooth.daemon.publisher import Publisher
 from ocrbooth.daemon.shutdown import Lifecycle, State, wait_event
 from ocrbooth.errors import FatalError, OcrboothError
 from ocrbooth.handlers import load_handlers
-from ocrbooth.handlers.base import Handler, HandlerRuntime
+from ocrbooth.handlers.base import AnyHandler, HandlerRuntime
 from ocrbooth.metrics import Metrics
 from ocrbooth.storage import S3Storage
 
@@ -41,7 +41,7 @@ class Daemon:
         self,
         settings: Settings,
         *,
-        handlers: Sequence[Handler] | None = None,
+        handlers: Sequence[AnyHandler] | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings

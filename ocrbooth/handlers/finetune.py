@@ -86,7 +86,7 @@ class _Job:
         self.stopping = False
 
 
-class FinetuneHandler(Handler):
+class FinetuneHandler(Handler[FinetuneRequest]):
     """Runs DreamBooth jobs as subprocesses, at most `max_concurrent_jobs` at a time on this daemon."""
 
     name = "finetune"
@@ -100,7 +100,7 @@ class FinetuneHandler(Handler):
         self._cancelled: set[str] = set()
         self._draining = False
 
-    def input_topics(self) -> Mapping[str, type[BaseModel]]:
+    def input_topics(self) -> Mapping[str, type[FinetuneRequest]]:
         return {self.settings.topics.finetune_requests: FinetuneRequest}
 
     def broadcast_topics(self) -> Mapping[str, type[BaseModel]]:
@@ -121,7 +121,8 @@ class FinetuneHandler(Handler):
     # ---- control -----------------------------------------------------------------------------------
 
     async def on_broadcast(self, event: BaseModel, ctx: MessageContext) -> None:
-        assert isinstance(event, FinetuneControl)
+        if not isinstance(event, FinetuneControl):  # one broadcast topic today; a second would get its own branch
+            raise PoisonError(f"unexpected {type(event).__name__} on a control topic", code="schema_violation")
         if event.action != "cancel" or event.job_id in self._cancelled:
             return
         self._cancelled.add(event.job_id)
@@ -135,12 +136,10 @@ class FinetuneHandler(Handler):
 
     # ---- jobs --------------------------------------------------------------------------------------
 
-    def validate(self, event: BaseModel) -> None:
-        assert isinstance(event, FinetuneRequest)
+    def validate(self, event: FinetuneRequest) -> None:
         validate_request(event, self.settings)
 
-    async def handle(self, event: BaseModel, ctx: MessageContext) -> Sequence[OutputEvent]:
-        assert isinstance(event, FinetuneRequest)
+    async def handle(self, event: FinetuneRequest, ctx: MessageContext) -> Sequence[OutputEvent]:
         validate_request(event, self.settings)  # bounds first: a bad request fails before any GPU work
         job = _Job(event, ctx)
         state = await self._get_json(event.job_id, "state.json")
@@ -284,8 +283,7 @@ class FinetuneHandler(Handler):
         assert self._runtime is not None
         await self._runtime.publish(events, job.ctx)
 
-    def failure_outputs(self, event: BaseModel, ctx: MessageContext, error: ErrorInfo) -> Sequence[OutputEvent]:
-        assert isinstance(event, FinetuneRequest)
+    def failure_outputs(self, event: FinetuneRequest, ctx: MessageContext, error: ErrorInfo) -> Sequence[OutputEvent]:
         value = FinetuneEvent(job_id=event.job_id, event="failed", seq=_Seq().next(), emitted_at=_now(), error=error)
         return [OutputEvent(self.settings.topics.finetune_events, event.job_id, value)]
 

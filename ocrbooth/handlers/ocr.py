@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from pydantic import BaseModel
-
 from ocrbooth.config import OcrSettings, Settings
 from ocrbooth.errors import ConfigError, FatalError, OcrboothError, PoisonError
 from ocrbooth.handlers.base import Handler, HandlerRuntime
@@ -120,7 +118,7 @@ class _Page:
     output: PageOutput
 
 
-class OcrHandler(Handler):
+class OcrHandler(Handler[DocumentRequest]):
     """Recognises documents; every failure becomes a failed OcrResult with a specific error code."""
 
     name = "ocr"
@@ -135,7 +133,7 @@ class OcrHandler(Handler):
         self._runtime: HandlerRuntime | None = None
         self._tmp = Path(tempfile.gettempdir())
 
-    def input_topics(self) -> Mapping[str, type[BaseModel]]:
+    def input_topics(self) -> Mapping[str, type[DocumentRequest]]:
         return {self.settings.topics.ocr_requests: DocumentRequest}
 
     async def start(self, runtime: HandlerRuntime) -> None:
@@ -189,8 +187,7 @@ class OcrHandler(Handler):
 
     # ---- handling ---------------------------------------------------------------------------------
 
-    async def handle(self, event: BaseModel, ctx: MessageContext) -> Sequence[OutputEvent]:
-        assert isinstance(event, DocumentRequest)
+    async def handle(self, event: DocumentRequest, ctx: MessageContext) -> Sequence[OutputEvent]:
         started = time.monotonic()
         # The record timestamp is the producer's wall clock; queued time is measured against ours.
         arrived = ctx.timestamp_ms / 1000 if ctx.timestamp_ms else None
@@ -220,8 +217,7 @@ class OcrHandler(Handler):
             outputs.append(OutputEvent(topics.ocr_review, event.document_id, flag))
         return outputs
 
-    def failure_outputs(self, event: BaseModel, ctx: MessageContext, error: ErrorInfo) -> Sequence[OutputEvent]:
-        assert isinstance(event, DocumentRequest)
+    def failure_outputs(self, event: DocumentRequest, ctx: MessageContext, error: ErrorInfo) -> Sequence[OutputEvent]:
         requested = event.options.engine if event.options and event.options.engine != "auto" else None
         result = OcrResult.failure(event, error, requested or self.default_engine or None)
         if self._runtime is not None:
