@@ -205,6 +205,11 @@ class Metrics:
             "Unix time a trainer here last launched or reported progress (class images, start, steps, checkpoint).",
             registry=r,
         )
+        self.finetune_protocol_errors = Counter(
+            f"{P}_finetune_protocol_errors_total",
+            "Trainer stdout lines that are not a protocol event (logged and skipped).",
+            registry=r,
+        )
         self.finetune_trainer_restarts = Counter(
             f"{P}_finetune_trainer_restarts_total", "Trainer subprocesses restarted after a crash.", registry=r
         )
