@@ -1,6 +1,6 @@
 """`ocr`: DocumentRequest in, OcrResult (+ ReviewFlag) out.
 
-fetch (S3 or inline) → count pages (CPU pool) → render each page (CPU pool) → micro-batcher → engine →
+fetch (S3 or inline) → count pages (CPU pool) → render each page (CPU pool) → engine worker →
 assemble pages in order → review decision → outputs. Rendering of later pages overlaps with OCR of
 earlier ones, and pages of all in-flight documents share GPU batches.
 """
@@ -30,8 +30,7 @@ from ocrbooth.daemon.config import OcrSettings, Settings
 from ocrbooth.daemon.storage import parse_s3_uri
 from ocrbooth.errors import ConfigError, FatalError, PoisonError
 from ocrbooth.handlers.base import Handler, HandlerRuntime, MessageContext, OutputEvent
-from ocrbooth.models.ocr.batcher import BatchLimits, BatchStats, BatchWorker
-from ocrbooth.models.ocr.engine import OcrEngine, PageInput, PageOutput
+from ocrbooth.models.ocr.engine import OcrEngine, PageInput, PageOutput, PageWorker, StepStats
 from ocrbooth.models.ocr.render import DocFormat, RenderedPage, RenderLimits, page_count, render_page, sniff_format
 from ocrbooth.models.ocr.tables import extract_tables
 from ocrbooth.models.ocr.tesseract import TesseractEngine, validate_languages
@@ -108,9 +107,21 @@ def load_engines(cfg: OcrSettings) -> tuple[str, dict[str, OcrEngine]]:
         cuda, why = _cuda_available()
         if cfg.engine == "lightonocr" or cuda:
             try:
-                from ocrbooth.models.ocr.lightonocr import LightOnOcrEngine
+                from ocrbooth.models.ocr.lightonocr import EngineConfig, LightOnOcrEngine
 
-                engine = LightOnOcrEngine(cfg.model, device=cfg.device)
+                engine = LightOnOcrEngine(
+                    cfg.model,
+                    device=cfg.device,
+                    config=EngineConfig(
+                        max_slots=cfg.engine_max_slots,
+                        gpu_memory_fraction=cfg.gpu_memory_fraction,
+                        kv_cache_tokens=cfg.kv_cache_tokens,
+                        max_prefill_tokens=cfg.max_prefill_tokens,
+                        steps_per_sync=cfg.decode_steps_per_sync,
+                        max_new_tokens=cfg.max_new_tokens_cap,
+                        preprocess_threads=cfg.preprocess_threads,
+                    ),
+                )
                 engine.load()
                 engines["lightonocr"] = cast(OcrEngine, engine)  # its `model` is always a str
                 log.info("OCR engine: lightonocr (%s; model %s)", why, cfg.model)
@@ -146,7 +157,7 @@ class OcrHandler(Handler):
         super().__init__(settings)
         self.cfg = settings.ocr
         self.default_engine = ""
-        self.workers: dict[str, BatchWorker] = {}
+        self.workers: dict[str, PageWorker] = {}
         self._pool: ProcessPoolExecutor | None = None
         self._runtime: HandlerRuntime | None = None
         self._tmp = Path(tempfile.gettempdir())
@@ -157,11 +168,9 @@ class OcrHandler(Handler):
     async def start(self, runtime: HandlerRuntime) -> None:
         self._runtime = runtime
         self.default_engine, engines = await asyncio.to_thread(load_engines, self.cfg)
-        limits = BatchLimits(self.cfg.max_batch_pages, self.cfg.max_batch_tokens, self.cfg.max_wait_ms)
         for name, engine in engines.items():
-            worker = BatchWorker(
-                engine, limits, span_threshold=self.cfg.span_threshold, on_batch=functools.partial(self._on_batch, name)
-            )
+            on_step = functools.partial(self._on_batch, name)
+            worker = engine.worker(span_threshold=self.cfg.span_threshold, on_step=on_step)
             worker.start()
             self.workers[name] = worker
             runtime.metrics.init_engine(name)  # "busy fraction" reads 0, not nothing, while idle
@@ -178,7 +187,7 @@ class OcrHandler(Handler):
     def ready(self) -> bool:
         return bool(self.workers) and self._pool is not None
 
-    def _on_batch(self, engine: str, stats: BatchStats) -> None:
+    def _on_batch(self, engine: str, stats: StepStats) -> None:
         if self._runtime is not None:
             self._runtime.metrics.observe_ocr_batch(engine, stats)
 
