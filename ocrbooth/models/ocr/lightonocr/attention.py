@@ -236,6 +236,7 @@ if HAVE_TRITON:
         BLOCK_SIZE: tl.constexpr,
         TILE: tl.constexpr,
         SPLIT: tl.constexpr,
+        IEEE: tl.constexpr,
     ):
         slot = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -249,7 +250,7 @@ if HAVE_TRITON:
             heads = kv_head * GROUP + g
             q = tl.load(
                 Q + slot * stride_qs + heads[:, None] * stride_qh + d[None, :], mask=(g < GROUP)[:, None], other=0.0
-            ).to(tl.float32)
+            )
             m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
             total = tl.zeros([GROUP_PAD], tl.float32)
             acc = tl.zeros([GROUP_PAD, DIM], tl.float32)
@@ -261,15 +262,23 @@ if HAVE_TRITON:
                     block = tl.load(BlockTable + slot * stride_bt + t // BLOCK_SIZE, mask=valid, other=0)
                     rows = block.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE
                     offsets = rows[:, None] * stride_kr + kv_head * stride_kh + d[None, :]
-                    k = tl.load(K + offsets, mask=valid[:, None], other=0.0).to(tl.float32)
-                    scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [GROUP_PAD, TILE]
+                    k = tl.load(K + offsets, mask=valid[:, None], other=0.0)
+                    # the query heads of this KV head are the rows of one tensor-core product (padded to 16)
+                    if IEEE:
+                        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+                    else:
+                        scores = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, TILE], float32
                     scores = tl.where(valid[None, :], scores, float("-inf"))
                     m_new = tl.maximum(m, tl.max(scores, axis=1))
                     alpha = tl.exp(m - m_new)
                     p = tl.exp(scores - m_new[:, None])
                     total = total * alpha + tl.sum(p, axis=1)
-                    v = tl.load(V + offsets, mask=valid[:, None], other=0.0).to(tl.float32)
-                    acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+                    v = tl.load(V + offsets, mask=valid[:, None], other=0.0)
+                    if IEEE:  # noqa: SIM108  # Triton prunes a constexpr branch only in an if statement
+                        update = tl.dot(p, v, input_precision="ieee")
+                    else:
+                        update = tl.dot(p.to(v.dtype), v)
+                    acc = acc * alpha[:, None] + update
                     m = m_new
             out_ptr = PartOut + slot * stride_ps + heads[:, None] * stride_ph + split * stride_pk + d[None, :]
             tl.store(out_ptr, acc / total[:, None], mask=(g < GROUP)[:, None])
@@ -322,7 +331,7 @@ def paged_decode_triton(
     block_size: int,
     scale: float,
     *,
-    tile: int = 32,
+    tile: int = 64,
     num_warps: int = 4,
 ) -> torch.Tensor:
     """Split-K paged decode attention: q [slots, heads, dim] -> [slots, heads, dim] in q's dtype."""
@@ -353,11 +362,12 @@ def paged_decode_triton(
         part_lse.stride(1),
         scale,
         GROUP=group,
-        GROUP_PAD=max(1, 1 << (group - 1).bit_length()),
+        GROUP_PAD=max(16, 1 << (group - 1).bit_length()),  # tl.dot needs 16 rows
         DIM=dim,
         BLOCK_SIZE=block_size,
         TILE=tile,
         SPLIT=SPLIT_TOKENS,
+        IEEE=q.dtype == torch.float32,
         num_warps=num_warps,
     )
     _paged_decode_merge[(slots, heads)](
