@@ -411,12 +411,12 @@ def run_pages(
     wall = time.perf_counter() - started
     completed = [i for i, t in enumerate(done_at) if t > 0]
     order = sorted(done_at[i] for i in completed)
-    latency = [latency[i] for i in completed]
+    finished_latency = [latency[i] for i in completed]  # callbacks still running may write `latency`
     if len(completed) < len(pages):
         wall = order[-1]
     lo, hi = order[len(order) // 10], order[len(order) * 9 // 10]
     steady = (len(order) * 9 // 10 - len(order) // 10) / max(hi - lo, 1e-9)
-    lat = sorted(latency)
+    lat = sorted(finished_latency)
     return {
         "pages": len(pages),
         "completed": len(completed),

@@ -134,6 +134,8 @@ class LightOnOcrEngine:
         self._processor: Any = None
         self.capacity: Capacity | None = None
         self._core_lock = threading.Lock()
+        self._core_guard = threading.Lock()
+        self._active_core: EngineCore | None = None
 
     # ---- loading -----------------------------------------------------------------------------------
 
@@ -376,6 +378,10 @@ class EngineCore:
         self._splits = 0
 
     def start(self) -> None:
+        with self.engine._core_guard:  # one core per runner: two would each read the other's slots
+            if self.engine._active_core is not None:
+                raise RuntimeError("this LightOnOcrEngine already has a running engine core")
+            self.engine._active_core = self
         self._preprocess = ThreadPoolExecutor(
             self.engine.config.preprocess_threads, thread_name_prefix=f"{self.engine.name}-preprocess"
         )
@@ -388,9 +394,15 @@ class EngineCore:
             self._stopping = True
             self._cond.notify_all()
         self._thread.join(timeout_s)
+        if self._thread.is_alive():  # still draining: its pools and the runner stay its own
+            log.warning("LightOnOCR engine core still busy after %.0f s; left running", timeout_s)
+            return
         for pool in (self._preprocess, self._outputs):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=False)
+        with self.engine._core_guard:
+            if self.engine._active_core is self:
+                self.engine._active_core = None
 
     @property
     def queued(self) -> int:
