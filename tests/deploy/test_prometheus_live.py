@@ -195,7 +195,6 @@ async def test_dashboard_and_alert_queries_on_a_real_prometheus(
     ports = [free_port(), free_port()]
     common = {
         **daemon_env,
-        "OCRBOOTH_OCR_MAX_WAIT_MS": "50",
         "OCRBOOTH_OCR_RENDER_WORKERS": "1",
         "OCRBOOTH_OCR_RENDER_LONGEST_PX": "400",
         "OCRBOOTH_ECHO_FAULTS": "false",
