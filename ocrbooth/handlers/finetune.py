@@ -195,29 +195,37 @@ class FinetuneHandler(Handler[FinetuneRequest]):
             stderr=None,  # the trainer's log goes to ours
             cwd=workdir,
             env={**os.environ, PARENT_PID_ENV: str(os.getpid())},
+            # Its own process group: signals reach every rank of a multi-GPU job (Lightning starts ranks 1.. as
+            # rank 0's children), and a kill at the drain deadline leaves no rank behind.
+            start_new_session=True,
         )
         job.proc = proc
         if self._draining or job.cancelled.is_set():
             _signal(proc, signal.SIGTERM)
         terminal: OutputEvent | None = None
         assert proc.stdout is not None
-        async for raw in proc.stdout:
-            line = self._parse(raw, req.job_id)
-            if line is None:
-                continue
-            self._observe(line)
-            if isinstance(line, protocol.CompletedEvent):
-                await self._set_state(req.job_id, "completed", attempts=attempt, artifacts=line.artifacts)
-                terminal = self._event(job, "completed", attempt=attempt, **line.forwarded())
-            elif isinstance(line, protocol.FailedEvent):
-                await self._set_state(req.job_id, "failed", attempts=attempt)
-                error = ErrorInfo(code=line.code, message=line.message)
-                terminal = self._event(job, "failed", attempt=attempt, error=error)
-            elif type(line) in _STREAMED:
-                kind = _STREAMED[type(line)]
-                await self._publish(job, [self._event(job, kind, attempt=attempt, **line.forwarded())])
-            # `checkpoint_failed` and `stopped` only feed metrics and logs; the exit code says the rest
-        code = await proc.wait()
+        try:
+            async for raw in proc.stdout:
+                line = self._parse(raw, req.job_id)
+                if line is None:
+                    continue
+                self._observe(line)
+                if isinstance(line, protocol.CompletedEvent):
+                    await self._set_state(req.job_id, "completed", attempts=attempt, artifacts=line.artifacts)
+                    terminal = self._event(job, "completed", attempt=attempt, **line.forwarded())
+                elif isinstance(line, protocol.FailedEvent):
+                    await self._set_state(req.job_id, "failed", attempts=attempt)
+                    error = ErrorInfo(code=line.code, message=line.message)
+                    terminal = self._event(job, "failed", attempt=attempt, error=error)
+                elif type(line) in _STREAMED:
+                    kind = _STREAMED[type(line)]
+                    await self._publish(job, [self._event(job, kind, attempt=attempt, **line.forwarded())])
+                # `checkpoint_failed` and `stopped` only feed metrics and logs; the exit code says the rest
+            code = await proc.wait()
+        finally:
+            if proc.returncode is None:
+                # Cancelled (the drain deadline passed, or the daemon is going down): no rank may outlive us.
+                _signal(proc, signal.SIGKILL)
         job.proc = None
         if (
             terminal is not None
@@ -313,6 +321,7 @@ def _now() -> datetime:
 
 
 def _signal(proc: asyncio.subprocess.Process | None, sig: signal.Signals) -> None:
+    """Signal a trainer's whole process group (every DDP rank); the ranks agree on the step to stop at."""
     if proc is not None and proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)

@@ -30,6 +30,34 @@ class StopFlag:
         return self._event.is_set()
 
 
+class StopAgreement:
+    """Under DDP every rank must stop at the same step, or the ones that go on wait forever in the next gradient
+    all-reduce. The daemon signals the trainer's process group, but each rank may see the signal at a different
+    step: at every optimizer step the ranks all-reduce (MAX) their local stop flags, over a CPU (gloo) group so
+    that no GPU synchronisation is added, and all stop once any of them was asked to."""
+
+    def __init__(self) -> None:
+        self._group: Any = None
+
+    def join(self) -> None:
+        """Create the CPU group (collectively: every rank calls this at the same point, e.g. train start)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self._group = dist.new_group(backend="gloo")
+
+    def __call__(self, local: bool) -> bool:
+        """True on every rank when any rank's `local` flag is set (collective: every rank calls it each step)."""
+        if self._group is None:
+            return local
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if local else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return bool(flag.item())
+
+
 class JobCallback(pl.Callback):
     """Progress lines every `progress_every_steps` (the only place the host reads the loss), checkpoints, stop."""
 
@@ -46,11 +74,14 @@ class JobCallback(pl.Callback):
         self.window_step = job.start_step
         self.window_started = time.monotonic()
         self.config_json = config_json  # the resolved configuration, stored in every checkpoint
+        self.agree = StopAgreement()
+        self.stopping = False
 
     def step(self, trainer: pl.Trainer) -> int:
         return self.config.start_step + trainer.global_step
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.agree.join()
         if self.job.resume is not None:
             restore_rng(self.job.resume.rng())
             scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -64,17 +95,23 @@ class JobCallback(pl.Callback):
     ) -> None:
         step = self.step(trainer)
         req = self.job.request
-        if step != self.last_step:  # an optimizer step just finished
-            self.last_step = step
-            if step % self.job.settings.finetune.progress_every_steps == 0 or step == req.max_train_steps:
-                self.progress(trainer, step)
-            if step % req.checkpointing_steps == 0 or step == req.max_train_steps:
-                self.save(trainer, step, barrier=True)
-        if self.stop:
-            # Mid-accumulation the weights are still those of the last finished step: that is what gets saved.
-            self.save(trainer, step, barrier=False)
-            if trainer.world_size == 1:
+        if step == self.last_step:
+            if trainer.world_size == 1 and self.stop:
+                # Mid-accumulation the weights are still those of the last finished step: that is what gets saved.
+                self.stopping = True
+                self.save(trainer, step, barrier=False)
                 trainer.should_stop = True
+            return
+        # An optimizer step just finished (under DDP every rank is here together: the agreement is collective).
+        self.last_step = step
+        if step % self.job.settings.finetune.progress_every_steps == 0 or step == req.max_train_steps:
+            self.progress(trainer, step)
+        stopping = self.agree(bool(self.stop))
+        if step % req.checkpointing_steps == 0 or step == req.max_train_steps or stopping:
+            self.save(trainer, step, barrier=trainer.world_size > 1)
+        if stopping:
+            self.stopping = True
+            trainer.should_stop = True
 
     def progress(self, trainer: pl.Trainer, step: int) -> None:
         loss = self.module.take_mean_loss()  # the host waits for the GPU here, once per progress line
@@ -108,4 +145,4 @@ class JobCallback(pl.Callback):
             trainer.strategy.barrier("checkpoint")
 
 
-__all__ = ["JobCallback", "StopFlag"]
+__all__ = ["JobCallback", "StopAgreement", "StopFlag"]

@@ -280,8 +280,10 @@ def fit(trainer: pl.Trainer, module: DreamBoothModule, callback: JobCallback, st
             trainer.fit(module)
         except SIGTERMException:
             log.info("training interrupted by SIGTERM")
-    if stop:
-        callback.save(trainer, callback.step(trainer), barrier=False)  # if the signal came after the last check
+    if stop or callback.stopping:
+        # Stopped (this rank's signal, or another rank's through the agreement). The save is a no-op when the
+        # stop step is already checkpointed, and covers a signal that came after the last check (rank 0 writes).
+        callback.save(trainer, callback.step(trainer), barrier=False)
         return False
     return True
 
@@ -352,6 +354,8 @@ def run(job: Job, events: Emitter, stop: StopFlag) -> int:
             torch.use_deterministic_algorithms(True)  # bitwise-reproducible resumes on CPU
         finished = fit(trainer, module, callback, stop)
         if not finished:
+            if not trainer.is_global_zero:
+                return EXIT_COMPLETED  # ranks 1.. exit 0; rank 0 speaks for the job (stopped, exit 3)
             events.emit(StoppedEvent(step=callback.step(trainer)))
             return EXIT_STOPPED
         if not trainer.is_global_zero:
@@ -391,7 +395,9 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None) -> int:
             configure_logging(settings.log.level, settings.log.format)
             _quiet_libraries()
         job = setup(args.job, settings)
-        return run(job, events, stop)
+        code = run(job, events, stop)
+        log.info("rank %s exits with %d", os.environ.get("LOCAL_RANK", "0"), code)
+        return code
     except PoisonError as exc:
         log.warning("job failed: %s", exc, extra={"code": exc.code})
         events.emit(FailedEvent(code=exc.code, message=exc.message))
