@@ -1,27 +1,30 @@
-"""OCR throughput: LightOnOcrEngine against plain transformers `generate`, on LightOnOCR-1B's architecture.
+"""OCR throughput of the LightOnOCR engine core on LightOnOCR-1B's architecture, against the floor of each
+workload measured in the same run.
 
 The model is the default `LightOnOcrConfig()` (Qwen3 decoder: 1024 hidden, 28 layers, 8 KV heads of 128, vocab
-151936; Pixtral encoder: 1024 hidden, 24 layers) with random bfloat16 weights, saved to local disk with a
-processor whose tokenizer covers the whole vocabulary, and loaded through `LightOnOcrEngine(path)`: the numbers
-cost what the real model costs, without a model hub. Every page is the same 1176x1540 noise image (the
-recommended 1540-pixel longest edge: 55 x 42 = 2310 image tokens), and every page decodes exactly N tokens
-(no stop token, no repetition guard), so all configurations do the same work per page.
+151936; Pixtral encoder: 1024 hidden, 24 layers) with random bfloat16 weights, saved to local disk and loaded
+through `LightOnOcrEngine(path)`: it costs what the real model costs, without a model hub. Stop token and
+repetition guard are off, so every page decodes exactly its `max_new_tokens`.
 
-Measured in one process, on one GPU:
+Sections (one process, one GPU; the JSON is rewritten after each, so a run cut short keeps what it has):
 
-- engine: pages/s = pages / wall time of `engine.recognize(pages)` for a batch of B pages (preprocessing,
-  vision encoding, prefill, decode, detokenization and confidences all included). The first call of each
-  configuration captures CUDA graphs and is reported as `cold_seconds`; the timed call is the second.
-- baseline: `model.generate(max_new_tokens=N, min_new_tokens=N, do_sample=False)` one page at a time, with
-  transformers' own SDPA attention and cache, processor call and decode included.
-- bandwidth: a device-to-device copy of 4 GiB, (bytes read + bytes written) / time.
-- KV floor: decoding must at least read each page's KV cache once per generated token. Generated token t
-  (0-based) of a page with a P-token prompt attends to P + t cached positions, so a page reads
-  KV_BYTES_PER_TOKEN * (N * P + N * (N - 1) / 2) bytes, and floor pages/s = bandwidth / that. It ignores
-  weights (shared by the batch), prefill and vision compute: a bound no batch size reaches.
+1. `ceilings`: device-to-device copy bandwidth (bytes read + written) and a bf16 8192^3 matmul on random data.
+2. `attention`: one decode attention call over B slots of L positions (8 KV heads x 128, 16 query heads):
+   the engine's Triton split-K paged kernel, SDPA over a padded dense cache with a mask (the old engine's
+   way), and SDPA's flash kernel over a dense cache without a mask (only possible when all lengths are equal).
+3. `fixed`: B pages of 1176x1540 (2,310 image tokens) x N tokens, all submitted at once: the engine core, and
+   the old wave engine (`bench/wave_engine.py`, the code this engine replaced) in the same run.
+4. `stream`: >= 1,000 pages, two page sizes, output lengths from a seeded distribution (15 % 5-100 tokens,
+   60 % 300-900, 25 % 1,200-2,500), submitted with a fixed number outstanding (as the daemon's
+   `max_in_flight` single-page documents would): steady-state pages/s (10th to 90th percentile of
+   completions), p50/p95 page latency, GPU memory.
+5. `floor` of each workload: K/V bytes every decode step must read plus the weights read once per step
+   (at the engine's concurrency), at the measured copy bandwidth, plus vision-encoder and prefill FLOPs at
+   the measured matmul rate. `fraction` = measured pages/s over floor pages/s.
+6. `profile`: where the time goes: a decode chunk's time per step at given slot counts and contexts (graph
+   replays over synthetic slots), a prefill batch's time per page alone, and the engine's own step log.
 
 Usage (device):  PYTHONPATH=. python3 bench/ocr_throughput.py --out bench/results/ocr_throughput.json
-Where time goes: PYTHONPATH=. python3 bench/ocr_throughput.py --profile kernels|steps (separate processes)
 Plot (anywhere): PYTHONPATH=. python bench/ocr_throughput.py --plot-only bench/results/ocr_throughput.json
 """
 
@@ -33,13 +36,15 @@ import json
 import platform
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 VLLM_REFERENCE_PAGES_PER_S = 5.71  # LightOnOCR-1B model card: vLLM on one H100
-PAGE_WIDTH, PAGE_HEIGHT = 1176, 1540
+SIZES = {"portrait": (1176, 1540), "landscape": (1540, 1000)}
 
 
 def main() -> int:
@@ -47,338 +52,582 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/ocr_throughput.json"))
     parser.add_argument("--plot-only", type=Path, metavar="JSON", help="only draw the PNG for an existing result")
     parser.add_argument("--png", type=Path, help="plot path (default: the JSON path with .png)")
-    parser.add_argument("--batch-sizes", default="1,8,16,32,64,128", help="engine batch sizes, comma-separated")
-    parser.add_argument("--new-tokens", default="500,1000", help="output lengths, comma-separated")
-    parser.add_argument("--baseline-pages", type=int, default=1, help="pages generated by the baseline per length")
-    parser.add_argument("--baseline-new-tokens", help="baseline output lengths (default: --new-tokens)")
+    parser.add_argument("--batches", default="32,128,256", help="engine batch sizes, comma-separated")
+    parser.add_argument("--wave-batches", default="32,128", help="old engine batch sizes ('' to skip)")
+    parser.add_argument("--new-tokens", default="500,1000", help="fixed output lengths, comma-separated")
+    parser.add_argument("--stream-pages", type=int, default=1000)
+    parser.add_argument("--outstanding", type=int, default=512, help="stream: pages submitted and not finished")
+    parser.add_argument("--stream-deadline-s", type=float, default=1800, help="stream: stop waiting after this")
+    parser.add_argument("--sections", default="ceilings,attention,wave,fixed,profile,stream")
     parser.add_argument("--workdir", type=Path, help="where the random model is saved (default: a temp dir)")
-    parser.add_argument(
-        "--profile",
-        choices=["kernels", "steps"],
-        help="print eager kernel tables, or per-page prefill and per-step decode times of the graphed engine",
-    )
     args = parser.parse_args()
     if args.plot_only:
         plot(json.loads(args.plot_only.read_text()), args.png or args.plot_only.with_suffix(".png"))
         return 0
-    lengths = [int(x) for x in args.new_tokens.split(",")]
-    baseline_lengths = [int(x) for x in (args.baseline_new_tokens or args.new_tokens).split(",")]
-    batches = [int(x) for x in args.batch_sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="ocr-bench-") as tmp:
-        workdir = args.workdir or Path(tmp)
-        if args.profile:
-            profile(workdir, batches, args.profile)
-            return 0
-        run(args.out, workdir, lengths, batches, baseline_lengths, args.baseline_pages)
-    print(f"wrote {args.out}", flush=True)
+        run(args, args.workdir or Path(tmp))
+    plot(json.loads(args.out.read_text()), args.png or args.out.with_suffix(".png"))
     return 0
 
 
-def run(
-    out: Path, workdir: Path, lengths: list[int], batches: list[int], baseline_lengths: list[int], baseline_pages: int
-) -> None:
-    """Measure everything; the JSON is rewritten after each configuration, so a run cut short keeps its rows."""
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def run(args: argparse.Namespace, workdir: Path) -> None:
     import numpy as np
     import torch
     import transformers
     from PIL import Image
 
-    from ocrbooth.models.ocr.engine import PageInput
-    from ocrbooth.models.ocr.lightonocr import LightOnOcrEngine, RepetitionGuard
-    from tests.support.tiny_models import build_full_size_lightonocr
+    from ocrbooth.testing.tiny_lightonocr import build_full_size_lightonocr
 
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA device")
-    card = torch.cuda.get_device_name()
-    print(f"{card}, torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
-
-    bandwidth = copy_bandwidth()
-    print(f"device-to-device copy: {bandwidth / 1e9:.0f} GB/s (read + written)", flush=True)
-
-    started = time.perf_counter()
-    path = build_full_size_lightonocr(workdir / "lightonocr-1b-random")
-    gc.collect()
-    torch.cuda.empty_cache()
-    engine = LightOnOcrEngine(str(path), repetition=RepetitionGuard(enabled=False), eos_token_ids=())
-    engine.load()
-    print(f"built, saved and loaded the random model in {time.perf_counter() - started:.0f} s", flush=True)
-
-    pixels = np.random.default_rng(0).integers(0, 256, (PAGE_HEIGHT, PAGE_WIDTH, 3), dtype=np.uint8)
-    image = Image.fromarray(pixels)
-    prompt_tokens = engine.preprocess(PageInput(image, max_new_tokens=1)).prompt_length
-    image_tokens = engine.image_token_count(image)
-    text = engine.network.config.text_config
-    kv_bytes_per_token = text.num_hidden_layers * 2 * text.num_key_value_heads * text.head_dim * 2
-    print(f"page: {image_tokens} image tokens, {prompt_tokens} prompt tokens", flush=True)
-
-    agreement = graphs_against_eager(engine, image)
-    print(f"CUDA graphs against eager, 2 pages x 48 tokens: {agreement}", flush=True)
-    fixed = per_page_fixed_cost(engine, image)
-    print(f"preprocess {fixed['preprocess_s'] * 1e3:.0f} ms/page; prefill+1 token {fixed['prefill_s'] * 1e3:.0f} ms")
-
+    sections = set(args.sections.split(","))
     result: dict[str, Any] = {
         "benchmark": "ocr_throughput",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "card": card,
+        "card": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "model": "LightOnOCR-1B architecture (default LightOnOcrConfig), random bfloat16 weights",
-        "page": {
-            "width": PAGE_WIDTH,
-            "height": PAGE_HEIGHT,
-            "image_tokens": image_tokens,
-            "prompt_tokens": prompt_tokens,
-        },
-        "engine_settings": {
-            "cuda_graphs": engine.use_cuda_graphs,
-            "dtype": str(engine.dtype),
-            "stop_token": "disabled",
-            "repetition_guard": "disabled",
-        },
-        "bandwidth_gb_s": bandwidth / 1e9,
-        "kv_bytes_per_token": kv_bytes_per_token,
-        "floor_formula": (
-            "floor pages/s = bandwidth / (kv_bytes_per_token * (N * P + N * (N - 1) / 2)), "
-            "N = new tokens per page, P = prompt tokens; kv_bytes_per_token = layers * 2 (K, V) * kv_heads * "
-            "head_dim * 2 bytes"
-        ),
-        "graphs_match_eager": agreement,
-        "fixed_cost_per_page": fixed,
-        "engine": [],
-        "baseline": [],
         "reference": {"vllm_h100_pages_per_s": VLLM_REFERENCE_PAGES_PER_S, "source": "LightOnOCR-1B model card"},
+        "errors": [],
     }
 
     def save() -> None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    for new_tokens in baseline_lengths:  # first: the slowest part, and the reference for everything after
-        result["baseline"].append(baseline(engine, image, new_tokens, baseline_pages))
+    def section(name: str, fn: Any) -> None:
+        if name not in sections:
+            return
+        started = time.perf_counter()
+        try:
+            result[name] = fn()
+        except Exception:  # keep the other sections' numbers; say what broke
+            result["errors"].append({"section": name, "traceback": traceback.format_exc()})
+            print(traceback.format_exc(), flush=True)
+        print(f"[{name}: {time.perf_counter() - started:.0f} s]", flush=True)
         save()
-    for new_tokens in lengths:
-        kv_bytes = kv_bytes_per_token * (new_tokens * prompt_tokens + new_tokens * (new_tokens - 1) / 2)
-        floor = bandwidth / kv_bytes
+
+    rng = np.random.default_rng(0)
+    images = {k: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for k, (w, h) in SIZES.items()}
+    section("ceilings", ceilings)
+    section("attention", attention_microbench)
+    started = time.perf_counter()
+    path = build_full_size_lightonocr(workdir / "lightonocr-1b-random")
+    gc.collect()
+    torch.cuda.empty_cache()
+    print(f"built and saved the random model in {time.perf_counter() - started:.0f} s", flush=True)
+    lengths = ints(args.new_tokens)
+
+    from ocrbooth.models.ocr.lightonocr import EngineConfig, LightOnOcrEngine, RepetitionGuard
+
+    engine = LightOnOcrEngine(
+        str(path),
+        repetition=RepetitionGuard(enabled=False),
+        eos_token_ids=(),
+        config=EngineConfig(max_new_tokens=4096, preprocess_threads=8),
+    )
+    engine.load()
+    cap = engine.capacity
+    assert cap is not None
+    result["engine"] = {
+        "kv_blocks": cap.num_blocks,
+        "block_size": cap.block_size,
+        "kv_tokens": cap.kv_tokens,
+        "kv_gib": cap.kv_cache_bytes / 2**30,
+        "max_slots": cap.max_slots,
+        "prefill_activation_gib": cap.activation_bytes / 2**30,
+        "settings": {k: getattr(engine.config, k) for k in engine.config.__dataclass_fields__},
+        "memory_allocated_gib": torch.cuda.memory_allocated() / 2**30,
+    }
+    print(f"engine: {result['engine']}", flush=True)
+    save()
+    model = model_costs(engine)
+    result["model_costs"] = model
+    ceil = result.get("ceilings") or ceilings()
+    section("profile", lambda: profile(engine, images["portrait"]))
+    section(
+        "stream",
+        lambda: stream(engine, images, args.stream_pages, args.outstanding, model, ceil, args.stream_deadline_s),
+    )
+    section("fixed", lambda: fixed_lengths(engine, images["portrait"], lengths, ints(args.batches), model, ceil))
+    result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    runner = engine.runner
+    runner._graphs.clear()  # the old engine needs the memory back
+    runner.cache = runner.state = None
+    engine._runner = None
+    engine = runner = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    section("wave", lambda: wave_engine(path, images["portrait"], lengths, ints(args.wave_batches)))
+    save()
+    print(f"wrote {args.out}", flush=True)
+    summary(result)
+
+
+def timed_cuda(fn: Any, repeats: int = 20, warmup: int = 3) -> float:
+    """Median seconds of `fn` by CUDA events."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def ceilings() -> dict[str, float]:
+    import torch
+
+    size = 4 << 30
+    src = torch.randint(0, 255, (size,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_s = timed_cuda(lambda: dst.copy_(src), repeats=10)
+    src = dst = torch.empty(0)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_s = timed_cuda(lambda: a @ b, repeats=10)
+    a = b = torch.empty(0)
+    torch.cuda.empty_cache()
+    out = {"copy_bandwidth_gb_s": 2 * size / copy_s / 1e9, "bf16_matmul_tflop_s": 2 * 8192**3 / mm_s / 1e12}
+    print(f"ceilings: {out}", flush=True)
+    return out
+
+
+def attention_microbench() -> list[dict[str, Any]]:
+    import torch
+    import torch.nn.functional as F
+
+    from ocrbooth.models.ocr.lightonocr.attention import paged_decode_triton
+
+    rows = []
+    heads, kv_heads, dim, block = 16, 8, 128, 64
+    for slots, length in [(32, 2810), (128, 2810), (256, 2810), (128, 4800)]:
+        width = -(-length // block)
+        blocks = slots * width + 1
+        k = torch.randn(blocks * block, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        table = (torch.randperm(blocks - 1, device="cuda")[: slots * width] + 1).reshape(slots, width).int()
+        lengths = torch.full((slots,), length, device="cuda", dtype=torch.int32)
+        q = torch.randn(slots, heads, dim, device="cuda", dtype=torch.bfloat16)
+        kv_bytes = 2 * slots * length * kv_heads * dim * 2
+        row: dict[str, Any] = {"slots": slots, "positions": length, "kv_bytes": kv_bytes}
+        for tile, warps in [(32, 4), (64, 4), (64, 8), (128, 8)]:
+            call = (q, k, v, table, lengths, block, dim**-0.5)
+            seconds = timed_cuda(lambda c=call, t=tile, w=warps: paged_decode_triton(*c, tile=t, num_warps=w))
+            row[f"triton_tile{tile}_w{warps}_gb_s"] = kv_bytes / seconds / 1e9
+        k = v = torch.empty(0)
+        dense_k = torch.randn(slots, kv_heads, length, dim, device="cuda", dtype=torch.bfloat16)
+        dense_v = torch.randn_like(dense_k)
+        grouped = q.reshape(slots, kv_heads, heads // kv_heads, dim)
+        mask = torch.ones(slots, 1, 1, length, dtype=torch.bool, device="cuda")
+        args = (grouped, dense_k, dense_v)
+        seconds = timed_cuda(lambda a=args, m=mask: F.scaled_dot_product_attention(*a, attn_mask=m))
+        row["sdpa_masked_dense_gb_s"] = kv_bytes / seconds / 1e9
+        q4 = q[:, :, None]  # [slots, heads, 1, dim] against K/V expanded per query head is what flash needs
+        ek = dense_k.repeat_interleave(2, dim=1)
+        ev = dense_v.repeat_interleave(2, dim=1)
+        args = (q4, ek, ev)
+        seconds = timed_cuda(lambda a=args: F.scaled_dot_product_attention(*a))
+        row["sdpa_flash_dense_repeated_gb_s"] = 2 * kv_bytes / seconds / 1e9
+        dense_k = dense_v = ek = ev = torch.empty(0)
+        torch.cuda.empty_cache()
+        rows.append(row)
+        print(f"attention: {row}", flush=True)
+    return rows
+
+
+def model_costs(engine: Any) -> dict[str, Any]:
+    """Parameter counts and per-token sizes for the floor."""
+    net = engine.network
+    text = net.config.text_config
+    vision = net.model.vision_encoder
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    decoder = count(net.model.language_model) - net.model.language_model.embed_tokens.weight.numel()
+    return {
+        "decoder_params": decoder,
+        "lm_head_params": net.lm_head.weight.numel(),
+        "vision_params": count(vision),
+        "projector_params": count(net.model.vision_projection),
+        "vision_layers": vision.config.num_hidden_layers,
+        "vision_hidden": vision.config.hidden_size,
+        "decoder_layers": text.num_hidden_layers,
+        "attention_width": text.num_attention_heads * text.head_dim,
+        "kv_bytes_per_token": text.num_hidden_layers * 2 * text.num_key_value_heads * text.head_dim * 2,
+        "patch": vision.config.patch_size,
+        "text_tokens": engine.builder.text_tokens,
+        "kv_tokens": engine.capacity.kv_tokens,
+        "max_slots": engine.capacity.max_slots,
+    }
+
+
+def floor(pages: list[tuple[int, int, int]], model: dict[str, Any], ceil: dict[str, float]) -> dict[str, Any]:
+    """pages: (prompt tokens P, new tokens N, vision patches). Bytes at copy bandwidth + FLOPs at matmul rate."""
+    bw = ceil["copy_bandwidth_gb_s"] * 1e9
+    rate = ceil["bf16_matmul_tflop_s"] * 1e12
+    kv = model["kv_bytes_per_token"] * sum(n * p + n * (n - 1) / 2 for p, n, _ in pages)
+    tokens = sum(n for _, n, _ in pages)
+    mean_reserve = sum(p + n for p, n, _ in pages) / len(pages)
+    concurrency = max(1.0, min(model["max_slots"], model["kv_tokens"] / mean_reserve, len(pages)))
+    weight_bytes = 2 * (model["decoder_params"] + model["lm_head_params"]) * tokens / concurrency
+    vision = sum(
+        2 * model["vision_params"] * v + 4 * v * v * model["vision_hidden"] * model["vision_layers"]
+        for _, _, v in pages
+    )
+    prefill = sum(
+        2 * model["decoder_params"] * p + 2 * p * p * model["attention_width"] * model["decoder_layers"]
+        for p, _, _ in pages
+    )
+    decode_flops = 2 * (model["decoder_params"] + model["lm_head_params"]) * tokens
+    seconds = (kv + weight_bytes) / bw + (vision + prefill) / rate
+    return {
+        "kv_read_s": kv / bw,
+        "weight_read_s": weight_bytes / bw,
+        "vision_s": vision / rate,
+        "prefill_s": prefill / rate,
+        "decode_matmul_s_not_in_floor": decode_flops / rate,
+        "concurrency": concurrency,
+        "seconds": seconds,
+        "pages_per_s": len(pages) / seconds,
+    }
+
+
+def page_shape(engine: Any, image: Any) -> tuple[int, int]:
+    from ocrbooth.models.ocr.engine import PageInput
+
+    image_tokens = engine.image_token_count(image)
+    prompt = engine.prompt_length(PageInput(image))
+    return prompt, image_tokens * 4  # patches before the 2x2 merge
+
+
+def wave_engine(path: Path, image: Any, lengths: list[int], batches: list[int]) -> list[dict[str, Any]]:
+    """The old engine (waves, per-page prefill) on the same pages."""
+    import torch
+
+    from bench.wave_engine import LightOnOcrEngine as WaveEngine
+    from bench.wave_engine import RepetitionGuard as WaveGuard
+    from ocrbooth.models.ocr.engine import PageInput
+
+    engine = WaveEngine(str(path), repetition=WaveGuard(enabled=False), eos_token_ids=())
+    engine.load()
+    engine.recognize([PageInput(image, max_new_tokens=16)] * 2, span_threshold=0.5)
+    rows = []
+    for n in lengths:
         for batch in batches:
-            pages = [PageInput(image, max_new_tokens=new_tokens) for _ in range(batch)]
+            pages = [PageInput(image, max_new_tokens=n) for _ in range(batch)]
+            engine.recognize(pages[:2], span_threshold=0.5)  # state and graphs for this size
             engine.release()
-            torch.cuda.reset_peak_memory_stats()
-            cold = timed(lambda pages=pages: engine.recognize(pages, span_threshold=0.5))[0]
-            seconds, outputs = timed(lambda pages=pages: engine.recognize(pages, span_threshold=0.5))
-            assert all(o.token_count == new_tokens and o.finish_reason == "length" for o in outputs)
-            row = {
-                "new_tokens": new_tokens,
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            outs = engine.recognize(pages, span_threshold=0.5)
+            seconds = time.perf_counter() - started
+            assert all(o.token_count == n for o in outs)
+            rows.append({"new_tokens": n, "batch": batch, "seconds": seconds, "pages_per_s": batch / seconds})
+            print(f"wave engine N={n} B={batch}: {batch / seconds:.2f} pages/s", flush=True)
+    engine.release()
+    del engine
+    return rows
+
+
+class StepLog:
+    def __init__(self) -> None:
+        self.rows: list[tuple[float, int, int, int, int]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, stats: Any) -> None:
+        with self.lock:
+            self.rows.append((stats.seconds, stats.pages, stats.admitted, stats.finished, stats.tokens))
+
+    def summary(self) -> dict[str, Any]:
+        rows = self.rows
+        if not rows:
+            return {}
+        decode = [r for r in rows if r[4] and not r[2]]
+        admit = [r for r in rows if r[2]]
+        idle = [r for r in rows if not r[4]]
+        return {
+            "steps": len(rows),
+            "seconds_total": sum(r[0] for r in rows),
+            "decode_steps_per_chunk": max(r[4] for r in rows),
+            "chunks_without_admission": len(decode),
+            "chunk_s_without_admission_mean": sum(r[0] for r in decode) / max(1, len(decode)),
+            "chunks_with_admission": len(admit),
+            "chunk_s_with_admission_mean": sum(r[0] for r in admit) / max(1, len(admit)),
+            "pages_admitted_per_admission": sum(r[2] for r in admit) / max(1, len(admit)),
+            "steps_without_decoding": len(idle),
+            "seconds_without_decoding": sum(r[0] for r in idle),
+            "mean_pages_decoding": sum(r[1] for r in rows if r[4]) / max(1, len(rows) - len(idle)),
+        }
+
+
+def run_pages(
+    engine: Any, pages: list[Any], outstanding: int, log: StepLog, deadline_s: float = 1800
+) -> dict[str, Any]:
+    """Submit pages keeping at most `outstanding` unfinished; per-page latency and completion times. Past
+    `deadline_s` the figures cover the pages finished by then (`completed`)."""
+    import torch
+
+    core = engine.worker(span_threshold=0.5, on_step=log)
+    core.start()
+    done_at: list[float] = [0.0] * len(pages)
+    latency: list[float] = [0.0] * len(pages)
+    slots = threading.Semaphore(outstanding)
+    finished = threading.Event()
+    remaining = [len(pages)]
+    lock = threading.Lock()
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    try:
+        for index, page in enumerate(pages):
+            if not slots.acquire(timeout=max(0.0, deadline_s - (time.perf_counter() - started))):
+                break
+            submitted = time.perf_counter()
+
+            def resolve(future: Any, index: int = index, submitted: float = submitted) -> None:
+                now = time.perf_counter()
+                done_at[index] = now - started
+                latency[index] = now - submitted
+                slots.release()
+                with lock:
+                    remaining[0] -= 1
+                    if not remaining[0]:
+                        finished.set()
+
+            core.submit_generation(page).add_done_callback(resolve)
+        finished.wait(timeout=max(0.0, deadline_s - (time.perf_counter() - started)))
+    finally:
+        core.stop(timeout_s=1 if remaining[0] else 30)
+    wall = time.perf_counter() - started
+    completed = [i for i, t in enumerate(done_at) if t > 0]
+    order = sorted(done_at[i] for i in completed)
+    finished_latency = [latency[i] for i in completed]  # callbacks still running may write `latency`
+    if len(completed) < len(pages):
+        wall = order[-1]
+    lo, hi = order[len(order) // 10], order[len(order) * 9 // 10]
+    steady = (len(order) * 9 // 10 - len(order) // 10) / max(hi - lo, 1e-9)
+    lat = sorted(finished_latency)
+    return {
+        "pages": len(pages),
+        "completed": len(completed),
+        "seconds": wall,
+        "pages_per_s": len(completed) / wall,
+        "steady_pages_per_s": steady,
+        "latency_p50_s": lat[len(lat) // 2],
+        "latency_p95_s": lat[int(len(lat) * 0.95)],
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "reserved_memory_gib": torch.cuda.memory_reserved() / 2**30,
+        "steps": log.summary(),
+    }
+
+
+def fixed_lengths(
+    engine: Any, image: Any, lengths: list[int], batches: list[int], model: dict[str, Any], ceil: dict[str, float]
+) -> list[dict[str, Any]]:
+    from ocrbooth.models.ocr.engine import PageInput
+
+    prompt, patches = page_shape(engine, image)
+    engine.generate([PageInput(image, max_new_tokens=16)] * 4)  # warm-up: threads, allocator, clocks
+    rows = []
+    for n in lengths:
+        for batch in batches:
+            pages = [PageInput(image, max_new_tokens=n) for _ in range(batch)]
+            out = run_pages(engine, pages, batch, StepLog())
+            out["floor"] = floor([(prompt, n, patches)] * batch, model, ceil)
+            out |= {
+                "new_tokens": n,
                 "batch": batch,
-                "pages": batch,
-                "seconds": seconds,
-                "cold_seconds": cold,
-                "pages_per_s": batch / seconds,
-                "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-                "floor_pages_per_s": floor,
-                "fraction_of_floor": batch / seconds / floor,
+                "fraction_of_floor": out["pages_per_s"] / out["floor"]["pages_per_s"],
             }
-            result["engine"].append(row)
-            save()
+            rows.append(out)
             print(
-                f"engine N={new_tokens} B={batch}: {row['pages_per_s']:.2f} pages/s ({seconds:.1f} s, cold "
-                f"{cold:.1f} s), peak {row['peak_gib']:.1f} GiB, {row['fraction_of_floor']:.1%} of the "
-                f"{floor:.1f} pages/s KV floor",
+                f"engine N={n} B={batch}: {out['pages_per_s']:.2f} pages/s, floor {out['floor']['pages_per_s']:.2f} "
+                f"({out['fraction_of_floor']:.0%}); steps {out['steps']}",
                 flush=True,
             )
-    engine.release()
+    return rows
 
 
-def copy_bandwidth(size: int = 4 << 30, repeats: int = 20) -> float:
-    """Bytes read + written per second by a device-to-device copy."""
-    import torch
-
-    src = torch.empty(size, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    seconds = start.elapsed_time(end) / 1e3
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * size * repeats / seconds
-
-
-def timed(fn: Any) -> tuple[float, Any]:
-    import torch
-
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    out = fn()
-    sync()
-    return time.perf_counter() - start, out
-
-
-def graphs_against_eager(engine: Any, image: Any) -> dict[str, Any]:
-    """The same two pages decoded with and without CUDA graphs: ids must agree exactly."""
+def stream(
+    engine: Any,
+    images: dict[str, Any],
+    count: int,
+    outstanding: int,
+    model: dict[str, Any],
+    ceil: dict[str, float],
+    deadline_s: float,
+) -> dict[str, Any]:
     import numpy as np
-    from PIL import Image
 
     from ocrbooth.models.ocr.engine import PageInput
 
-    other = Image.fromarray(np.random.default_rng(1).integers(0, 256, (1000, 700, 3), dtype=np.uint8))
-    pages = [PageInput(image, max_new_tokens=48), PageInput(other, max_new_tokens=40)]
-    graphed = engine.generate(pages)
-    engine.release()
-    engine.use_cuda_graphs = False
-    try:
-        eager = engine.generate(pages)
-    finally:
-        engine.use_cuda_graphs = True
-    pairs = zip(graphed, eager, strict=True)
-    worst = max(abs(a - b) for g, e in pairs for a, b in zip(g.token_probs, e.token_probs, strict=False))
-    return {
-        "token_ids_equal": [g.token_ids for g in graphed] == [e.token_ids for e in eager],
-        "max_prob_difference": worst,
+    rng = np.random.default_rng(20261127)
+    kinds = rng.choice(3, size=count, p=[0.15, 0.60, 0.25])
+    bounds = [(5, 100), (300, 900), (1200, 2500)]
+    lengths = [int(rng.integers(bounds[k][0], bounds[k][1] + 1)) for k in kinds]
+    names = list(images)
+    which = [names[int(i)] for i in rng.integers(0, len(names), size=count)]
+    pages = [PageInput(images[w], max_new_tokens=n) for w, n in zip(which, lengths, strict=True)]
+    shapes = {name: page_shape(engine, images[name]) for name in names}
+    out = run_pages(engine, pages, outstanding, StepLog(), deadline_s)
+    out["floor"] = floor([(shapes[w][0], n, shapes[w][1]) for w, n in zip(which, lengths, strict=True)], model, ceil)
+    out["fraction_of_floor"] = out["steady_pages_per_s"] / out["floor"]["pages_per_s"]
+    out["distribution"] = {
+        "seed": 20261127,
+        "short_5_100": int((kinds == 0).sum()),
+        "medium_300_900": int((kinds == 1).sum()),
+        "long_1200_2500": int((kinds == 2).sum()),
+        "mean_tokens": float(np.mean(lengths)),
+        "page_sizes": {name: {"pixels": SIZES[name], "prompt_tokens": shapes[name][0]} for name in names},
+        "outstanding": outstanding,
     }
+    print(f"stream: {out}", flush=True)
+    return out
 
 
-def per_page_fixed_cost(engine: Any, image: Any) -> dict[str, float]:
-    """What a page costs before decoding: preprocessing alone, and one page through prefill and one step."""
-    from ocrbooth.models.ocr.engine import PageInput
-
-    page = PageInput(image, max_new_tokens=1)
-    engine.recognize([page], span_threshold=0.5)
-    preprocess = min(timed(lambda: engine.preprocess(page))[0] for _ in range(3))
-    prefill = min(timed(lambda: engine.recognize([page], span_threshold=0.5))[0] for _ in range(3))
-    engine.release()
-    return {"preprocess_s": preprocess, "prefill_s": prefill}
-
-
-def baseline(engine: Any, image: Any, new_tokens: int, pages: int) -> dict[str, Any]:
-    """Plain transformers: processor, `generate` with its own cache and SDPA, decode; one page at a time."""
+def profile(engine: Any, image: Any) -> dict[str, Any]:
+    """Decode chunk time per step over synthetic slots at a given context, and prefill time per page alone."""
     import torch
 
-    net, processor = engine.network, engine.processor
-    language = net.model.language_model
-    engine_attention = language.config._attn_implementation
-    language.set_attn_implementation("sdpa")
-    conversation = [{"role": "user", "content": [{"type": "image"}]}]
-    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-
-    def one_page(n: int) -> int:
-        inputs = processor(images=[image], text=[prompt], return_tensors="pt").to(engine.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(engine.dtype)
-        with torch.inference_mode():
-            out = net.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        generated = out[0, inputs["input_ids"].shape[1] :]
-        processor.decode(generated, skip_special_tokens=True)
-        return int(generated.shape[0])
-
-    one_page(64)  # warm-up: kernels, allocator, clocks
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    seconds, counts = timed(lambda: [one_page(new_tokens) for _ in range(pages)])
-    assert counts == [new_tokens] * pages, counts
-    row = {
-        "new_tokens": new_tokens,
-        "pages": pages,
-        "seconds": seconds,
-        "pages_per_s": pages / seconds,
-        "ms_per_token": seconds / pages / new_tokens * 1e3,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
-    }
-    print(
-        f"baseline N={new_tokens}: {row['pages_per_s']:.3f} pages/s ({seconds:.1f} s for {pages} page(s), "
-        f"{row['ms_per_token']:.1f} ms/token), peak {row['peak_gib']:.1f} GiB",
-        flush=True,
-    )
-    language.set_attn_implementation(engine_attention)
-    return row
-
-
-def profile(workdir: Path, batches: list[int], what: str) -> None:
-    """Where the time goes: kernel tables of eager prefill and decode ("kernels"), or per-page prefill and
-    per-step decode wall time of the graphed step with and without torch.compile ("steps"). Separate runs:
-    CUDA graph capture fails in a process that has used the profiler."""
-    import numpy as np
-    import torch
-    from PIL import Image
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
     from ocrbooth.models.ocr.engine import PageInput
-    from ocrbooth.models.ocr.lightonocr import LightOnOcrEngine, RepetitionGuard
-    from tests.support.tiny_models import build_full_size_lightonocr
+    from ocrbooth.models.ocr.lightonocr.kv_cache import BlockAllocator
+    from ocrbooth.models.ocr.lightonocr.runner import Prefill, PrefillItem
 
-    path = build_full_size_lightonocr(workdir / "lightonocr-1b-random")
-    engine = LightOnOcrEngine(str(path), repetition=RepetitionGuard(enabled=False), eos_token_ids=())
-    engine.load()
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (PAGE_HEIGHT, PAGE_WIDTH, 3), dtype=np.uint8))
+    runner = engine.runner
+    prepared = engine.preprocess(PageInput(image, max_new_tokens=1))
+    steps = engine.config.steps_per_sync
+    out: dict[str, Any] = {"decode": [], "prefill": []}
+    alloc = BlockAllocator(engine.capacity.num_blocks)
+    for rows in (32, 128, 256):
+        budget = 1000
+        items = []
+        for slot in range(rows):
+            blocks = alloc.allocate(-(-(prepared.prompt_length + budget) // engine.capacity.block_size))
+            if blocks is None:
+                break
+            items.append(PrefillItem(slot, slot, tuple(blocks), budget, prepared))
+        runner.activate(Prefill(items, None), runner.chunk)
+        for _ in range(3):  # advance into the page and warm up
+            runner.launch_chunk(len(items), steps)
+            runner.collect()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(8):
+            runner.launch_chunk(len(items), steps)
+        end.record()
+        end.synchronize()
+        while runner.chunks_in_flight:
+            runner.collect()
+        ms = start.elapsed_time(end) / (8 * steps)
+        context = prepared.prompt_length + 4 * steps
+        kv = len(items) * context * engine.network.config.text_config.num_hidden_layers * 2 * 8 * 128 * 2
+        out["decode"].append({"slots": len(items), "context": context, "ms_per_step": ms, "kv_gb_s": kv / ms / 1e6})
+        print(f"profile decode: {out['decode'][-1]}", flush=True)
+        for item in items:  # finish them: a budget of 0 ends each slot at its next step
+            alloc.release(list(item.blocks))
+        runner.state.done.fill_(True)
+        runner._slot_request.clear()
+        runner._active_from.clear()
+    for batch in (1, 4, 7):
+        items = [PrefillItem(i, i, tuple(range(1, 40)), 1, prepared) for i in range(batch)]
+        for _ in range(2):
+            runner.launch_prefill(items[:1]).event.synchronize()
+        start_t = time.perf_counter()
+        for _ in range(3):
+            runner.launch_prefill(items).event.synchronize()
+        seconds = (time.perf_counter() - start_t) / 3
+        out["prefill"].append({"pages": batch, "seconds": seconds, "ms_per_page": seconds / batch * 1e3})
+        print(f"profile prefill: {out['prefill'][-1]}", flush=True)
+    return out
 
-    if what == "kernels":
-        engine.use_cuda_graphs = False
-        for batch in (batches[0], batches[-1]):
-            for new_tokens in (1, 17):
-                pages = [PageInput(image, max_new_tokens=new_tokens) for _ in range(batch)]
-                engine.generate(pages)
-                with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    seconds = timed(lambda pages=pages: engine.generate(pages))[0]
-                kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-                busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
-                print(f"\n== eager B={batch} N={new_tokens}: {seconds:.3f} s, kernels {busy:.3f} s ({len(kernels)})")
-                print(
-                    prof.key_averages().table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=70)
-                )
-        return
-    for batch in batches:
-        engine.release()
-        times = {}
-        for new_tokens in (1, 32, 288, 1, 32, 288):
-            pages = [PageInput(image, max_new_tokens=new_tokens) for _ in range(batch)]
-            times[new_tokens] = timed(lambda pages=pages: engine.generate(pages))[0]
-        step = (times[288] - times[32]) / 256
+
+def summary(result: dict[str, Any]) -> None:
+    print("\n| case | pages/s | floor | fraction |")
+    for row in result.get("wave", []):
+        print(f"| wave engine {row['batch']} x {row['new_tokens']} | {row['pages_per_s']:.2f} | | |")
+    for row in result.get("fixed", []):
+        f = row["floor"]["pages_per_s"]
         print(
-            f"graphs, B={batch}: {step * 1e3:.2f} ms/step, "
-            f"{times[1] / batch * 1e3:.0f} ms/page for preprocess+prefill+1 step",
-            flush=True,
+            print(
+                f"| engine {row['batch']} x {row['new_tokens']} | {row['pages_per_s']:.2f} | {f:.2f} | "
+                f"{row['fraction_of_floor']:.0%} |"
+            )
+        )
+    s = result.get("stream")
+    if s:
+        print(
+            f"| stream {s['pages']} pages | {s['steady_pages_per_s']:.2f} (p50 {s['latency_p50_s']:.1f} s, p95 "
+            f"{s['latency_p95_s']:.1f} s) | {s['floor']['pages_per_s']:.2f} | {s['fraction_of_floor']:.0%} |"
         )
 
 
 def plot(result: dict[str, Any], png: Path) -> None:
-    """pages/s against batch size: the engine per output length, with the baseline, the KV floor and vLLM."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    lengths = sorted({row["new_tokens"] for row in result["engine"]})
-    colors = dict(zip(lengths, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
-    for n in lengths:
-        rows = sorted((r for r in result["engine"] if r["new_tokens"] == n), key=lambda r: r["batch"])
-        ax.plot(
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5), dpi=110)
+    colors = {500: "tab:blue", 1000: "tab:orange"}
+    for n in sorted({r["new_tokens"] for r in result.get("fixed", [])}):
+        rows = sorted((r for r in result["fixed"] if r["new_tokens"] == n), key=lambda r: r["batch"])
+        left.plot(
             [r["batch"] for r in rows],
             [r["pages_per_s"] for r in rows],
             "o-",
-            color=colors[n],
-            label=f"engine, {n} tokens",
+            color=colors.get(n),
+            label=f"engine core, {n} tokens",
         )
-        floor = rows[0]["floor_pages_per_s"]
-        ax.axhline(floor, color=colors[n], linestyle=":", label=f"KV-read floor, {n} tokens ({floor:.1f})")
-        for b in (r for r in result["baseline"] if r["new_tokens"] == n):
-            ax.axhline(b["pages_per_s"], color=colors[n], linestyle="--", label=f"transformers generate, {n} tokens")
-    ax.axhline(
+        left.plot(
+            [r["batch"] for r in rows],
+            [r["floor"]["pages_per_s"] for r in rows],
+            ":",
+            color=colors.get(n),
+            label=f"floor, {n} tokens",
+        )
+        waves = sorted((r for r in result.get("wave", []) if r["new_tokens"] == n), key=lambda r: r["batch"])
+        if waves:
+            left.plot(
+                [r["batch"] for r in waves],
+                [r["pages_per_s"] for r in waves],
+                "s--",
+                color=colors.get(n),
+                alpha=0.6,
+                label=f"wave engine (before), {n} tokens",
+            )
+    left.axhline(
         result["reference"]["vllm_h100_pages_per_s"], color="grey", linestyle="-.", label="vLLM, H100 (model card)"
     )
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("pages per batch")
-    ax.set_ylabel("pages/s")
-    ax.set_title(f"LightOnOCR-1B architecture, 1176x1540 pages: {result['card']}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    left.set_xscale("log", base=2)
+    left.set_xlabel("pages submitted together")
+    left.set_ylabel("pages/s")
+    left.set_title("fixed output length, 1176x1540 pages")
+    left.grid(True, alpha=0.3)
+    left.legend(fontsize=7)
+    s = result.get("stream")
+    if s:
+        names = ["measured (steady)", "floor"]
+        right.bar(names, [s["steady_pages_per_s"], s["floor"]["pages_per_s"]], color=["tab:green", "lightgrey"])
+        f = s["floor"]
+        parts = {k: f[k] for k in ("kv_read_s", "weight_read_s", "vision_s", "prefill_s")}
+        right.set_title(
+            f"stream of {s['pages']} pages: {s['fraction_of_floor']:.0%} of floor\n"
+            + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in parts.items()),
+            fontsize=9,
+        )
+        right.set_ylabel("pages/s")
+    fig.suptitle(f"LightOnOCR-1B architecture on {result['card']}")
     fig.tight_layout()
     fig.savefig(png)
     print(f"wrote {png}")

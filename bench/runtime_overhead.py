@@ -51,10 +51,10 @@ from typing import Any, Literal
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
+from ocrbooth.config import Settings, load_settings
 from ocrbooth.daemon.app import Daemon
-from ocrbooth.daemon.config import Settings, load_settings
-from ocrbooth.daemon.embedded import EmbeddedStack, ensure_topics
 from ocrbooth.daemon.gctune import tune_gc
+from ocrbooth.dev.embedded import EmbeddedStack, ensure_topics
 
 log = logging.getLogger("bench.runtime_overhead")
 

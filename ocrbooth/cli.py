@@ -149,8 +149,8 @@ def _fields_summary(exc: ValidationError) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from ocrbooth.config import load_settings
     from ocrbooth.daemon.app import Daemon
-    from ocrbooth.daemon.config import load_settings
     from ocrbooth.logs import configure_logging
 
     settings = load_settings(args.config)
@@ -160,7 +160,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
-    from ocrbooth.daemon.embedded import run_dev
+    from ocrbooth.dev.embedded import run_dev
     from ocrbooth.logs import configure_logging
 
     if args.kafka_port and args.kafka_port == args.s3_port:
@@ -176,7 +176,7 @@ def _cmd_dev(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from ocrbooth.demo import run_demo
+    from ocrbooth.dev.demo import run_demo
 
     return run_demo(keep=args.keep)
 
@@ -184,9 +184,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_submit(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from ocrbooth.daemon.config import load_settings
+    from ocrbooth.client.submit import submit, summarize
+    from ocrbooth.config import load_settings
     from ocrbooth.schemas import OcrOptions
-    from ocrbooth.submit import submit, summarize
 
     try:
         options = OcrOptions(engine=args.engine, languages=args.languages, max_new_tokens=args.max_new_tokens)
@@ -221,8 +221,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from ocrbooth.daemon.config import load_settings
-    from ocrbooth.submit import finetune_request, submit_finetune
+    from ocrbooth.client.submit import finetune_request, submit_finetune
+    from ocrbooth.config import load_settings
 
     images = sorted(p for p in args.images_dir.iterdir() if p.is_file() and not p.name.startswith("."))
     if not images:
@@ -268,12 +268,12 @@ def _check_model_arg(model: str) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from ocrbooth.daemon.config import load_settings
+    from ocrbooth.config import load_settings
 
     _check_model_arg(args.model)
     settings = load_settings(args.config)
     if args.model.startswith("s3://"):
-        from ocrbooth.submit import check_s3
+        from ocrbooth.client.submit import check_s3
 
         check_s3(settings)
     _make_output_dir(args.out, "--out")
@@ -396,7 +396,7 @@ def _explain(exc: Exception) -> tuple[str, int] | None:
     if isinstance(exc, OcrboothError):
         return _one_line(exc.message), EXIT_FAILURE
     # Types of libraries a command may not have imported: an exception of a type never loaded cannot occur.
-    embedded = sys.modules.get("ocrbooth.daemon.embedded")
+    embedded = sys.modules.get("ocrbooth.dev.embedded")
     if embedded is not None and isinstance(exc, embedded.EmbeddedStackError):
         return f"the embedded stack failed to start: {exc}", EXIT_FAILURE
     kafka_errors = sys.modules.get("aiokafka.errors")

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ocrbooth.daemon.embedded import EmbeddedStack
+from ocrbooth.dev.embedded import EmbeddedStack
 from tests.support.stack import TopicNames, s3_prefix_for, start_stack, unique_suffix
 from tests.support.stack import daemon_env as build_daemon_env
 

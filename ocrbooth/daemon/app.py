@@ -10,21 +10,21 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from ocrbooth.config import Settings
 from ocrbooth.daemon.broadcast import BroadcastConsumer
-from ocrbooth.daemon.config import Settings
 from ocrbooth.daemon.consumer import Consumer
 from ocrbooth.daemon.crashloop import CrashGuard
 from ocrbooth.daemon.dispatch import Dispatcher, Route
 from ocrbooth.daemon.gctune import tune_gc
 from ocrbooth.daemon.health import HealthServer
-from ocrbooth.daemon.metrics import Metrics
 from ocrbooth.daemon.outage import Dependencies
 from ocrbooth.daemon.publisher import Publisher
 from ocrbooth.daemon.shutdown import Lifecycle, State, wait_event
-from ocrbooth.daemon.storage import S3Storage
 from ocrbooth.errors import FatalError, OcrboothError
 from ocrbooth.handlers import load_handlers
-from ocrbooth.handlers.base import Handler, HandlerRuntime
+from ocrbooth.handlers.base import AnyHandler, HandlerRuntime
+from ocrbooth.metrics import Metrics
+from ocrbooth.storage import S3Storage
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class Daemon:
         self,
         settings: Settings,
         *,
-        handlers: Sequence[Handler] | None = None,
+        handlers: Sequence[AnyHandler] | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings

@@ -11,7 +11,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from ocrbooth.daemon.config import Settings
+from ocrbooth.config import Settings
 from ocrbooth.daemon.decode import decode, message_context
 from ocrbooth.daemon.dispatch import Route
 from ocrbooth.daemon.publisher import Publisher

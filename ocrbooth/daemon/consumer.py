@@ -19,19 +19,20 @@ from typing import Any, Literal
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
-from ocrbooth.daemon.config import Settings
+from ocrbooth.config import Settings
 from ocrbooth.daemon.crashloop import CrashGuard
 from ocrbooth.daemon.decode import decode, message_context
 from ocrbooth.daemon.dispatch import Dispatcher, Interrupted, Route
-from ocrbooth.daemon.metrics import Metrics, observe_many
 from ocrbooth.daemon.offsets import OffsetTracker
 from ocrbooth.daemon.outage import Dependencies
 from ocrbooth.daemon.publisher import Publisher
-from ocrbooth.daemon.retry import backoff_s
 from ocrbooth.daemon.shutdown import wait_event
 from ocrbooth.errors import FatalError, OcrboothError, PoisonError
-from ocrbooth.handlers.base import Handler, MessageContext, OutputEvent
+from ocrbooth.handlers.base import AnyHandler
 from ocrbooth.logs import log_context
+from ocrbooth.messages import MessageContext, OutputEvent
+from ocrbooth.metrics import Metrics, observe_many
+from ocrbooth.retry import backoff_s
 from ocrbooth.schemas import ErrorInfo
 
 log = logging.getLogger(__name__)
@@ -133,10 +134,10 @@ class Consumer:
 
     # ---- capacity and pausing --------------------------------------------------------------------
 
-    def _room(self, handler: Handler) -> int:
+    def _room(self, handler: AnyHandler) -> int:
         return self._s.max_in_flight - self._tracked_by[handler.name]
 
-    def _blocked(self, handler: Handler) -> bool:
+    def _blocked(self, handler: AnyHandler) -> bool:
         """The handler takes no new message now: its budget is spent, or it says it is busy."""
         return self._tracked_by[handler.name] >= self._s.max_in_flight or handler.busy()
 
@@ -257,7 +258,7 @@ class Consumer:
         self._metrics.in_flight.set(len(self._tasks))
         self._metrics.uncommitted.set(self.tracker.tracked)
 
-    def _start(self, tp: TopicPartition, handler: Handler, offset: int) -> int:
+    def _start(self, tp: TopicPartition, handler: AnyHandler, offset: int) -> int:
         epoch = self.tracker.start(tp, offset)
         self._tracked_by[handler.name] += 1
         return epoch

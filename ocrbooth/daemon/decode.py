@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from ocrbooth.constants import SCHEMA_VERSION
 from ocrbooth.errors import PoisonError
-from ocrbooth.handlers.base import MessageContext
+from ocrbooth.messages import MessageContext
 
 log = logging.getLogger(__name__)
 

@@ -19,15 +19,16 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from ocrbooth.daemon.config import Settings
+from ocrbooth.config import Settings
 from ocrbooth.daemon.decode import decode
-from ocrbooth.daemon.metrics import Metrics
 from ocrbooth.daemon.outage import Dependency
 from ocrbooth.daemon.publisher import Publisher
-from ocrbooth.daemon.retry import backoff_s
 from ocrbooth.errors import FatalError, PoisonError, RequeueError, RetryableError
-from ocrbooth.handlers.base import Handler, MessageContext, OutputEvent
+from ocrbooth.handlers.base import AnyHandler
 from ocrbooth.logs import bind
+from ocrbooth.messages import MessageContext, OutputEvent
+from ocrbooth.metrics import Metrics
+from ocrbooth.retry import backoff_s
 from ocrbooth.schemas import ErrorInfo
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ _MAX_ERROR_CHARS = 2_000
 class Route:
     """Which handler reads a topic, and the model its values decode to."""
 
-    handler: Handler
+    handler: AnyHandler
     model: type[BaseModel]
 
 
@@ -67,7 +68,7 @@ class Dispatcher:
         self._stopping = stopping
         self._slots: dict[str, asyncio.Semaphore] = {}
 
-    def slot(self, handler: Handler) -> asyncio.Semaphore | None:
+    def slot(self, handler: AnyHandler) -> asyncio.Semaphore | None:
         if handler.max_concurrency is None:
             return None
         sem = self._slots.get(handler.name)
@@ -111,7 +112,7 @@ class Dispatcher:
             return "succeeded"
         return await self._fail(value, handler, event, ctx, error)
 
-    async def _run(self, handler: Handler, event: BaseModel, ctx: MessageContext) -> ErrorInfo | None:
+    async def _run(self, handler: AnyHandler, event: BaseModel, ctx: MessageContext) -> ErrorInfo | None:
         """Handle and publish with retries; None on success, else why the message failed."""
         r = self._s.retry
         attempt = 0
@@ -159,7 +160,7 @@ class Dispatcher:
                 return _handler_error(exc)
 
     async def _fail(
-        self, value: bytes | None, handler: Handler, event: BaseModel, ctx: MessageContext, error: ErrorInfo
+        self, value: bytes | None, handler: AnyHandler, event: BaseModel, ctx: MessageContext, error: ErrorInfo
     ) -> str:
         """Publish the handler's failed result, or dead-letter the message when there is none or it is refused."""
         try:

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from prometheus_client import Gauge
 
-from ocrbooth.daemon.retry import backoff_s
+from ocrbooth.retry import backoff_s
 
 log = logging.getLogger(__name__)
 

@@ -25,14 +25,14 @@ from aiokafka.errors import (
 from pydantic import BaseModel
 
 from ocrbooth import constants
-from ocrbooth.daemon.config import Settings
-from ocrbooth.daemon.metrics import Metrics, observe_many
+from ocrbooth.config import Settings
 from ocrbooth.daemon.outage import Dependency
-from ocrbooth.daemon.retry import backoff_s
-from ocrbooth.daemon.storage import S3Storage
 from ocrbooth.errors import FatalError, PoisonError
-from ocrbooth.handlers.base import MessageContext, OutputEvent
+from ocrbooth.messages import MessageContext, OutputEvent
+from ocrbooth.metrics import Metrics, observe_many
+from ocrbooth.retry import backoff_s
 from ocrbooth.schemas import DeadLetter, ErrorInfo, Header, Offloadable
+from ocrbooth.storage import S3Storage
 
 log = logging.getLogger(__name__)
 

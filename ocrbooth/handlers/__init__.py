@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import importlib
 
-from ocrbooth.daemon.config import Settings
+from ocrbooth.config import Settings
 from ocrbooth.errors import ConfigError
-from ocrbooth.handlers.base import Handler
+from ocrbooth.handlers.base import AnyHandler, Handler
 
 BUILTIN_HANDLERS = {
     "ocr": "ocrbooth.handlers.ocr:OcrHandler",
@@ -15,9 +15,9 @@ BUILTIN_HANDLERS = {
 }
 
 
-def load_handlers(names: list[str], settings: Settings) -> list[Handler]:
+def load_handlers(names: list[str], settings: Settings) -> list[AnyHandler]:
     """Instantiate the configured handlers; every problem is reported in one ConfigError."""
-    handlers: list[Handler] = []
+    handlers: list[AnyHandler] = []
     problems: list[str] = []
     for name in names:
         spec = BUILTIN_HANDLERS.get(name, name)

@@ -5,42 +5,15 @@ from __future__ import annotations
 import abc
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel
 
-from ocrbooth.daemon.config import Settings
-from ocrbooth.daemon.metrics import Metrics
-from ocrbooth.daemon.storage import S3Storage
+from ocrbooth.config import Settings
+from ocrbooth.messages import MessageContext, OutputEvent
+from ocrbooth.metrics import Metrics
 from ocrbooth.schemas import ErrorInfo
-
-
-@dataclass(frozen=True, slots=True)
-class MessageContext:
-    """Where an input event came from."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    timestamp_ms: int | None
-    headers: tuple[tuple[str, bytes | None], ...] = ()
-    """Record headers in order; a null header value is None."""
-    attempt: int = 1
-
-    @property
-    def source(self) -> str:
-        return f"{self.topic}/{self.partition}/{self.offset}"
-
-
-@dataclass(frozen=True, slots=True)
-class OutputEvent:
-    """One record to publish; `value` is a schema model, encoded once by the publisher."""
-
-    topic: str
-    key: str | None
-    value: BaseModel
-
+from ocrbooth.storage import S3Storage
 
 Publish = Callable[[Sequence[OutputEvent], MessageContext], Awaitable[None]]
 
@@ -56,7 +29,10 @@ class HandlerRuntime:
     """Publish events now (acks=all), for long-running handlers that report progress before they return."""
 
 
-class Handler(abc.ABC):
+EventT = TypeVar("EventT", bound=BaseModel)
+
+
+class Handler(abc.ABC, Generic[EventT]):
     """Base class of every handler. Subclasses expose plain coroutines; only the daemon creates tasks."""
 
     name: ClassVar[str]
@@ -71,23 +47,23 @@ class Handler(abc.ABC):
         self.settings = settings
 
     @abc.abstractmethod
-    def input_topics(self) -> Mapping[str, type[BaseModel]]:
+    def input_topics(self) -> Mapping[str, type[EventT]]:
         """Topics consumed through the group, with the model each one's values decode to."""
 
-    async def start(self, runtime: HandlerRuntime) -> None:  # noqa: B027  (optional hook)
+    async def start(self, runtime: HandlerRuntime) -> None:
         """Load models, open clients. Runs before the consumer joins the group."""
 
     def broadcast_topics(self) -> Mapping[str, type[BaseModel]]:
         """Topics every replica reads in full, outside the consumer group (e.g. cancel commands)."""
         return {}
 
-    async def on_broadcast(self, event: BaseModel, ctx: MessageContext) -> None:  # noqa: B027  (optional hook)
+    async def on_broadcast(self, event: BaseModel, ctx: MessageContext) -> None:
         """One event from a broadcast topic."""
 
-    async def drain(self) -> None:  # noqa: B027  (optional hook)
+    async def drain(self) -> None:
         """Shutdown has begun: wind long-running work down (checkpoint and stop) within the drain deadline."""
 
-    async def stop(self) -> None:  # noqa: B027  (optional hook)
+    async def stop(self) -> None:
         """Release what start() acquired. Runs after the consumer has left the group."""
 
     def ready(self) -> bool:
@@ -99,16 +75,20 @@ class Handler(abc.ABC):
         spent); the consumer pauses the handler's partitions until it turns False. Called often: keep it O(1)."""
         return False
 
-    def validate(self, event: BaseModel) -> None:  # noqa: B027  (optional hook)
+    def validate(self, event: EventT) -> None:
         """Cheap checks of a decoded event (bounds, allowlists), raising PoisonError with a specific code.
 
         The consumer runs this before the event waits for a handler slot, so a flood of bad requests is
         answered at decode speed even while every slot is busy. No I/O here."""
 
     @abc.abstractmethod
-    async def handle(self, event: BaseModel, ctx: MessageContext) -> Sequence[OutputEvent]:
+    async def handle(self, event: EventT, ctx: MessageContext) -> Sequence[OutputEvent]:
         """Process one event; raise PoisonError, RetryableError or FatalError to say how a failure is handled."""
 
-    def failure_outputs(self, event: BaseModel, ctx: MessageContext, error: ErrorInfo) -> Sequence[OutputEvent]:
+    def failure_outputs(self, event: EventT, ctx: MessageContext, error: ErrorInfo) -> Sequence[OutputEvent]:
         """Outputs that report a failed event to its producer (a failed result). Empty means dead-letter it."""
         return ()
+
+
+AnyHandler = Handler[Any]
+"""A handler of some event type, as the runtime holds it (the runtime decodes each topic to its handler's model)."""

@@ -12,21 +12,20 @@ import asyncio
 import os
 from collections.abc import Mapping, Sequence
 
-from pydantic import BaseModel
-
 from ocrbooth.errors import FatalError, PoisonError, RetryableError
-from ocrbooth.handlers.base import Handler, MessageContext, OutputEvent
+from ocrbooth.handlers.base import Handler
+from ocrbooth.messages import MessageContext, OutputEvent
 from ocrbooth.schemas import DocumentRequest, ErrorInfo, OcrResult, PageResult
 
 FAULTS_ENV = "OCRBOOTH_ECHO_FAULTS"
 
 
-class EchoHandler(Handler):
+class EchoHandler(Handler[DocumentRequest]):
     """Answers every DocumentRequest with an empty succeeded OcrResult from engine `echo`."""
 
     name = "echo"
 
-    def input_topics(self) -> Mapping[str, type[BaseModel]]:
+    def input_topics(self) -> Mapping[str, type[DocumentRequest]]:
         return {self.settings.topics.ocr_requests: DocumentRequest}
 
     def __init__(self, *args: object, **kwargs: object) -> None:
@@ -35,8 +34,7 @@ class EchoHandler(Handler):
         # Without injected delays the handler never waits, so batch mode fits; with them, per-message tasks.
         self.batch_mode = not self.faults
 
-    async def handle(self, event: BaseModel, ctx: MessageContext) -> Sequence[OutputEvent]:
-        assert isinstance(event, DocumentRequest)
+    async def handle(self, event: DocumentRequest, ctx: MessageContext) -> Sequence[OutputEvent]:
         pages: list[PageResult] = []
         if self.faults:
             await self._inject(event, ctx)
@@ -53,8 +51,7 @@ class EchoHandler(Handler):
         )
         return [OutputEvent(self.settings.topics.ocr_results, event.document_id, result)]
 
-    def failure_outputs(self, event: BaseModel, ctx: MessageContext, error: ErrorInfo) -> Sequence[OutputEvent]:
-        assert isinstance(event, DocumentRequest)
+    def failure_outputs(self, event: DocumentRequest, ctx: MessageContext, error: ErrorInfo) -> Sequence[OutputEvent]:
         result = OcrResult.failure(event, error, "echo")
         return [OutputEvent(self.settings.topics.ocr_results, event.document_id, result)]
 

@@ -15,7 +15,6 @@ import contextlib
 import itertools
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -27,40 +26,26 @@ from typing import Any
 from pydantic import BaseModel
 
 from ocrbooth import constants
-from ocrbooth.daemon.config import Settings
-from ocrbooth.daemon.metrics import Metrics
+from ocrbooth.config import Settings
 from ocrbooth.errors import PoisonError, RequeueError, RetryableError
-from ocrbooth.handlers.base import Handler, HandlerRuntime, MessageContext, OutputEvent
-from ocrbooth.models.dreambooth import EXIT_FAILED, EXIT_STOPPED, PARENT_PID_ENV, validate_request
+from ocrbooth.handlers.base import Handler, HandlerRuntime
+from ocrbooth.messages import MessageContext, OutputEvent
+from ocrbooth.metrics import Metrics
+from ocrbooth.models.dreambooth import EXIT_FAILED, EXIT_STOPPED, PARENT_PID_ENV, protocol, validate_request
 from ocrbooth.schemas import ErrorInfo, FinetuneControl, FinetuneEvent, FinetuneRequest
 from ocrbooth.schemas.finetune import FinetuneEventKind
 
 log = logging.getLogger(__name__)
 
 
-_STREAMED: dict[str, FinetuneEventKind] = {
-    "class_images": "class_images",
-    "started": "started",
-    "progress": "progress",
-    "checkpoint": "checkpoint",
-    "samples": "samples",
+# Trainer events that go on to the job's event stream, and the FinetuneEvent kind each becomes.
+_STREAMED: dict[type[protocol.TrainerEvent], FinetuneEventKind] = {
+    protocol.ClassImagesEvent: "class_images",
+    protocol.StartedEvent: "started",
+    protocol.ProgressEvent: "progress",
+    protocol.CheckpointEvent: "checkpoint",
+    protocol.SamplesEvent: "samples",
 }
-
-# stdout line -> FinetuneEvent fields that may be copied through.
-_PAYLOAD = (
-    "generated",
-    "total",
-    "cache_hit",
-    "resumed_from_step",
-    "step",
-    "max_steps",
-    "loss",
-    "learning_rate",
-    "steps_per_second",
-    "uri",
-    "uris",
-    "artifacts",
-)
 
 
 class _Seq:
@@ -85,7 +70,7 @@ class _Job:
         self.stopping = False
 
 
-class FinetuneHandler(Handler):
+class FinetuneHandler(Handler[FinetuneRequest]):
     """Runs DreamBooth jobs as subprocesses, at most `max_concurrent_jobs` at a time on this daemon."""
 
     name = "finetune"
@@ -99,7 +84,7 @@ class FinetuneHandler(Handler):
         self._cancelled: set[str] = set()
         self._draining = False
 
-    def input_topics(self) -> Mapping[str, type[BaseModel]]:
+    def input_topics(self) -> Mapping[str, type[FinetuneRequest]]:
         return {self.settings.topics.finetune_requests: FinetuneRequest}
 
     def broadcast_topics(self) -> Mapping[str, type[BaseModel]]:
@@ -120,7 +105,8 @@ class FinetuneHandler(Handler):
     # ---- control -----------------------------------------------------------------------------------
 
     async def on_broadcast(self, event: BaseModel, ctx: MessageContext) -> None:
-        assert isinstance(event, FinetuneControl)
+        if not isinstance(event, FinetuneControl):  # one broadcast topic today; a second would get its own branch
+            raise PoisonError(f"unexpected {type(event).__name__} on a control topic", code="schema_violation")
         if event.action != "cancel" or event.job_id in self._cancelled:
             return
         self._cancelled.add(event.job_id)
@@ -134,12 +120,10 @@ class FinetuneHandler(Handler):
 
     # ---- jobs --------------------------------------------------------------------------------------
 
-    def validate(self, event: BaseModel) -> None:
-        assert isinstance(event, FinetuneRequest)
+    def validate(self, event: FinetuneRequest) -> None:
         validate_request(event, self.settings)
 
-    async def handle(self, event: BaseModel, ctx: MessageContext) -> Sequence[OutputEvent]:
-        assert isinstance(event, FinetuneRequest)
+    async def handle(self, event: FinetuneRequest, ctx: MessageContext) -> Sequence[OutputEvent]:
         validate_request(event, self.settings)  # bounds first: a bad request fails before any GPU work
         job = _Job(event, ctx)
         state = await self._get_json(event.job_id, "state.json")
@@ -211,33 +195,37 @@ class FinetuneHandler(Handler):
             stderr=None,  # the trainer's log goes to ours
             cwd=workdir,
             env={**os.environ, PARENT_PID_ENV: str(os.getpid())},
+            # Its own process group: signals reach every rank of a multi-GPU job (Lightning starts ranks 1.. as
+            # rank 0's children), and a kill at the drain deadline leaves no rank behind.
+            start_new_session=True,
         )
         job.proc = proc
         if self._draining or job.cancelled.is_set():
             _signal(proc, signal.SIGTERM)
         terminal: OutputEvent | None = None
         assert proc.stdout is not None
-        async for raw in proc.stdout:
-            line = _parse(raw)
-            if line is None:
-                continue
-            kind = line.get("event")
-            if kind == "completed":
-                await self._set_state(req.job_id, "completed", attempts=attempt, artifacts=line.get("artifacts") or {})
-                terminal = self._event(job, "completed", attempt=attempt, **_payload(line))
-            elif kind == "failed":
-                await self._set_state(req.job_id, "failed", attempts=attempt)
-                error = ErrorInfo(
-                    code=str(line.get("code") or "training_failed"), message=str(line.get("message") or "")
-                )
-                terminal = self._event(job, "failed", attempt=attempt, error=error)
-            elif kind == "checkpoint_failed":
+        try:
+            async for raw in proc.stdout:
+                line = self._parse(raw, req.job_id)
+                if line is None:
+                    continue
                 self._observe(line)
-            elif kind in _STREAMED:
-                self._observe(line)
-                await self._publish(job, [self._event(job, _STREAMED[kind], attempt=attempt, **_payload(line))])
-            # "stopped" and unknown lines carry nothing for the event stream
-        code = await proc.wait()
+                if isinstance(line, protocol.CompletedEvent):
+                    await self._set_state(req.job_id, "completed", attempts=attempt, artifacts=line.artifacts)
+                    terminal = self._event(job, "completed", attempt=attempt, **line.forwarded())
+                elif isinstance(line, protocol.FailedEvent):
+                    await self._set_state(req.job_id, "failed", attempts=attempt)
+                    error = ErrorInfo(code=line.code, message=line.message)
+                    terminal = self._event(job, "failed", attempt=attempt, error=error)
+                elif type(line) in _STREAMED:
+                    kind = _STREAMED[type(line)]
+                    await self._publish(job, [self._event(job, kind, attempt=attempt, **line.forwarded())])
+                # `checkpoint_failed` and `stopped` only feed metrics and logs; the exit code says the rest
+            code = await proc.wait()
+        finally:
+            if proc.returncode is None:
+                # Cancelled (the drain deadline passed, or the daemon is going down): no rank may outlive us.
+                _signal(proc, signal.SIGKILL)
         job.proc = None
         if (
             terminal is not None
@@ -254,26 +242,40 @@ class FinetuneHandler(Handler):
         assert self._runtime is not None
         return self._runtime.metrics
 
-    def _observe(self, line: dict[str, Any]) -> None:
+    def _parse(self, raw: bytes, job_id: str) -> protocol.TrainerEvent | None:
+        """One trainer stdout line as its event; a line that is not one is logged, counted and skipped (a broken
+        or mismatched trainer must not take the handler down)."""
+        try:
+            return protocol.parse_line(raw)
+        except protocol.ProtocolError as exc:
+            self._metrics().finetune_protocol_errors.inc()
+            log.warning(
+                "trainer line is not a protocol event: %s",
+                exc,
+                extra={"job_id": job_id, "line": raw[:200].decode("utf-8", "replace")},
+            )
+            return None
+
+    def _observe(self, line: protocol.TrainerEvent) -> None:
         m = self._metrics()
-        kind = line.get("event")
-        if kind == "progress":
+        if isinstance(line, protocol.ProgressEvent):
             m.finetune_steps.inc(self.cfg.progress_every_steps)
             m.finetune_last_progress.set_to_current_time()
-            if isinstance(line.get("steps_per_second"), int | float):
-                m.finetune_steps_per_second.set(line["steps_per_second"])
-            if isinstance(line.get("loss"), int | float):
-                m.finetune_loss.set(line["loss"])
-        elif kind in ("started", "class_images"):
+            m.finetune_steps_per_second.set(line.steps_per_second)
+            if line.loss is not None:
+                m.finetune_loss.set(line.loss)
+        elif isinstance(line, protocol.StartedEvent | protocol.ClassImagesEvent):
             m.finetune_last_progress.set_to_current_time()
-        elif kind == "checkpoint":
+        elif isinstance(line, protocol.CheckpointEvent):
             m.finetune_checkpoints.inc()
             m.finetune_last_progress.set_to_current_time()
-            if isinstance(line.get("upload_seconds"), int | float):
-                m.finetune_checkpoint_upload_seconds.observe(line["upload_seconds"])
-        elif kind == "checkpoint_failed":
+            m.finetune_checkpoint_upload_seconds.observe(line.upload_seconds)
+        elif isinstance(line, protocol.CheckpointFailedEvent):
             m.finetune_checkpoint_failures.inc()
-            log.warning("checkpoint upload failed", extra={"step": line.get("step"), "error": line.get("error")})
+            log.warning(
+                "checkpoint upload failed",
+                extra={"step": line.step, "error": line.error, "upload_seconds": line.upload_seconds},
+            )
 
     def _event(self, job: _Job, kind: FinetuneEventKind, **fields: Any) -> OutputEvent:
         value = FinetuneEvent(job_id=job.request.job_id, event=kind, seq=job.seq.next(), emitted_at=_now(), **fields)
@@ -283,8 +285,7 @@ class FinetuneHandler(Handler):
         assert self._runtime is not None
         await self._runtime.publish(events, job.ctx)
 
-    def failure_outputs(self, event: BaseModel, ctx: MessageContext, error: ErrorInfo) -> Sequence[OutputEvent]:
-        assert isinstance(event, FinetuneRequest)
+    def failure_outputs(self, event: FinetuneRequest, ctx: MessageContext, error: ErrorInfo) -> Sequence[OutputEvent]:
         value = FinetuneEvent(job_id=event.job_id, event="failed", seq=_Seq().next(), emitted_at=_now(), error=error)
         return [OutputEvent(self.settings.topics.finetune_events, event.job_id, value)]
 
@@ -320,28 +321,7 @@ def _now() -> datetime:
 
 
 def _signal(proc: asyncio.subprocess.Process | None, sig: signal.Signals) -> None:
+    """Signal a trainer's whole process group (every DDP rank); the ranks agree on the step to stop at."""
     if proc is not None and proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
-
-
-def _parse(raw: bytes) -> dict[str, Any] | None:
-    """One stdout line of the trainer; anything that is not a JSON object is ignored (and logged)."""
-    text = raw.decode("utf-8", "replace").strip()
-    if not text:
-        return None
-    try:
-        line = json.loads(text)
-    except json.JSONDecodeError:
-        log.debug("trainer stdout (not an event): %s", text[:200])
-        return None
-    return line if isinstance(line, dict) else None
-
-
-def _payload(line: dict[str, Any]) -> dict[str, Any]:
-    # json.loads reads NaN and Infinity, which no wire model takes: a diverged loss is reported as absent.
-    return {
-        k: line[k]
-        for k in _PAYLOAD
-        if line.get(k) is not None and not (isinstance(line[k], float) and not math.isfinite(line[k]))
-    }
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)

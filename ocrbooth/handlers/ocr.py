@@ -1,10 +1,10 @@
 """`ocr`: DocumentRequest in, OcrResult (+ ReviewFlag) out.
 
 fetch (S3 or inline) → count pages (render pool) → render pages just ahead of the engine (render pool,
-within the page-memory budget) → micro-batcher → engine → assemble pages in order → review decision →
-outputs. Rendering of later pages overlaps with OCR of earlier ones, and pages of all in-flight documents
-share GPU batches. A page's pixels are released as soon as it is recognised; the result keeps only its size,
-blank flag and the engine's output.
+within the page-memory budget) → engine worker (pages of all in-flight documents decode together) → assemble
+pages in order → review decision → outputs. Rendering of later pages overlaps with OCR of earlier ones. A
+page's pixels are released as soon as it is recognised; the result keeps only its size, blank flag and the
+engine's output.
 """
 
 from __future__ import annotations
@@ -24,14 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from pydantic import BaseModel
-
-from ocrbooth.daemon.config import OcrSettings, Settings
-from ocrbooth.daemon.storage import parse_s3_uri
+from ocrbooth.config import OcrSettings, Settings
 from ocrbooth.errors import ConfigError, FatalError, OcrboothError, PoisonError
-from ocrbooth.handlers.base import Handler, HandlerRuntime, MessageContext, OutputEvent
-from ocrbooth.models.ocr.batcher import BatchLimits, BatchStats, BatchWorker
-from ocrbooth.models.ocr.engine import OcrEngine, PageInput, PageOutput
+from ocrbooth.handlers.base import Handler, HandlerRuntime
+from ocrbooth.messages import MessageContext, OutputEvent
+from ocrbooth.models.ocr.engine import OcrEngine, PageInput, PageOutput, PageWorker, StepStats
 from ocrbooth.models.ocr.page_memory import PageMemory
 from ocrbooth.models.ocr.render import RenderLimits, inspect_file, page_bytes_bound, render_file_page
 from ocrbooth.models.ocr.render_pool import FAILURE_REASONS, RenderPool
@@ -48,6 +45,7 @@ from ocrbooth.schemas import (
     Timings,
     UriSource,
 )
+from ocrbooth.storage import parse_s3_uri
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +83,21 @@ def load_engines(cfg: OcrSettings) -> tuple[str, dict[str, OcrEngine]]:
         cuda, why = _cuda_available()
         if cfg.engine == "lightonocr" or cuda:
             try:
-                from ocrbooth.models.ocr.lightonocr import LightOnOcrEngine
+                from ocrbooth.models.ocr.lightonocr import EngineConfig, LightOnOcrEngine
 
-                engine = LightOnOcrEngine(cfg.model, device=cfg.device)
+                engine = LightOnOcrEngine(
+                    cfg.model,
+                    device=cfg.device,
+                    config=EngineConfig(
+                        max_slots=cfg.engine_max_slots,
+                        gpu_memory_fraction=cfg.gpu_memory_fraction,
+                        kv_cache_tokens=cfg.kv_cache_tokens,
+                        max_prefill_tokens=cfg.max_prefill_tokens,
+                        steps_per_sync=cfg.decode_steps_per_sync,
+                        max_new_tokens=cfg.max_new_tokens_cap,
+                        preprocess_threads=cfg.preprocess_threads,
+                    ),
+                )
                 engine.load()
                 engines["lightonocr"] = cast(OcrEngine, engine)  # its `model` is always a str
                 log.info("OCR engine: lightonocr (%s; model %s)", why, cfg.model)
@@ -119,7 +129,7 @@ class _Page:
     output: PageOutput
 
 
-class OcrHandler(Handler):
+class OcrHandler(Handler[DocumentRequest]):
     """Recognises documents; every failure becomes a failed OcrResult with a specific error code."""
 
     name = "ocr"
@@ -128,23 +138,21 @@ class OcrHandler(Handler):
         super().__init__(settings)
         self.cfg = settings.ocr
         self.default_engine = ""
-        self.workers: dict[str, BatchWorker] = {}
+        self.workers: dict[str, PageWorker] = {}
         self.pool: RenderPool | None = None
         self.pages: PageMemory | None = None
         self._runtime: HandlerRuntime | None = None
         self._tmp = Path(tempfile.gettempdir())
 
-    def input_topics(self) -> Mapping[str, type[BaseModel]]:
+    def input_topics(self) -> Mapping[str, type[DocumentRequest]]:
         return {self.settings.topics.ocr_requests: DocumentRequest}
 
     async def start(self, runtime: HandlerRuntime) -> None:
         self._runtime = runtime
         self.default_engine, engines = await asyncio.to_thread(self.create_engines)
-        limits = BatchLimits(self.cfg.max_batch_pages, self.cfg.max_batch_tokens, self.cfg.max_wait_ms)
         for name, engine in engines.items():
-            worker = BatchWorker(
-                engine, limits, span_threshold=self.cfg.span_threshold, on_batch=functools.partial(self._on_batch, name)
-            )
+            on_step = functools.partial(self._on_batch, name)
+            worker = engine.worker(span_threshold=self.cfg.span_threshold, on_step=on_step)
             worker.start()
             self.workers[name] = worker
             runtime.metrics.init_engine(name)  # "busy fraction" reads 0, not nothing, while idle
@@ -182,14 +190,13 @@ class OcrHandler(Handler):
         """The page-memory budget is spent: pause intake until recognised pages give some back."""
         return self.pages is not None and self.pages.exhausted
 
-    def _on_batch(self, engine: str, stats: BatchStats) -> None:
+    def _on_batch(self, engine: str, stats: StepStats) -> None:
         if self._runtime is not None:
             self._runtime.metrics.observe_ocr_batch(engine, stats)
 
     # ---- handling ---------------------------------------------------------------------------------
 
-    async def handle(self, event: BaseModel, ctx: MessageContext) -> Sequence[OutputEvent]:
-        assert isinstance(event, DocumentRequest)
+    async def handle(self, event: DocumentRequest, ctx: MessageContext) -> Sequence[OutputEvent]:
         started = time.monotonic()
         # The record timestamp is the producer's wall clock; queued time is measured against ours.
         arrived = ctx.timestamp_ms / 1000 if ctx.timestamp_ms else None
@@ -219,8 +226,7 @@ class OcrHandler(Handler):
             outputs.append(OutputEvent(topics.ocr_review, event.document_id, flag))
         return outputs
 
-    def failure_outputs(self, event: BaseModel, ctx: MessageContext, error: ErrorInfo) -> Sequence[OutputEvent]:
-        assert isinstance(event, DocumentRequest)
+    def failure_outputs(self, event: DocumentRequest, ctx: MessageContext, error: ErrorInfo) -> Sequence[OutputEvent]:
         requested = event.options.engine if event.options and event.options.engine != "auto" else None
         result = OcrResult.failure(event, error, requested or self.default_engine or None)
         if self._runtime is not None:

@@ -23,7 +23,7 @@ import pytest
 from packaging.requirements import Requirement
 
 from ocrbooth.cli import build_parser
-from ocrbooth.daemon.config import Settings
+from ocrbooth.config import Settings
 from ocrbooth.models.ocr.tesseract import SUPPORTED_LANGUAGES
 from tests.deploy.tools import DEPLOY, REPO, run, tool
 

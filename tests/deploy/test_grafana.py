@@ -16,7 +16,7 @@ import jsonschema
 from jsonschema.exceptions import ValidationError
 from prometheus_client.metrics import MetricWrapperBase
 
-from ocrbooth.daemon.metrics import Metrics
+from ocrbooth.metrics import Metrics
 from tests.deploy.promql import dashboard_exprs, grouping_labels, iter_panels, metric_names, selectors, substitute
 from tests.deploy.tools import DEPLOY, run, tool
 
@@ -309,7 +309,7 @@ def test_every_metric_is_exported_by_the_daemon() -> None:
         if variable["type"] == "query":
             queries.append(variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"])
     unknown = {name for expr in queries for name in metric_names(expr)} - set(samples)
-    assert not unknown, f"not exported by ocrbooth/daemon/metrics.py: {sorted(unknown)}"
+    assert not unknown, f"not exported by ocrbooth/metrics.py: {sorted(unknown)}"
     # Negative control: a plausible but wrong name is caught the same way.
     assert metric_names('rate(ocrbooth_ocr_documents{job="x"}[1m])') - set(samples) == {"ocrbooth_ocr_documents"}
 

@@ -20,7 +20,7 @@ from cloudcoil.models.keda.v1alpha1 import ScaledObject, TriggerAuthentication
 from cloudcoil.models.prometheus_operator.v1 import PodMonitor, PrometheusRule, ServiceMonitor
 from kubernetes_validate.utils import SchemaNotFoundError
 
-from ocrbooth.daemon.config import ENV_PREFIX, Settings, load_settings
+from ocrbooth.config import ENV_PREFIX, Settings, load_settings
 from ocrbooth.handlers import load_handlers
 from tests.deploy.tools import DEPLOY, REPO, run, tool
 

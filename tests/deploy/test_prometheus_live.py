@@ -31,15 +31,15 @@ from typing import Any
 import pytest
 import yaml
 
-from ocrbooth import samples
-from ocrbooth.daemon.embedded import EmbeddedStack
+from ocrbooth.dev.embedded import EmbeddedStack
+from ocrbooth.testing import samples
+from ocrbooth.testing.tiny_lightonocr import build_tiny_lightonocr
 from tests.deploy.promql import dashboard_exprs, metric_names, substitute
 from tests.deploy.tools import DEPLOY, tool
 from tests.support.daemon import free_port, http_get, running_daemon, settings_for
 from tests.support.documents import numbered_pages_pdf
 from tests.support.kafka import consume_all, produce
 from tests.support.stack import TopicNames, unique_suffix
-from tests.support.tiny_models import build_tiny_lightonocr
 from tests.support.tiny_sd import build_tiny_sd, make_instance_images, tiny_job_request
 
 pytest.importorskip("diffusers")
@@ -195,7 +195,6 @@ async def test_dashboard_and_alert_queries_on_a_real_prometheus(
     ports = [free_port(), free_port()]
     common = {
         **daemon_env,
-        "OCRBOOTH_OCR_MAX_WAIT_MS": "50",
         "OCRBOOTH_OCR_RENDER_WORKERS": "1",
         "OCRBOOTH_OCR_RENDER_LONGEST_PX": "400",
         "OCRBOOTH_ECHO_FAULTS": "false",

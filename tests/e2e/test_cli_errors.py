@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ocrbooth.daemon.embedded import EmbeddedStack
+from ocrbooth.dev.embedded import EmbeddedStack
 from tests.support.daemon import REPO
 
 USAGE, FAILURE = 2, 1

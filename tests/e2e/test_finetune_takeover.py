@@ -6,7 +6,7 @@ import json
 import signal
 from pathlib import Path
 
-from ocrbooth.daemon.embedded import EmbeddedStack
+from ocrbooth.dev.embedded import EmbeddedStack
 from tests.support.daemon import DaemonProcess
 from tests.support.kafka import consume_all, produce, wait_until
 from tests.support.stack import TopicNames, unique_suffix

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ocrbooth import samples
+from ocrbooth.testing import samples
 from tests.support.daemon import REPO, DaemonProcess
 from tests.support.documents import numbered_pages_pdf
 from tests.support.stack import TopicNames

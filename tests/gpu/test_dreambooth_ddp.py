@@ -140,7 +140,7 @@ def setup(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Setup:
     import boto3
     from botocore.config import Config
 
-    from ocrbooth.models.dreambooth.tiny import build_tiny_sd, make_instance_images
+    from ocrbooth.testing.tiny_sd import build_tiny_sd, make_instance_images
 
     root = tmp_path_factory.mktemp("ddp")
     credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
@@ -238,3 +238,87 @@ def test_ddp_job_launched_like_the_daemon_completes(setup: Setup) -> None:
     print(f"daemon-style DDP trainer run: exit {run.code} in {run.seconds:.1f}s")
     assert run.code == EXIT_COMPLETED, run.tail()
     assert run.kinds().count("completed") == 1, run.kinds()
+
+
+def test_ddp_sigterm_stops_every_rank_at_one_checkpointed_step_and_the_job_resumes(setup: Setup) -> None:
+    """SIGTERM to the trainer's process group (what the daemon's drain sends) at a random step after the first
+    checkpoint: the ranks agree on one stop step, rank 0 writes a complete checkpoint of it, rank 0 exits 3
+    (stopped) and rank 1 exits 0 well within the drain timeout, no process of the group is left, and a rerun (what
+    the next daemon starts) resumes from exactly that step and completes."""
+    import random
+
+    from ocrbooth.models.dreambooth import EXIT_STOPPED
+
+    steps = 40
+    job = setup.job() | {"max_train_steps": steps, "checkpointing_steps": 4, "checkpoints_total_limit": 3}
+    setup.runs.mkdir(parents=True, exist_ok=True)
+    job_file = setup.runs / "sigterm.json"
+    job_file.write_text(json.dumps({"request": job, "attempt": 1}))
+    log_path = setup.runs / "trainer-sigterm.log"
+    extra_steps = random.Random().randint(0, 6)
+    events: list[dict[str, Any]] = []
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ocrbooth.models.dreambooth.train", str(job_file)],
+            env=setup.env,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            cwd=REPO,
+            start_new_session=True,  # as handlers/finetune.py starts it
+        )
+        assert proc.stdout is not None
+        first_checkpoint: int | None = None
+        signalled_at: float | None = None
+        for raw in proc.stdout:
+            event = json.loads(raw)
+            events.append(event)
+            if event["event"] == "checkpoint" and first_checkpoint is None:
+                first_checkpoint = event["step"]
+            if (
+                signalled_at is None
+                and first_checkpoint is not None
+                and event["event"] == "progress"
+                and event["step"] >= first_checkpoint + extra_steps
+            ):
+                os.killpg(proc.pid, signal.SIGTERM)
+                signalled_at = time.monotonic()
+        code = proc.wait(timeout=120)
+        stopped_in = time.monotonic() - (signalled_at or time.monotonic())
+    text = log_path.read_text(errors="replace")
+    tail = "\n".join(text.splitlines()[-60:])
+    assert signalled_at is not None, tail
+    assert code == EXIT_STOPPED, tail
+    assert stopped_in < 60, f"stopped {stopped_in:.1f}s after SIGTERM"
+    assert "rank 1 exits with 0" in text, tail
+    assert _group_gone(proc.pid, timeout_s=30), "processes of the trainer's group outlived it:\n" + _group_ps(proc.pid)
+    stop_step = next(e["step"] for e in events if e["event"] == "stopped")
+    assert first_checkpoint is not None
+    assert first_checkpoint + extra_steps <= stop_step < steps, (stop_step, events)
+    assert [e["step"] for e in events if e["event"] == "checkpoint"][-1] == stop_step
+    prefix = f"jobs/{job['job_id']}/checkpoints/step-{stop_step:06d}/"
+    names = {k.rsplit("/", 1)[1] for k in setup.keys(prefix)}
+    assert names >= CHECKPOINT_FILES, sorted(names)
+    signalled_step = first_checkpoint + extra_steps
+    print(f"DDP SIGTERM: signalled at step >= {signalled_step}, stopped at {stop_step} in {stopped_in:.1f}s")
+
+    rerun = run_trainer(job, setup.env, setup.runs, "sigterm-resume")
+    assert rerun.code == EXIT_COMPLETED, rerun.tail()
+    assert rerun.of("started")[0]["resumed_from_step"] == stop_step, rerun.events
+    assert next(p["step"] for p in rerun.of("progress")) == stop_step + 1
+
+
+def _group_gone(pgid: int, timeout_s: float) -> bool:
+    """Wait until no process of group `pgid` is left (ranks 1.. may still be tearing NCCL down a moment)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _group_ps(pgid: int) -> str:
+    listing = subprocess.run(["ps", "-eo", "pid,pgid,stat,etime,args"], capture_output=True, text=True).stdout
+    return "\n".join(line for line in listing.splitlines() if line.split()[1:2] == [str(pgid)])

@@ -9,7 +9,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from botocore.exceptions import ClientError
 
-from ocrbooth.daemon.embedded import EmbeddedStack
+from ocrbooth.dev.embedded import EmbeddedStack
 from tests.support.kafka import committed_offsets, consume_all, high_watermarks, produce, wait_until
 from tests.support.stack import TopicNames
 

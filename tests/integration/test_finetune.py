@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from ocrbooth import constants
-from ocrbooth.daemon.embedded import EmbeddedStack
+from ocrbooth.dev.embedded import EmbeddedStack
 from tests.support.daemon import running_daemon, settings_for
 from tests.support.kafka import committed_offsets, consume_all, produce
 from tests.support.s3faults import S3FaultProxy

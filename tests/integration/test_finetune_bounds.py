@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from ocrbooth.daemon.embedded import EmbeddedStack
+from ocrbooth.dev.embedded import EmbeddedStack
 from tests.support.daemon import running_daemon, settings_for
 from tests.support.kafka import consume_all, produce
 from tests.support.stack import TopicNames, unique_suffix

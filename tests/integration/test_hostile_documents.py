@@ -22,8 +22,8 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from ocrbooth import samples
-from ocrbooth.daemon.embedded import EmbeddedStack
+from ocrbooth.dev.embedded import EmbeddedStack
+from ocrbooth.testing import samples
 from tests.support import hostile
 from tests.support.daemon import DaemonProcess, metric_value
 from tests.support.documents import numbered_pages_pdf
@@ -48,7 +48,6 @@ DAEMON_OVERHEAD_BYTES = 160 * MIB
 SUITE_ENV = {
     "OCRBOOTH_HANDLERS": "tests.support.scripted_ocr:ScriptedOcrHandler",
     "OCRBOOTH_OCR_ENGINE": "tesseract",
-    "OCRBOOTH_OCR_MAX_WAIT_MS": "5",
     "OCRBOOTH_OCR_RENDER_WORKERS": "2",
     "OCRBOOTH_OCR_RENDER_TIMEOUT_S": str(RENDER_TIMEOUT_S),
     "OCRBOOTH_OCR_RENDER_WORKER_MAX_BYTES": str(WORKER_CAP_BYTES),

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from ocrbooth.daemon.embedded import EmbeddedStack
+from ocrbooth.dev.embedded import EmbeddedStack
 from tests.support.daemon import http_get, metric_value, request_event, running_daemon, settings_for
 from tests.support.kafka import consume_all, produce, wait_until
 from tests.support.s3faults import S3FaultProxy

@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 
 from ocrbooth.daemon.app import Daemon
-from ocrbooth.daemon.embedded import EmbeddedStack
+from ocrbooth.dev.embedded import EmbeddedStack
 from tests.support.daemon import http_get, request_event, running_daemon, settings_for
 from tests.support.kafka import committed_offsets, consume_all, high_watermarks, produce, wait_until
 from tests.support.stack import TopicNames

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from ocrbooth import samples
-from ocrbooth.daemon.embedded import EmbeddedStack
-from ocrbooth.daemon.storage import s3_call, s3_client
+from ocrbooth.dev.embedded import EmbeddedStack
 from ocrbooth.errors import PoisonError, RetryableError
+from ocrbooth.storage import s3_call, s3_client
+from ocrbooth.testing import samples
 from tests.support.daemon import running_daemon, settings_for
 from tests.support.kafka import consume_all, produce
 from tests.support.s3faults import S3FaultProxy

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from ocrbooth.config import Settings, load_settings
 from ocrbooth.daemon.app import Daemon
-from ocrbooth.daemon.config import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pymupdf
 
-from ocrbooth import samples
+from ocrbooth.testing import samples
 
 
 def numbered_pages_pdf(n: int) -> bytes:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 from ocrbooth.handlers.ocr import OcrHandler, load_engines
-from ocrbooth.models.ocr.engine import OcrEngine, PageInput, PageOutput
+from ocrbooth.models.ocr.engine import OcrEngine, PageInput, PageOutput, StepStats
+from ocrbooth.models.ocr.worker import PoolWorker
 
 DELAY_ENV = "OCRBOOTH_TEST_ENGINE_DELAY_MS"
 
@@ -26,6 +28,10 @@ class ScriptedEngine:
 
     def cost(self, page: PageInput) -> int:
         return 1
+
+    def worker(self, *, span_threshold: float, on_step: Callable[[StepStats], None] | None = None) -> PoolWorker:
+        """Pages run as they come, two at a time (like a small Tesseract pool)."""
+        return PoolWorker(self, span_threshold=span_threshold, threads=2, on_step=on_step)
 
     def recognize(self, pages: list[PageInput], *, span_threshold: float) -> list[PageOutput]:
         time.sleep(self.delay_s * len(pages))

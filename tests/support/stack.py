@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ocrbooth import constants
-from ocrbooth.daemon.embedded import EmbeddedStack
+from ocrbooth.dev.embedded import EmbeddedStack
 
 # Settings env names for each topic field (the daemon's `Settings.topics` section).
 _TOPIC_ENV = {

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ocrbooth.models.dreambooth.tiny import build_tiny_sd, make_instance_images
+from ocrbooth.testing.tiny_sd import build_tiny_sd, make_instance_images
 
 __all__ = ["LOCAL_BASE_MODELS_ENV", "build_tiny_sd", "make_instance_images", "tiny_job_request"]
 

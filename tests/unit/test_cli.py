@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ocrbooth.cli import main
-from ocrbooth.daemon.config import ENV_PREFIX
+from ocrbooth.config import ENV_PREFIX
 from ocrbooth.schemas import ALL_MODELS
 from ocrbooth.schemas.registry import render_json_schema
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ocrbooth import constants
-from ocrbooth.daemon.config import ENV_PREFIX, Settings, load_settings
+from ocrbooth.config import ENV_PREFIX, Settings, load_settings
 from ocrbooth.errors import ConfigError
 
 SASL_PASSWORD = "hunter2-secret"

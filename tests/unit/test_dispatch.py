@@ -7,14 +7,14 @@ from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 from prometheus_client import CollectorRegistry
-from pydantic import BaseModel
 
-from ocrbooth.daemon.config import Settings
+from ocrbooth.config import Settings
 from ocrbooth.daemon.dispatch import Dispatcher, Route
-from ocrbooth.daemon.metrics import Metrics
 from ocrbooth.daemon.outage import Dependencies
 from ocrbooth.errors import FatalError, PoisonError, RetryableError
-from ocrbooth.handlers.base import Handler, MessageContext, OutputEvent
+from ocrbooth.handlers.base import Handler
+from ocrbooth.messages import MessageContext, OutputEvent
+from ocrbooth.metrics import Metrics
 from ocrbooth.schemas import DocumentRequest, ErrorInfo, OcrResult
 from tests.support.daemon import request_event
 
@@ -36,7 +36,7 @@ class FakePublisher:
         self.letters.append(error)
 
 
-class ScriptedHandler(Handler):
+class ScriptedHandler(Handler[DocumentRequest]):
     """Raises the scripted errors in turn, then succeeds; `gate` holds handle() open until set."""
 
     name = "scripted"
@@ -51,16 +51,14 @@ class ScriptedHandler(Handler):
         self.gate: asyncio.Event | None = None
         self.on_failure: Callable[[], None] | None = None
 
-    def input_topics(self) -> Mapping[str, type[BaseModel]]:
+    def input_topics(self) -> Mapping[str, type[DocumentRequest]]:
         return {"in": DocumentRequest}
 
-    def validate(self, event: BaseModel) -> None:
-        assert isinstance(event, DocumentRequest)
+    def validate(self, event: DocumentRequest) -> None:
         if event.metadata.get("bad"):
             raise PoisonError("refused by validation", code="invalid_options")
 
-    async def handle(self, event: BaseModel, ctx: MessageContext) -> Sequence[OutputEvent]:
-        assert isinstance(event, DocumentRequest)
+    async def handle(self, event: DocumentRequest, ctx: MessageContext) -> Sequence[OutputEvent]:
         self.calls += 1
         if self.gate is not None:
             await self.gate.wait()
@@ -76,8 +74,7 @@ class ScriptedHandler(Handler):
             )
         ]
 
-    def failure_outputs(self, event: BaseModel, ctx: MessageContext, error: ErrorInfo) -> Sequence[OutputEvent]:
-        assert isinstance(event, DocumentRequest)
+    def failure_outputs(self, event: DocumentRequest, ctx: MessageContext, error: ErrorInfo) -> Sequence[OutputEvent]:
         return [OutputEvent("out", event.document_id, OcrResult.failure(event, error, "t"))]
 
 

@@ -9,11 +9,12 @@ from collections.abc import Mapping, Sequence
 import pytest
 from pydantic import BaseModel
 
-from ocrbooth.daemon.config import ENV_PREFIX, Settings, load_settings
+from ocrbooth.config import ENV_PREFIX, Settings, load_settings
 from ocrbooth.errors import ConfigError, FatalError, OcrboothError, PoisonError, RetryableError
 from ocrbooth.handlers import BUILTIN_HANDLERS, load_handlers
-from ocrbooth.handlers.base import Handler, MessageContext, OutputEvent
+from ocrbooth.handlers.base import Handler
 from ocrbooth.handlers.echo import FAULTS_ENV, EchoHandler
+from ocrbooth.messages import MessageContext, OutputEvent
 from ocrbooth.schemas import DocumentRequest, ErrorInfo, OcrResult, UriSource
 
 

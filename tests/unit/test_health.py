@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from ocrbooth.daemon.health import HealthServer
-from ocrbooth.daemon.metrics import Metrics
+from ocrbooth.metrics import Metrics
 
 DEADLINE_S = 5.0
 

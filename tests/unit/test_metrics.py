@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from ocrbooth.daemon.gctune import tune_gc
-from ocrbooth.daemon.metrics import observe_many
+from ocrbooth.metrics import observe_many
 
 BUCKETS = (0.01, 0.1, 1.0, 10.0)
 
@@ -73,7 +73,7 @@ def test_readme_lists_every_metric() -> None:
     import re
     from pathlib import Path
 
-    from ocrbooth.daemon.metrics import Metrics
+    from ocrbooth.metrics import Metrics
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     listed = set(re.findall(r"^\| `(ocrbooth_[a-z0-9_]+)` \|", readme, flags=re.MULTILINE))

@@ -12,7 +12,6 @@ import pymupdf
 import pytest
 from PIL import Image
 
-from ocrbooth import samples
 from ocrbooth.errors import PoisonError
 from ocrbooth.models.ocr.render import (
     RenderLimits,
@@ -22,6 +21,7 @@ from ocrbooth.models.ocr.render import (
     resolve_pages,
     sniff_format,
 )
+from ocrbooth.testing import samples
 
 A4 = (595.0, 842.0)  # points
 A6 = (297.6, 419.5)

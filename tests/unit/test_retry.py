@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from ocrbooth.daemon.retry import backoff_s
+from ocrbooth.retry import backoff_s
 
 INITIAL_MS = 100
 MAX_MS = 3_000

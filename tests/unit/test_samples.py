@@ -13,9 +13,9 @@ import pymupdf
 import pytest
 from PIL import Image
 
-from ocrbooth import samples
 from ocrbooth.errors import PoisonError
 from ocrbooth.models.ocr.render import render_document, sniff_format
+from ocrbooth.testing import samples
 
 SPECIAL_CHARACTERS = {
     "eng": "",

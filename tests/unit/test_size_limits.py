@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from ocrbooth.daemon.config import ENV_PREFIX, load_settings
+from ocrbooth.config import ENV_PREFIX, load_settings
 from ocrbooth.errors import ConfigError
 
 

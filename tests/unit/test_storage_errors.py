@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from botocore.exceptions import ClientError
 
-from ocrbooth.daemon.config import S3Settings
-from ocrbooth.daemon.storage import classify_client_error, key_problem, parse_s3_uri, s3_call, s3_client
+from ocrbooth.config import S3Settings
 from ocrbooth.errors import PoisonError, RetryableError
+from ocrbooth.storage import classify_client_error, key_problem, parse_s3_uri, s3_call, s3_client
 
 
 def _client_error(status: int, code: str) -> ClientError:

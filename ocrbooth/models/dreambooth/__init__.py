@@ -1,19 +1,24 @@
 """DreamBooth fine-tuning of diffusers Stable Diffusion pipelines, run as `ocrbooth train JOB.json`.
 
-This package's `__init__` stays light (no torch): the daemon imports `validate_request` and `TrainJob` from here
-before it launches anything. The trainer itself is `train.py`; `data.py` fetches instance images and orders
-examples, `prior.py` makes (or reuses) class images, `checkpoints.py` writes, uploads, rotates and restores
-checkpoints, `generate.py` samples from a trained pipeline.
+This package's `__init__` stays light (no torch): the daemon imports `validate_request`, `TrainJob` and
+`protocol` from here before it launches anything. The trainer is `train.py` (setup -> main -> fit); its parts:
+`module.py` (the LightningModule and its compiled step), `callbacks.py` (progress, checkpoints, SIGTERM),
+`export.py` (checkpoint upload, the trained pipeline), `protocol.py` (the stdout events), `job.py` (the resolved
+job), `data.py` (instance images and example order), `prior.py` (class images, made or reused),
+`checkpoints.py` (checkpoint folders, rotation, RNG), `generate.py` (sampling from a trained pipeline).
 
 JOB.json, written by the daemon, is `TrainJob`'s JSON: ``{"request": {FinetuneRequest}, "attempt": 2}``. A bare
 FinetuneRequest object with an optional top-level ``"attempt"`` is accepted too (handy by hand).
 
-Protocol: JSON lines on stdout, one per event, flushed at once; logs go to stderr.
+Protocol: JSON lines on stdout, one per event, flushed at once; logs go to stderr. One pydantic model per kind in
+`protocol.py`, which the trainer emits and the daemon parses (a line that is none of them is logged and counted
+in `ocrbooth_finetune_protocol_errors_total`):
 
-    {"event": "class_images", "generated": n, "total": m, "cache_hit": bool}
+    {"event": "class_images", "generated": n, "total": m, "cache_hit": bool, "seconds": s | null}
     {"event": "started", "resumed_from_step": k | null, "attempt": a}
-    {"event": "progress", "step", "max_steps", "loss", "learning_rate", "steps_per_second"}
-    {"event": "checkpoint", "step", "uri"}
+    {"event": "progress", "step", "max_steps", "loss" | null, "learning_rate", "steps_per_second"}
+    {"event": "checkpoint", "step", "uri", "upload_seconds"}
+    {"event": "checkpoint_failed", "step", "error", "upload_seconds"}      (the trainer then exits; a rerun resumes)
     {"event": "samples", "uris": [...]}
     {"event": "completed", "artifacts": {"unet", "text_encoder"?, "pipeline", "samples", "logs"}}
     {"event": "failed", "code", "message"}
@@ -66,11 +71,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ocrbooth.config import Settings
 from ocrbooth.constants import S3_PREFIX_JOBS
-from ocrbooth.daemon.config import Settings
-from ocrbooth.daemon.storage import parse_s3_uri
 from ocrbooth.errors import PoisonError
 from ocrbooth.schemas.finetune import FinetuneRequest
+from ocrbooth.storage import parse_s3_uri
 
 EXIT_COMPLETED = 0
 EXIT_FAILED = 2  # a `failed` line was printed: retrying will not help

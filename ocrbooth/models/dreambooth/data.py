@@ -25,9 +25,9 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
-from ocrbooth.daemon.config import Settings
-from ocrbooth.daemon.storage import parse_s3_uri, s3_call, s3_client
+from ocrbooth.config import Settings
 from ocrbooth.errors import PoisonError, RetryableError
+from ocrbooth.storage import parse_s3_uri, s3_call, s3_client
 
 log = logging.getLogger(__name__)
 

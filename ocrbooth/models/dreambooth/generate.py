@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ocrbooth.daemon.config import Settings
+from ocrbooth.config import Settings
 from ocrbooth.models.dreambooth.data import S3Objects, resolve_model_dir
 
 log = logging.getLogger(__name__)

@@ -2,8 +2,10 @@
 
 Shaped like litgpt's recipes: `setup()` parses and validates the job and resolves every input (instance images,
 base model, the checkpoint to resume from) before any GPU work; `main()` builds the pieces (class images, latents,
-the LightningModule, the Trainer) and `fit()` runs the loop. The package docstring (`ocrbooth.models.dreambooth`)
-documents JOB.json, the stdout protocol, the exit codes and the S3 layout.
+the LightningModule, the Trainer) and `fit()` runs the loop. The parts live beside this file: `module.py` (the
+LightningModule and its fast step), `callbacks.py` (progress, checkpoints, stop), `export.py` (checkpoint upload,
+the trained pipeline), `protocol.py` (the JSON-line events the daemon reads), `prior.py` (class images). The
+package docstring (`ocrbooth.models.dreambooth`) documents JOB.json, the exit codes and the S3 layout.
 
 Resuming is exact: the example order is a function of (seed, position) (`data.StepSampler`), the noise of every
 micro-batch comes from a generator seeded by (seed, micro-batch, rank), and a checkpoint holds weights, optimizer,
@@ -14,33 +16,26 @@ weights bitwise equal to an uninterrupted run's; on GPUs it is the same computat
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import os
 import random
 import shutil
 import signal
 import sys
-import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from types import FrameType
-from typing import Any, TextIO
+from typing import TextIO
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
-from torch.utils.data import DataLoader
 
-from ocrbooth.daemon.config import Settings, load_settings
-from ocrbooth.daemon.storage import parse_s3_uri
+from ocrbooth.config import Settings, load_settings
 from ocrbooth.errors import ConfigError, PoisonError
 from ocrbooth.models.dreambooth import (
     EXIT_COMPLETED,
@@ -51,122 +46,46 @@ from ocrbooth.models.dreambooth import (
     output_uri,
     validate_request,
 )
-from ocrbooth.models.dreambooth.checkpoints import (
-    Checkpoint,
-    CheckpointStore,
-    capture_rng,
-    checkpoint_name,
-    restore_rng,
-    save_checkpoint,
-)
+from ocrbooth.models.dreambooth.callbacks import JobCallback, StopFlag
+from ocrbooth.models.dreambooth.checkpoints import CheckpointStore
 from ocrbooth.models.dreambooth.data import (
-    DataState,
     LatentPairs,
     S3Objects,
-    StepSampler,
     fetch_instance_images,
     image_to_tensor,
     resolve_model_dir,
 )
-from ocrbooth.models.dreambooth.generate import inference_dtype, load_pipeline, render
+from ocrbooth.models.dreambooth.export import export_pipeline
+from ocrbooth.models.dreambooth.generate import inference_dtype
+from ocrbooth.models.dreambooth.job import Job, training_signature
+from ocrbooth.models.dreambooth.module import (
+    Components,
+    DreamBoothModule,
+    LoopConfig,
+    StepOptions,
+    encode_latents,
+    load_components,
+    token_ids,
+)
 from ocrbooth.models.dreambooth.prior import ensure_class_images
+from ocrbooth.models.dreambooth.protocol import (
+    ClassImagesEvent,
+    Emitter,
+    FailedEvent,
+    StartedEvent,
+    StoppedEvent,
+    claim_stdout,
+    is_rank_zero,
+)
 from ocrbooth.schemas.finetune import FinetuneRequest
 
 log = logging.getLogger(__name__)
 
 EXIT_CRASHED = 1  # anything unexpected: the daemon reruns the job from its newest checkpoint
-
-# Request fields that do not change the trained weights; the rest must match a checkpoint to resume from it.
-_NOT_TRAINING = frozenset(
-    {
-        "schema_version",
-        "validation_prompts",
-        "num_validation_images",
-        "guidance_scale",
-        "num_inference_steps",
-        "output_uri",
-        "checkpointing_steps",
-        "checkpoints_total_limit",
-    }
-)
 _MAX_GRAD_NORM = 1.0
-_ENCODE_BATCH = 8
-
-
-# ---- protocol ---------------------------------------------------------------------------------------------------
-
-
-def _is_rank_zero() -> bool:
-    """Lightning's DDP children run this same program with LOCAL_RANK set; only rank 0 speaks."""
-    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
-
-
-class Events:
-    """The stdout protocol: one JSON object per line, flushed at once (rank 0 only)."""
-
-    def __init__(self, stream: TextIO, *, enabled: bool = True) -> None:
-        self.stream = stream
-        self.enabled = enabled
-        self.lock = threading.Lock()
-
-    def emit(self, event: str, **fields: Any) -> None:
-        if not self.enabled:
-            return
-        line = json.dumps({"event": event, **fields}, allow_nan=False, default=str)
-        with self.lock:
-            self.stream.write(line + "\n")
-            self.stream.flush()
-
-
-def _claim_stdout() -> TextIO:
-    """Keep the real stdout for protocol lines and point fd 1 at stderr, so that a library's stray print can
-    never corrupt the protocol."""
-    sys.stdout.flush()
-    protocol = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
-    os.dup2(2, 1)
-    return protocol
-
-
-class StopFlag:
-    """Set by SIGTERM: finish the current step, checkpoint, print `stopped`, exit 3."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def request(self, signum: int, frame: FrameType | None) -> None:
-        self._event.set()
-
-    def __bool__(self) -> bool:
-        return self._event.is_set()
 
 
 # ---- setup: validate and resolve -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Job:
-    """A validated job with every input resolved; what `setup` hands to `main`."""
-
-    request: FinetuneRequest
-    attempt: int
-    settings: Settings
-    s3: S3Objects
-    store: CheckpointStore
-    workdir: Path
-    model_dir: Path
-    instance_images: list[Image.Image]
-    output_uri: str
-    resume: Checkpoint | None
-    signature: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def start_step(self) -> int:
-        return self.resume.step if self.resume is not None else 0
-
-
-def training_signature(request: FinetuneRequest) -> dict[str, Any]:
-    """The request fields that decide the trained weights (a checkpoint is only resumed under the same ones)."""
-    return {k: v for k, v in request.model_dump(mode="json").items() if k not in _NOT_TRAINING}
 
 
 def setup(job_file: Path, settings: Settings) -> Job:
@@ -207,329 +126,6 @@ def setup(job_file: Path, settings: Settings) -> Job:
     )
 
 
-# ---- the model ----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Components:
-    """The diffusers/transformers parts of the base pipeline that training uses."""
-
-    tokenizer: Any
-    text_encoder: Any
-    vae: Any
-    unet: Any
-    noise_scheduler: Any
-
-
-def load_components(model_dir: Path) -> Components:
-    """Load the base pipeline's parts in float32 (the master weights); PoisonError(unknown_base_model) if any
-    part is missing or broken."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    try:
-        return Components(
-            tokenizer=CLIPTokenizer.from_pretrained(str(model_dir), subfolder="tokenizer", local_files_only=True),
-            text_encoder=CLIPTextModel.from_pretrained(str(model_dir), subfolder="text_encoder", local_files_only=True),
-            vae=AutoencoderKL.from_pretrained(  # type: ignore[no-untyped-call]
-                str(model_dir), subfolder="vae", local_files_only=True
-            ),
-            unet=UNet2DConditionModel.from_pretrained(  # type: ignore[no-untyped-call]
-                str(model_dir), subfolder="unet", local_files_only=True
-            ),
-            noise_scheduler=DDPMScheduler.from_pretrained(  # type: ignore[no-untyped-call]
-                str(model_dir), subfolder="scheduler", local_files_only=True
-            ),
-        )
-    except Exception as exc:  # loaders raise OSError, ValueError, KeyError, EnvironmentError... for a bad folder
-        raise PoisonError(f"base model at {model_dir} cannot be loaded: {exc}", code="unknown_base_model") from exc
-
-
-def _token_ids(tokenizer: Any, prompt: str) -> torch.Tensor:
-    ids: torch.Tensor = tokenizer(
-        prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    return ids
-
-
-@torch.no_grad()
-def encode_latents(vae: Any, pixels: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std of the VAE's latent distribution for each image, float32 on CPU."""
-    vae.to(device).eval()
-    means, stds = [], []
-    for start in range(0, len(pixels), _ENCODE_BATCH):
-        batch = torch.stack(pixels[start : start + _ENCODE_BATCH]).to(device, vae.dtype)
-        dist = vae.encode(batch).latent_dist
-        means.append(dist.mean.float().cpu())
-        stds.append(dist.std.float().cpu())
-    return torch.cat(means), torch.cat(stds)
-
-
-def _micro_seed(seed: int, micro_batch: int, rank: int) -> int:
-    digest = hashlib.sha256(f"{seed}:{micro_batch}:{rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    """What the module needs to know about the run."""
-
-    seed: int
-    batch_size: int
-    accumulation: int
-    start_step: int
-    max_steps: int
-    consumed_examples: int
-    learning_rate: float
-    lr_scheduler: str
-    lr_warmup_steps: int
-    prior_loss_weight: float
-    with_prior: bool
-    prediction_type: str
-    latent_scale: float
-    latent_shift: float | None
-
-
-class DreamBoothModule(pl.LightningModule):
-    """UNet (and optionally the text encoder) trained on precomputed latents with the DreamBooth loss:
-    MSE on the instance half of the batch + prior_loss_weight x MSE on the class half."""
-
-    def __init__(
-        self,
-        *,
-        unet: Any,
-        text_encoder: Any | None,
-        noise_scheduler: Any,
-        prompts: dict[str, torch.Tensor],
-        dataset: LatentPairs,
-        config: LoopConfig,
-        resume: Checkpoint | None,
-    ) -> None:
-        super().__init__()
-        self.unet = unet
-        self.text_encoder = text_encoder
-        self.noise_scheduler = noise_scheduler
-        for name, tensor in prompts.items():
-            self.register_buffer(name, tensor, persistent=False)
-        self.dataset = dataset
-        self.config = config
-        self.resume = resume
-        self.loss_window: list[torch.Tensor] = []
-
-    def train_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
-        cfg = self.config
-        sampler = StepSampler(
-            len(self.dataset),
-            cfg.seed,
-            start=cfg.consumed_examples,
-            count=(cfg.max_steps - cfg.start_step) * cfg.accumulation,
-            batch_size=cfg.batch_size,
-            rank=self.global_rank,
-            world_size=self.trainer.world_size,
-        )
-        # Its own generator: a DataLoader iterator otherwise draws a seed from the global RNG.
-        return DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=sampler, generator=torch.Generator())
-
-    def _hidden_states(self, n_instance: int, n_class: int) -> torch.Tensor:
-        """Text-encoder outputs for the batch: instance prompt rows first, then class prompt rows."""
-        if self.text_encoder is not None:
-            instance, class_ = self.get_buffer("instance_ids"), self.get_buffer("class_ids")
-            ids = torch.cat([instance.expand(n_instance, -1), class_.expand(n_class, -1)])
-            hidden: torch.Tensor = self.text_encoder(ids, return_dict=False)[0]
-            return hidden
-        instance, class_ = self.get_buffer("instance_embeds"), self.get_buffer("class_embeds")
-        return torch.cat([instance.expand(n_instance, -1, -1), class_.expand(n_class, -1, -1)])
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        cfg = self.config
-        micro_batch = cfg.start_step * cfg.accumulation + batch_idx
-        generator = torch.Generator().manual_seed(_micro_seed(cfg.seed, micro_batch, self.global_rank))
-        mean, std = batch["instance_mean"], batch["instance_std"]
-        n_instance = mean.shape[0]
-        if cfg.with_prior:  # instance and class examples in one batch, split again for the loss
-            mean = torch.cat([mean, batch["class_mean"]])
-            std = torch.cat([std, batch["class_std"]])
-        shape, n = mean.shape, mean.shape[0]
-        # Drawn on the CPU from a per-micro-batch generator, so a resumed run draws exactly the same.
-        sample_noise = torch.randn(shape, generator=generator).to(self.device)
-        noise = torch.randn(shape, generator=generator).to(self.device)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=generator).to(
-            self.device
-        )
-        latents = mean + std * sample_noise
-        if cfg.latent_shift is not None:
-            latents = latents - cfg.latent_shift
-        latents = latents * cfg.latent_scale
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        hidden = self._hidden_states(n_instance, n - n_instance)
-        pred = self.unet(noisy, timesteps, hidden, return_dict=False)[0]
-        if cfg.prediction_type == "epsilon":
-            target = noise
-        elif cfg.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:  # "sample"
-            target = latents
-        loss = F.mse_loss(pred[:n_instance].float(), target[:n_instance].float())
-        if cfg.with_prior:
-            prior = F.mse_loss(pred[n_instance:].float(), target[n_instance:].float())
-            loss = loss + cfg.prior_loss_weight * prior
-        self.loss_window.append(loss.detach())
-        return loss
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        params = list(self.unet.parameters())
-        if self.text_encoder is not None:
-            params += list(self.text_encoder.parameters())
-        return params
-
-    def configure_optimizers(self) -> Any:
-        from diffusers.optimization import get_scheduler
-
-        cfg = self.config
-        optimizer = torch.optim.AdamW(
-            self.trainable_parameters(), lr=cfg.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8
-        )
-        # Stepped once per optimizer step by Lightning, so no scaling by the number of processes.
-        scheduler = get_scheduler(
-            cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps
-        )
-        if self.resume is not None:
-            optimizer.load_state_dict(self.resume.optimizer())
-            scheduler.load_state_dict(self.resume.lr_scheduler())
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
-
-
-# ---- the loop's side effects: progress, checkpoints, stop --------------------------------------------------------
-
-
-class JobCallback(pl.Callback):
-    """Progress lines, checkpoints (every `checkpointing_steps`, at the last step, and on SIGTERM) and RNG
-    restoration at the start of a resumed run."""
-
-    def __init__(
-        self, job: Job, events: Events, stop: StopFlag, module: DreamBoothModule, config_json: dict[str, Any]
-    ) -> None:
-        self.job = job
-        self.events = events
-        self.stop = stop
-        self.module = module
-        self.config = module.config
-        self.saved_step: int | None = job.start_step if job.resume is not None else None
-        self.last_step = job.start_step
-        self.window_step = job.start_step
-        self.window_started = time.monotonic()
-        self.config_json = config_json  # the resolved configuration, stored in every checkpoint
-
-    def step(self, trainer: pl.Trainer) -> int:
-        return self.config.start_step + trainer.global_step
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.job.resume is not None:
-            restore_rng(self.job.resume.rng())
-            scaler = getattr(trainer.precision_plugin, "scaler", None)
-            saved = self.job.resume.grad_scaler()
-            if scaler is not None and saved is not None:
-                scaler.load_state_dict(saved)
-        self.window_started = time.monotonic()
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        step = self.step(trainer)
-        req = self.job.request
-        if step != self.last_step:  # an optimizer step just finished
-            self.last_step = step
-            if step % self.job.settings.finetune.progress_every_steps == 0 or step == req.max_train_steps:
-                self.progress(trainer, step)
-            if step % req.checkpointing_steps == 0 or step == req.max_train_steps:
-                self.save(trainer, step, barrier=True)
-        if self.stop:
-            # Mid-accumulation the weights are still those of the last finished step: that is what gets saved.
-            self.save(trainer, step, barrier=False)
-            if trainer.world_size == 1:
-                trainer.should_stop = True
-
-    def progress(self, trainer: pl.Trainer, step: int) -> None:
-        window = self.module.loss_window
-        loss = float(torch.stack(window).mean().item()) if window else float("nan")
-        window.clear()
-        lr = float(trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0])
-        now = time.monotonic()
-        rate = (step - self.window_step) / max(now - self.window_started, 1e-9)
-        self.window_step, self.window_started = step, now
-        if not trainer.is_global_zero:
-            return
-        self.events.emit(
-            "progress",
-            step=step,
-            max_steps=self.job.request.max_train_steps,
-            loss=loss if loss == loss else None,  # NaN is not JSON
-            learning_rate=lr,
-            steps_per_second=round(rate, 4),
-        )
-        if trainer.logger is not None:
-            trainer.logger.log_metrics({"train/loss": loss, "train/learning_rate": lr}, step=step)
-
-    def save(self, trainer: pl.Trainer, step: int, *, barrier: bool) -> None:
-        """Write, upload and mark complete a checkpoint of `step`, then rotate (rank 0; once per step)."""
-        if step == self.saved_step or step == 0:
-            return
-        self.saved_step = step
-        if trainer.is_global_zero:
-            job, cfg = self.job, self.config
-            examples_per_step = cfg.batch_size * cfg.accumulation * trainer.world_size
-            data = DataState(
-                cfg.consumed_examples + (step - cfg.start_step) * examples_per_step, len(self.module.dataset)
-            )
-            scaler = getattr(trainer.precision_plugin, "scaler", None)
-            text_encoder = self.module.text_encoder
-            local = save_checkpoint(
-                job.workdir / "checkpoints" / checkpoint_name(step),
-                step=step,
-                unet=self.module.unet.state_dict(),
-                text_encoder=text_encoder.state_dict() if text_encoder is not None else None,
-                optimizer=trainer.optimizers[0].state_dict(),
-                lr_scheduler=trainer.lr_scheduler_configs[0].scheduler.state_dict(),
-                grad_scaler=scaler.state_dict() if scaler is not None else None,
-                rng=capture_rng(),
-                data=data.to_json(),
-                config=self.config_json,
-            )
-            started = time.monotonic()
-            try:
-                uri = job.store.upload(local, step)
-            except Exception as exc:
-                # Reported for the daemon's metrics, then the trainer dies; its restart resumes from the previous
-                # complete checkpoint (this one has no _COMPLETE marker, so it never counts).
-                self.events.emit(
-                    "checkpoint_failed",
-                    step=step,
-                    error=f"{type(exc).__name__}: {exc}"[:500],
-                    upload_seconds=round(time.monotonic() - started, 3),
-                )
-                raise
-            upload_seconds = round(time.monotonic() - started, 3)
-            shutil.rmtree(local, ignore_errors=True)
-            self.events.emit("checkpoint", step=step, uri=uri, upload_seconds=upload_seconds)
-            job.store.rotate(job.request.checkpoints_total_limit)
-            _upload_logs(job, trainer)
-        if barrier:
-            trainer.strategy.barrier("checkpoint")
-
-
-def _upload_logs(job: Job, trainer: pl.Trainer | None) -> str:
-    if trainer is not None and trainer.logger is not None:
-        trainer.logger.save()
-        experiment = getattr(trainer.logger, "experiment", None)
-        if experiment is not None and hasattr(experiment, "flush"):
-            experiment.flush()
-    bucket, key = parse_s3_uri(job.output_uri)
-    logs = job.workdir / "logs"
-    if logs.is_dir():
-        job.s3.upload_dir(logs, bucket, key + "logs/")
-    return f"{job.output_uri}logs/"
-
-
 # ---- main: build everything ----------------------------------------------------------------------------------------
 
 
@@ -563,6 +159,15 @@ def _pixels(images: list[Image.Image], request: FinetuneRequest, rng: random.Ran
     return [image_to_tensor(im, request.resolution, center_crop=request.center_crop, rng=rng) for im in images]
 
 
+def step_options(settings: Settings, hardware: Hardware) -> StepOptions:
+    """The fast-step knobs from the settings (`OCRBOOTH_FINETUNE_COMPILE`, `..._COMPILE_MODE`)."""
+    cfg = settings.finetune
+    mode = cfg.compile_mode
+    if hardware.devices > 1 and mode == "reduce-overhead":
+        mode = "default"  # CUDA graphs around DDP's gradient all-reduce are not supported
+    return StepOptions(compile=cfg.compile, compile_mode=mode)
+
+
 def build_module(
     job: Job, components: Components, class_images: list[Image.Image] | None, hardware: Hardware
 ) -> DreamBoothModule:
@@ -580,8 +185,8 @@ def build_module(
     components.vae = None  # frozen and no longer needed: training reads the latents above
 
     prompts: dict[str, torch.Tensor] = {
-        "instance_ids": _token_ids(components.tokenizer, req.instance_prompt),
-        "class_ids": _token_ids(components.tokenizer, req.class_prompt or req.instance_prompt),
+        "instance_ids": token_ids(components.tokenizer, req.instance_prompt),
+        "class_ids": token_ids(components.tokenizer, req.class_prompt or req.instance_prompt),
     }
     text_encoder = components.text_encoder
     if req.train_text_encoder:
@@ -624,6 +229,7 @@ def build_module(
         prediction_type=str(components.noise_scheduler.config.prediction_type),
         latent_scale=float(vae_config.scaling_factor),
         latent_shift=float(shift) if shift is not None else None,
+        max_grad_norm=_MAX_GRAD_NORM,
     )
     return DreamBoothModule(
         unet=unet,
@@ -633,6 +239,7 @@ def build_module(
         dataset=LatentPairs(instance, class_latents),
         config=config,
         resume=job.resume,
+        options=step_options(job.settings, hardware),
     )
 
 
@@ -673,59 +280,15 @@ def fit(trainer: pl.Trainer, module: DreamBoothModule, callback: JobCallback, st
             trainer.fit(module)
         except SIGTERMException:
             log.info("training interrupted by SIGTERM")
-    if stop:
-        callback.save(trainer, callback.step(trainer), barrier=False)  # if the signal came after the last check
+    if stop or callback.stopping:
+        # Stopped (this rank's signal, or another rank's through the agreement). The save is a no-op when the
+        # stop step is already checkpointed, and covers a signal that came after the last check (rank 0 writes).
+        callback.save(trainer, callback.step(trainer), barrier=False)
         return False
     return True
 
 
-def export(job: Job, module: DreamBoothModule, hardware: Hardware, events: Events, stop: StopFlag) -> bool:
-    """Save the trained pipeline in diffusers format, sample validation images, upload both and the logs; emit
-    `samples` and `completed`. False if SIGTERM came first."""
-    req = job.request
-    bucket, prefix = parse_s3_uri(job.output_uri)
-    local = job.workdir / "export"
-    shutil.rmtree(local, ignore_errors=True)
-    components: dict[str, Any] = {"unet": module.unet.eval()}
-    if module.text_encoder is not None:
-        components["text_encoder"] = module.text_encoder.eval()
-    pipeline = load_pipeline(job.model_dir, torch.device("cpu"), torch.float32, **components)
-    pipeline.save_pretrained(str(local / "pipeline"), safe_serialization=True)
-    job.s3.upload_dir(local / "pipeline", bucket, prefix + "pipeline/")
-    if stop:
-        return False
-
-    pipeline.to(hardware.device, inference_dtype(hardware.device, req.mixed_precision))
-    uris = []
-    for p, prompt in enumerate(req.validation_prompts or [req.instance_prompt]):
-        seeds = [req.seed + i for i in range(req.num_validation_images)]
-        images = render(
-            pipeline,
-            prompt,
-            seeds,
-            guidance_scale=req.guidance_scale,
-            num_inference_steps=req.num_inference_steps,
-            resolution=req.resolution,
-        )
-        for i, image in enumerate(images):
-            path = local / "samples" / f"{p:02d}-{i:02d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            image.save(path)
-            uris.append(job.s3.upload_file(path, bucket, f"{prefix}samples/{path.name}"))
-    events.emit("samples", uris=uris)
-    artifacts = {
-        "unet": f"{job.output_uri}pipeline/unet/",
-        "pipeline": f"{job.output_uri}pipeline/",
-        "samples": f"{job.output_uri}samples/",
-        "logs": _upload_logs(job, None),
-    }
-    if module.text_encoder is not None:
-        artifacts["text_encoder"] = f"{job.output_uri}pipeline/text_encoder/"
-    events.emit("completed", artifacts=artifacts)
-    return True
-
-
-def run(job: Job, events: Events, stop: StopFlag) -> int:
+def run(job: Job, events: Emitter, stop: StopFlag) -> int:
     """Everything after setup: class images, latents, the module and trainer, the loop, the export."""
     req, settings = job.request, job.settings
     hardware = choose_hardware(req, settings)
@@ -737,6 +300,7 @@ def run(job: Job, events: Events, stop: StopFlag) -> int:
         )
     class_images = None
     if req.with_prior_preservation:
+        started = time.monotonic()
         assert req.class_prompt is not None  # the schema requires it with prior preservation
         result = ensure_class_images(
             job.s3,
@@ -750,16 +314,22 @@ def run(job: Job, events: Events, stop: StopFlag) -> int:
             num_inference_steps=req.num_inference_steps,
             device=hardware.device,
             dtype=inference_dtype(hardware.device, req.mixed_precision),
-            batch_size=8 if hardware.device.type == "cuda" else 4,
+            batch_size=settings.finetune.class_images_batch_size or None,
+            compile=settings.finetune.compile,
             should_stop=lambda: bool(stop),
         )
         if result is None:
-            events.emit("stopped", step=job.start_step)
+            events.emit(StoppedEvent(step=job.start_step))
             return EXIT_STOPPED
-        events.emit("class_images", generated=result.generated, total=result.total, cache_hit=result.cache_hit)
+        seconds = round(time.monotonic() - started, 3) if result.generated else None
+        events.emit(
+            ClassImagesEvent(
+                generated=result.generated, total=result.total, cache_hit=result.cache_hit, seconds=seconds
+            )
+        )
         class_images = result.images
     if stop:
-        events.emit("stopped", step=job.start_step)
+        events.emit(StoppedEvent(step=job.start_step))
         return EXIT_STOPPED
 
     module = build_module(job, components, class_images, hardware)
@@ -773,9 +343,10 @@ def run(job: Job, events: Events, stop: StopFlag) -> int:
         "base_model_dir": str(job.model_dir),
         "prediction_type": module.config.prediction_type,
         "versions": {"torch": torch.__version__, "pytorch_lightning": version("pytorch_lightning")},
+        "step_options": vars(module.options) if hardware.device.type == "cuda" else "eager (cpu)",
     }
     callback = JobCallback(job, events, stop, module, config_json)
-    events.emit("started", resumed_from_step=job.start_step if job.resume is not None else None, attempt=job.attempt)
+    events.emit(StartedEvent(resumed_from_step=job.start_step if job.resume is not None else None, attempt=job.attempt))
     trainer = build_trainer(job, hardware, callback)
     log.info("training", extra={"from_step": job.start_step, "max_steps": req.max_train_steps, **config_json})
     if job.start_step < req.max_train_steps:
@@ -783,15 +354,17 @@ def run(job: Job, events: Events, stop: StopFlag) -> int:
             torch.use_deterministic_algorithms(True)  # bitwise-reproducible resumes on CPU
         finished = fit(trainer, module, callback, stop)
         if not finished:
-            events.emit("stopped", step=callback.step(trainer))
+            if not trainer.is_global_zero:
+                return EXIT_COMPLETED  # ranks 1.. exit 0; rank 0 speaks for the job (stopped, exit 3)
+            events.emit(StoppedEvent(step=callback.step(trainer)))
             return EXIT_STOPPED
         if not trainer.is_global_zero:
             return EXIT_COMPLETED
     elif stop:
-        events.emit("stopped", step=job.start_step)
+        events.emit(StoppedEvent(step=job.start_step))
         return EXIT_STOPPED
-    if not export(job, module, hardware, events, stop):
-        events.emit("stopped", step=req.max_train_steps)
+    if not export_pipeline(job, module, hardware.device, events, lambda: bool(stop)):
+        events.emit(StoppedEvent(step=req.max_train_steps))
         return EXIT_STOPPED
     for leftover in ("checkpoints", "resume", "export"):
         shutil.rmtree(job.workdir / leftover, ignore_errors=True)
@@ -807,14 +380,14 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None) -> int:
     standalone = out is None
     if standalone:
         _die_with_parent()
-    events = Events(_claim_stdout() if out is None else out, enabled=_is_rank_zero())
+    events = Emitter(claim_stdout() if out is None else out, enabled=is_rank_zero())
     stop = StopFlag()
     previous = signal.signal(signal.SIGTERM, stop.request) if standalone else None
     try:
         try:
             settings = load_settings()
         except ConfigError as exc:
-            events.emit("failed", code=exc.code, message=str(exc))
+            events.emit(FailedEvent(code=exc.code, message=str(exc)))
             return EXIT_FAILED
         if standalone:
             from ocrbooth.logs import configure_logging
@@ -822,10 +395,12 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None) -> int:
             configure_logging(settings.log.level, settings.log.format)
             _quiet_libraries()
         job = setup(args.job, settings)
-        return run(job, events, stop)
+        code = run(job, events, stop)
+        log.info("rank %s exits with %d", os.environ.get("LOCAL_RANK", "0"), code)
+        return code
     except PoisonError as exc:
         log.warning("job failed: %s", exc, extra={"code": exc.code})
-        events.emit("failed", code=exc.code, message=exc.message)
+        events.emit(FailedEvent(code=exc.code, message=exc.message))
         return EXIT_FAILED
     except Exception:
         log.exception("trainer crashed")
@@ -869,10 +444,7 @@ __all__ = [
     "EXIT_CRASHED",
     "EXIT_FAILED",
     "EXIT_STOPPED",
-    "DreamBoothModule",
-    "Events",
     "Job",
-    "JobCallback",
     "fit",
     "main",
     "setup",

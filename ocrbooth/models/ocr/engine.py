@@ -1,12 +1,14 @@
 """The OCR engine protocol: pages in, text with confidence out. The handler never knows which engine runs.
 
-Engines are synchronous and run in the daemon's per-device worker thread (never on the event loop).
-`recognize` takes a batch the batcher planned and returns one output per input, in order; a page that
-fails alone gets `error` set instead of raising, so its batch-mates are unaffected.
+Each engine hands the handler a `PageWorker` (`engine.worker(...)`): `start()`, `stop()` and an awaitable
+`submit(page)`. LightOnOCR's worker is its engine core (continuous batching on one thread per device);
+Tesseract's runs pages on its own threads as they come. Engines never run on the event loop. A page that
+fails gets an output with `error_code` set; it never fails another page.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
@@ -52,6 +54,40 @@ class PageOutput:
     error_message: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class StepStats:
+    """Reported by a worker after each engine step (for metrics)."""
+
+    pages: int
+    """Pages the step worked on (LightOnOCR: pages decoding; Tesseract: 1)."""
+    seconds: float
+    """Wall time of the step."""
+    splits: int = 0
+    """Batches retried page by page after a failure in this step."""
+    tokens: int = 0
+    """Decode steps run (LightOnOCR)."""
+    admitted: int = 0
+    """Pages that entered the GPU in this step."""
+    finished: int = 0
+    step: int = 0
+
+
+class PageWorker(Protocol):
+    """What the OCR handler talks to: one per engine, started once, stopped in shutdown."""
+
+    @property
+    def engine(self) -> OcrEngine: ...
+
+    def start(self) -> None:
+        """Start the worker's threads."""
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Finish what was submitted, then end the threads."""
+
+    async def submit(self, page: PageInput) -> PageOutput:
+        """Recognise one page (raises FatalError when the engine is broken)."""
+
+
 @runtime_checkable
 class OcrEngine(Protocol):
     """One small protocol for `lightonocr`, `tesseract` and test engines."""
@@ -65,8 +101,10 @@ class OcrEngine(Protocol):
         """Load weights or check binaries; raise ConfigError/FatalError when unusable. Called once, off-loop."""
 
     def cost(self, page: PageInput) -> int:
-        """Token budget of a page (image tokens + max output), for the batcher's max_batch_tokens."""
+        """What a page costs the engine (LightOnOCR: image tokens + max output), for logs and tests."""
 
     def recognize(self, pages: list[PageInput], *, span_threshold: float) -> list[PageOutput]:
-        """Recognise a batch; one output per input, same order. Raises only for whole-batch failures
-        (out of memory, CUDA errors), which the batcher handles by splitting the batch."""
+        """Recognise pages synchronously; one output per input, same order (tests, benchmarks, CLI)."""
+
+    def worker(self, *, span_threshold: float, on_step: Callable[[StepStats], None] | None = None) -> PageWorker:
+        """The worker that serves this engine's pages to the handler."""

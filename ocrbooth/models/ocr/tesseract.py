@@ -14,14 +14,15 @@ import re
 import shutil
 import statistics
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ocrbooth.errors import ConfigError, PoisonError
 from ocrbooth.models.ocr.confidence import summarize
-from ocrbooth.models.ocr.engine import PageInput, PageOutput
+from ocrbooth.models.ocr.engine import PageInput, PageOutput, StepStats
+from ocrbooth.models.ocr.worker import PoolWorker
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -192,6 +193,10 @@ class TesseractEngine:
     def cost(self, page: PageInput) -> int:
         """Every page costs one slot: tesseract has no token budget."""
         return 1
+
+    def worker(self, *, span_threshold: float, on_step: Callable[[StepStats], None] | None = None) -> PoolWorker:
+        """Pages run as they come, `max_workers` at a time."""
+        return PoolWorker(self, span_threshold=span_threshold, threads=self.max_workers, on_step=on_step)
 
     def recognize(self, pages: list[PageInput], *, span_threshold: float) -> list[PageOutput]:
         """Recognise pages in parallel (one subprocess each); a failing page gets finish_reason="error"."""

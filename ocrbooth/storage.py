@@ -25,7 +25,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
-from ocrbooth.daemon.config import S3Settings
+from ocrbooth.config import S3Settings
 from ocrbooth.errors import PoisonError, RetryableError
 
 log = logging.getLogger(__name__)

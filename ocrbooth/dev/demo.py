@@ -19,12 +19,12 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from ocrbooth.client.submit import excerpt, submit
+from ocrbooth.config import load_settings
 from ocrbooth.daemon.app import Daemon
-from ocrbooth.daemon.config import load_settings
-from ocrbooth.daemon.embedded import EmbeddedStack
+from ocrbooth.dev.embedded import EmbeddedStack
 from ocrbooth.logs import configure_logging
-from ocrbooth.samples import demo_documents
-from ocrbooth.submit import excerpt, submit
+from ocrbooth.testing.samples import demo_documents
 
 _MALFORMED: list[tuple[str, bytes]] = [
     ("not JSON", b"{this is not json"),
@@ -147,8 +147,8 @@ async def _demo(stack: EmbeddedStack, out_dir: Path) -> int:
 async def _finetune(settings: Any, stack: EmbeddedStack) -> bool:
     """One DreamBooth job on a tiny Stable Diffusion built from configs (random weights, 64 px), so the whole
     path (class images, training, checkpoints, samples, export) runs on a CPU in about a minute."""
-    from ocrbooth.models.dreambooth.tiny import build_tiny_sd, make_instance_images
-    from ocrbooth.submit import submit_finetune
+    from ocrbooth.client.submit import submit_finetune
+    from ocrbooth.testing.tiny_sd import build_tiny_sd, make_instance_images
 
     base = await asyncio.to_thread(build_tiny_sd, Path(tempfile.mkdtemp(prefix="ocrbooth-demo-sd-")) / "tiny-sd")
     print(f"\nfine-tune job on a tiny Stable Diffusion ({base}), 3 subject photos, prior preservation:")

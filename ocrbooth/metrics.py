@@ -133,20 +133,23 @@ class Metrics:
         )
         self.ocr_batch_pages = Histogram(
             f"{P}_ocr_batch_pages",
-            "Pages per engine batch.",
+            "Pages an engine step worked on (lightonocr: pages decoding together; tesseract: 1).",
             ["engine"],
-            buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 128),
+            buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256, 512),
             registry=r,
         )
         self.ocr_batch_seconds = Histogram(
             f"{P}_ocr_batch_duration_seconds",
-            "Engine time per batch.",
+            "Wall time of one engine step (lightonocr: a chunk of decode steps plus admissions; tesseract: a page).",
             ["engine"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.ocr_batch_splits = Counter(
-            f"{P}_ocr_batch_splits_total", "Batches split after a failure (e.g. out of memory).", ["engine"], registry=r
+            f"{P}_ocr_batch_splits_total",
+            "Prefill batches retried page by page after a failure (e.g. out of memory).",
+            ["engine"],
+            registry=r,
         )
         self.ocr_render_workers = Gauge(
             f"{P}_ocr_render_workers",
@@ -166,7 +169,7 @@ class Metrics:
         )
         self.ocr_engine_busy = Counter(
             f"{P}_ocr_engine_busy_seconds_total",
-            "Seconds the engine (the GPU, for lightonocr) spent on batches; rate() is the busy fraction.",
+            "Seconds the engine (the GPU, for lightonocr) spent in steps; rate() is the busy fraction.",
             ["engine"],
             registry=r,
         )
@@ -203,6 +206,11 @@ class Metrics:
         self.finetune_last_progress = Gauge(
             f"{P}_finetune_last_progress_timestamp_seconds",
             "Unix time a trainer here last launched or reported progress (class images, start, steps, checkpoint).",
+            registry=r,
+        )
+        self.finetune_protocol_errors = Counter(
+            f"{P}_finetune_protocol_errors_total",
+            "Trainer stdout lines that are not a protocol event (logged and skipped).",
             registry=r,
         )
         self.finetune_trainer_restarts = Counter(

@@ -19,10 +19,10 @@ from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError
 
 from ocrbooth import constants
-from ocrbooth.daemon.config import KafkaSettings, S3Settings, Settings
-from ocrbooth.daemon.storage import S3Storage, s3_client
+from ocrbooth.config import KafkaSettings, S3Settings, Settings
 from ocrbooth.errors import RetryableError
 from ocrbooth.schemas import DocumentRequest, FinetuneEvent, FinetuneRequest, OcrOptions, OcrResult, UriSource
+from ocrbooth.storage import S3Storage, s3_client
 
 # How long the up-front reachability checks may take per attempt: a person at a terminal should hear about a
 # wrong address in seconds, not after boto's retries and aiokafka's 40 s request timeout.

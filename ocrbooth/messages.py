@@ -1,0 +1,34 @@
+"""What the runtime and the handlers exchange about one message: where it came from, and what to publish."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+
+@dataclass(frozen=True, slots=True)
+class MessageContext:
+    """Where an input event came from."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    timestamp_ms: int | None
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+    """Record headers in order; a null header value is None."""
+    attempt: int = 1
+
+    @property
+    def source(self) -> str:
+        return f"{self.topic}/{self.partition}/{self.offset}"
+
+
+@dataclass(frozen=True, slots=True)
+class OutputEvent:
+    """One record to publish; `value` is a schema model, encoded once by the publisher."""
+
+    topic: str
+    key: str | None
+    value: BaseModel

@@ -1,0 +1,647 @@
+"""The LightOnOCR engine: loading and sizing (`LightOnOcrEngine`) and the engine core loop (`EngineCore`).
+
+The core is vLLM v1's EngineCore step on one thread per device: take new pages → `scheduler.schedule()`
+(pure policy: which pages enter free slots now) → the runner launches that step (a prefill batch on the
+prefill stream, a chunk of decode steps on the main stream) → `scheduler.update_from_output()` (finished
+prefills start decoding, finished pages free their slot and KV blocks at once). Pages are preprocessed on
+helper threads ahead of admission; finished pages are detokenized and scored on an output thread; results
+reach the event loop as futures. Nothing waits for a batch to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import torch
+
+from ocrbooth.errors import ConfigError, FatalError
+from ocrbooth.models.ocr.engine import PageInput, PageOutput, StepStats
+from ocrbooth.models.ocr.lightonocr.detokenize import Detokenizer, PageGeneration, failed, to_output
+from ocrbooth.models.ocr.lightonocr.inputs import PreparedPage, PromptBuilder
+from ocrbooth.models.ocr.lightonocr.kv_cache import BlockAllocator, kv_budget_bytes
+from ocrbooth.models.ocr.lightonocr.repetition import RepetitionGuard
+from ocrbooth.models.ocr.lightonocr.runner import ModelRunner, Prefill, PrefillItem, RunnerConfig, SlotOutput
+from ocrbooth.models.ocr.lightonocr.scheduler import Finished, Request, Scheduler, SchedulerConfig, StepResult
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL: Final = "lightonai/LightOnOCR-1B-1025"
+_DTYPES: Final = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_CPU_KV_TOKENS: Final = 32_768  # KV cache size without a GPU to size it from (tests, CPU runs)
+_GIB: Final = 1 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Capacity and pacing of the engine (OcrSettings' engine fields)."""
+
+    max_slots: int = 256
+    """Pages decoding at once, at most (KV memory may allow fewer)."""
+    gpu_memory_fraction: float = 0.90
+    """Share of the card's memory the engine may hold: weights, activations and the KV cache."""
+    kv_cache_tokens: int | None = None
+    """Fixed KV cache size in token positions; None sizes it from GPU memory (CPU: 32768)."""
+    block_size: int = 64
+    """Token positions per KV block."""
+    max_prefill_tokens: int = 16_384
+    """Prompt tokens prefilled per step (about 7 full-size pages)."""
+    steps_per_sync: int = 8
+    """Decode steps between the host's looks at the device (a finished page waits at most this long)."""
+    max_new_tokens: int = 8192
+    """Largest output budget a page may have (sizes the output buffers and block tables)."""
+    prefetch_pages: int = 32
+    """Waiting pages preprocessed ahead of admission (each holds its pixels in host memory)."""
+    preprocess_threads: int = 4
+    """Threads running the processor (resize, normalize, tokenize) ahead of the GPU."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_slots < 1:
+            problems.append(f"max_slots must be >= 1, got {self.max_slots}")
+        if not 0 < self.gpu_memory_fraction <= 1:
+            problems.append(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
+            problems.append(f"kv_cache_tokens must be >= block_size ({self.block_size}), got {self.kv_cache_tokens}")
+        if self.block_size < 32 or self.block_size & (self.block_size - 1):
+            problems.append(f"block_size must be a power of two >= 32, got {self.block_size}")
+        for name in ("max_prefill_tokens", "steps_per_sync", "max_new_tokens", "prefetch_pages", "preprocess_threads"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if problems:
+            raise ConfigError("invalid LightOnOCR engine settings: " + "; ".join(problems))
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """What `load()` sized, for logs, benchmarks and tests."""
+
+    num_blocks: int
+    block_size: int
+    max_slots: int
+    max_page_tokens: int
+    kv_cache_bytes: int
+    activation_bytes: int
+
+    @property
+    def kv_tokens(self) -> int:
+        return (self.num_blocks - 1) * self.block_size
+
+
+class LightOnOcrEngine:
+    """LightOnOCR through transformers with continuous batching: greedy decoding with token confidences."""
+
+    name = "lightonocr"
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        repetition: RepetitionGuard | None = None,
+        use_cuda_graphs: bool = True,
+        eos_token_ids: Sequence[int] | None = None,
+        config: EngineConfig | None = None,
+        decode_attention: Literal["auto", "triton", "reference"] = "auto",
+    ) -> None:
+        """`model`: hub id or local directory. `device`: default cuda when available, else cpu. `dtype`:
+        bfloat16 on CUDA and float32 on CPU by default. `repetition`: None for the default guard. `use_cuda_graphs`:
+        replay decode steps as CUDA graphs (CUDA only). `eos_token_ids`: stop tokens, default the model's
+        generation config (empty: never stop). `decode_attention`: the Triton kernel on CUDA (`auto`) or the
+        gather + SDPA reference."""
+        self.model = model
+        self.device = torch.device(device) if device else _default_device()
+        if dtype is not None and dtype not in _DTYPES:
+            raise ConfigError(f"unknown dtype {dtype!r} for the LightOnOCR engine; use one of {sorted(_DTYPES)}")
+        self.dtype = _DTYPES[dtype] if dtype else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.repetition = repetition if repetition is not None else RepetitionGuard()
+        self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
+        self.config = config or EngineConfig()
+        self.decode_attention = decode_attention
+        self._eos_override = None if eos_token_ids is None else tuple(eos_token_ids)
+        self._runner: ModelRunner | None = None
+        self._builder: PromptBuilder | None = None
+        self._detokenizer: Detokenizer | None = None
+        self._processor: Any = None
+        self.capacity: Capacity | None = None
+        self._core_lock = threading.Lock()
+        self._core_guard = threading.Lock()
+        self._active_core: EngineCore | None = None
+
+    # ---- loading -----------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load processor and weights, size and allocate the KV cache; ConfigError when the model cannot be
+        loaded, FatalError when the device cannot take it."""
+        location = Path(self.model).expanduser()
+        looks_local = self.model.startswith((".", "/", "~")) or self.model.count("/") > 1
+        if looks_local and not location.is_dir():
+            raise ConfigError(f"LightOnOCR model directory {str(location)!r} does not exist")
+        source = str(location) if location.is_dir() else self.model
+        try:
+            from transformers import LightOnOcrProcessor
+
+            processor: Any = LightOnOcrProcessor.from_pretrained(source)
+            net = ModelRunner.load(source, device=torch.device("cpu"), dtype=self.dtype)
+        except Exception as exc:  # any failure to read the model is a configuration problem (hub down, bad path)
+            raise ConfigError(
+                f"cannot load LightOnOCR model {self.model!r} ({type(exc).__name__}: {exc}); for an offline "
+                "machine, point the model setting at a local directory or set HF_HUB_OFFLINE=1 with a warm cache"
+            ) from exc
+        try:
+            net.to(self.device)
+        except RuntimeError as exc:
+            raise FatalError(f"cannot move LightOnOCR to {self.device}: {exc}") from exc
+        self._processor = processor
+        self._builder = PromptBuilder(processor, pin_memory=self.device.type == "cuda")
+        self._detokenizer = Detokenizer(processor.tokenizer)
+        eos = self._eos_override if self._eos_override is not None else _eos_ids(net, processor)
+        runner = ModelRunner(net, device=self.device, dtype=self.dtype)
+        try:
+            self.capacity = self._size(runner)
+            runner.allocate(
+                RunnerConfig(
+                    max_slots=self.capacity.max_slots,
+                    num_blocks=self.capacity.num_blocks,
+                    block_size=self.config.block_size,
+                    max_blocks_per_slot=-(-self.capacity.max_page_tokens // self.config.block_size),
+                    max_new_tokens=self.config.max_new_tokens,
+                    use_cuda_graphs=self.use_cuda_graphs,
+                    use_triton=self._use_triton(),
+                    eos_ids=eos,
+                    guard=self.repetition,
+                )
+            )
+        except torch.OutOfMemoryError as exc:
+            raise FatalError(f"LightOnOCR cannot allocate its KV cache on {self.device}: {exc}") from None
+        self._runner = runner
+        cap = self.capacity
+        log.info(
+            "LightOnOCR engine: %d KV blocks of %d tokens (%.1f GiB, %d tokens), %d slots, pages up to %d tokens, "
+            "prefill activations %.1f GiB",
+            cap.num_blocks,
+            cap.block_size,
+            cap.kv_cache_bytes / _GIB,
+            cap.kv_tokens,
+            cap.max_slots,
+            cap.max_page_tokens,
+            cap.activation_bytes / _GIB,
+        )
+
+    def _use_triton(self) -> bool:
+        from ocrbooth.models.ocr.lightonocr.runner import triton_usable
+
+        if self.decode_attention == "reference":
+            return False
+        usable = triton_usable(self.device)
+        if self.decode_attention == "triton" and not usable:
+            raise ConfigError("decode_attention=triton needs CUDA and the triton package")
+        return usable
+
+    def _size(self, runner: ModelRunner) -> Capacity:
+        """KV blocks from the card's memory (after a profiling prefill of a full step), or from the setting."""
+        cfg = self.config
+        builder = self.builder
+        spec = runner.kv_spec(cfg.block_size)
+        longest = int(self.processor.image_processor.size["longest_edge"])
+        from PIL import Image
+
+        largest = PageInput(Image.new("RGB", (longest, longest), "white"), max_new_tokens=1)
+        max_prompt = builder.prompt_length(largest)
+        max_page_tokens = max_prompt + cfg.max_new_tokens
+        activation = 0
+        if cfg.kv_cache_tokens is not None:
+            num_blocks = spec.blocks_for(cfg.kv_cache_tokens) + 1
+        elif self.device.type == "cuda":
+            prepared = builder.prepare(largest)
+            activation = runner.profile_prefill([prepared] * max(1, cfg.max_prefill_tokens // max_prompt))
+            free, total = torch.cuda.mem_get_info(self.device)
+            rows = max(cfg.max_slots, 8)
+            # decode-step temporaries: float32 logits and softmax over the vocabulary, split-K partials
+            decode_bytes = rows * runner.vocab * 4 * 4 + rows * 32 * 64 * runner.head_dim * 4 * 2
+            budget = kv_budget_bytes(
+                total_bytes=total,
+                free_bytes=free,
+                used_bytes=torch.cuda.memory_reserved(self.device),
+                activation_bytes=activation,
+                fraction=cfg.gpu_memory_fraction,
+                margin_bytes=decode_bytes + _GIB // 2,
+            )
+            num_blocks = budget // spec.bytes_per_block
+        else:
+            num_blocks = spec.blocks_for(_CPU_KV_TOKENS) + 1
+        if num_blocks < spec.blocks_for(max_prompt + 1) + 1:
+            raise FatalError(
+                f"LightOnOCR's KV cache would hold {max(0, num_blocks - 1) * cfg.block_size} tokens, less than one "
+                f"full-size page ({max_prompt} prompt tokens); free GPU memory or raise ocr.gpu_memory_fraction"
+            )
+        return Capacity(
+            num_blocks=num_blocks,
+            block_size=cfg.block_size,
+            max_slots=cfg.max_slots,
+            max_page_tokens=max_page_tokens,
+            kv_cache_bytes=num_blocks * spec.bytes_per_block,
+            activation_bytes=activation,
+        )
+
+    @property
+    def runner(self) -> ModelRunner:
+        if self._runner is None:
+            raise RuntimeError("LightOnOcrEngine.load() has not been called")
+        return self._runner
+
+    @property
+    def network(self) -> Any:
+        """The loaded LightOnOcrForConditionalGeneration (for tests and benchmarks)."""
+        return self.runner.net
+
+    @property
+    def processor(self) -> Any:
+        if self._processor is None:
+            raise RuntimeError("LightOnOcrEngine.load() has not been called")
+        return self._processor
+
+    @property
+    def builder(self) -> PromptBuilder:
+        if self._builder is None:
+            raise RuntimeError("LightOnOcrEngine.load() has not been called")
+        return self._builder
+
+    @property
+    def detokenizer(self) -> Detokenizer:
+        if self._detokenizer is None:
+            raise RuntimeError("LightOnOcrEngine.load() has not been called")
+        return self._detokenizer
+
+    # ---- costs -------------------------------------------------------------------------------------
+
+    def image_token_count(self, image: Any) -> int:
+        return self.builder.image_token_count(image)
+
+    def prompt_length(self, page: PageInput) -> int:
+        return self.builder.prompt_length(page)
+
+    def cost(self, page: PageInput) -> int:
+        """Image tokens + output budget: what the page holds in the KV cache at most."""
+        return self.image_token_count(page.image) + page.max_new_tokens
+
+    def preprocess(self, page: PageInput) -> PreparedPage:
+        return self.builder.prepare(page)
+
+    def detokenize(self, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
+        return self.detokenizer.detokenize(ids)
+
+    # ---- serving ---------------------------------------------------------------------------------
+
+    def worker(self, *, span_threshold: float, on_step: Callable[[StepStats], None] | None = None) -> EngineCore:
+        """The engine core serving this engine's pages (start it; one per engine)."""
+        return EngineCore(self, span_threshold=span_threshold, on_step=on_step)
+
+    def recognize(self, pages: list[PageInput], *, span_threshold: float) -> list[PageOutput]:
+        """Recognise pages (all in flight together); one output per page, same order."""
+        return [to_output(gen, span_threshold=span_threshold) for gen in self.generate(pages)]
+
+    def generate(
+        self, pages: Sequence[PageInput], *, on_step: Callable[[StepStats], None] | None = None
+    ) -> list[PageGeneration]:
+        """Run pages through a core started for this call: token ids, probabilities, text and spans."""
+        with self._core_lock:
+            core = EngineCore(self, span_threshold=0.5, on_step=on_step)
+            core.start()
+            try:
+                futures = [core.submit_generation(page) for page in pages]
+                return [future.result() for future in futures]
+            finally:
+                core.stop()
+
+
+# ---- the engine core ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class _Page:
+    page: PageInput
+    future: Future[PageGeneration]
+    request: Request | None = None
+    prepared: Future[PreparedPage] | None = None
+    submitted_at: float = field(default_factory=time.monotonic)
+
+
+class EngineCore:
+    """One thread per device running schedule → execute → update_from_output until stopped."""
+
+    def __init__(
+        self,
+        engine: LightOnOcrEngine,
+        *,
+        span_threshold: float,
+        on_step: Callable[[StepStats], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self._span_threshold = span_threshold
+        self._on_step = on_step
+        runner = engine.runner
+        cap = engine.capacity
+        assert cap is not None
+        cfg = engine.config
+        self._runner = runner
+        self._scheduler = Scheduler(
+            SchedulerConfig(
+                max_slots=cap.max_slots,
+                block_size=cap.block_size,
+                max_blocks_per_slot=-(-cap.max_page_tokens // cap.block_size),
+                max_prefill_tokens=cfg.max_prefill_tokens,
+            ),
+            BlockAllocator(cap.num_blocks),
+        )
+        self._cond = threading.Condition()
+        self._inbox: list[_Page] = []
+        self._pages: dict[int, _Page] = {}
+        self._ids = itertools.count()
+        self._stopping = False
+        self._fatal: BaseException | None = None
+        self._prefills: list[list[Prefill]] = []
+        self._thread = threading.Thread(target=self._run, name=f"ocr-{engine.name}", daemon=True)
+        self._preprocess: ThreadPoolExecutor | None = None
+        self._outputs: ThreadPoolExecutor | None = None
+        self.busy_seconds = 0.0
+        self.steps = 0
+        self._splits = 0
+
+    def start(self) -> None:
+        with self.engine._core_guard:  # one core per runner: two would each read the other's slots
+            if self.engine._active_core is not None:
+                raise RuntimeError("this LightOnOcrEngine already has a running engine core")
+            self.engine._active_core = self
+        self._preprocess = ThreadPoolExecutor(
+            self.engine.config.preprocess_threads, thread_name_prefix=f"{self.engine.name}-preprocess"
+        )
+        self._outputs = ThreadPoolExecutor(1, thread_name_prefix=f"{self.engine.name}-output")
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Finish every page already submitted, then end the threads."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():  # still draining: its pools and the runner stay its own
+            log.warning("LightOnOCR engine core still busy after %.0f s; left running", timeout_s)
+            return
+        for pool in (self._preprocess, self._outputs):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=False)
+        with self.engine._core_guard:
+            if self.engine._active_core is self:
+                self.engine._active_core = None
+
+    @property
+    def queued(self) -> int:
+        with self._cond:
+            return len(self._inbox) + len(self._scheduler.waiting)
+
+    async def submit(self, page: PageInput) -> PageOutput:
+        """Queue one page and wait for its output."""
+        generation = await asyncio.wrap_future(self.submit_generation(page))
+        return to_output(generation, span_threshold=self._span_threshold)
+
+    def submit_generation(self, page: PageInput) -> Future[PageGeneration]:
+        """Thread-safe: queue one page; the future gets its tokens, probabilities and text."""
+        future: Future[PageGeneration] = Future()
+        with self._cond:
+            if self._fatal is not None:
+                raise FatalError(f"OCR engine {self.engine.name} is broken: {self._fatal}")
+            if self._stopping:
+                raise FatalError("OCR engine is stopping")
+            self._inbox.append(_Page(page, future))
+            self._cond.notify_all()
+        return future
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._step():
+                pass
+        except Exception as exc:  # a broken device or an engine bug: every page fails, later submits too
+            log.exception("LightOnOCR engine core failed")
+            fatal = exc if isinstance(exc, FatalError) else FatalError(f"LightOnOCR engine failed: {exc!r}")
+            with self._cond:
+                self._fatal = fatal
+                pages, self._inbox = [*self._pages.values(), *self._inbox], []
+                self._pages.clear()
+            for entry in pages:
+                if not entry.future.done():
+                    entry.future.set_exception(fatal)
+
+    def _step(self) -> bool:
+        """One engine step; False when stopped and drained."""
+        with self._cond:
+            while not self._inbox and not self._scheduler.has_work():
+                if self._stopping:
+                    return False
+                self._cond.wait()
+            new, self._inbox = self._inbox, []
+        started = time.perf_counter()
+        self._splits = 0
+        for entry in new:
+            self._intake(entry)
+        self._prefetch()
+        scheduled = self._scheduler.schedule()
+        result = StepResult()
+        if scheduled.admitted:
+            self._launch_prefill(scheduled.admitted, result)
+        runner = self._runner
+        decoding = self._scheduler.decoding > 0
+        if decoding:
+            runner.launch_chunk(scheduled.slots_in_use, self.engine.config.steps_per_sync)
+        # Read the previous chunk's snapshot while this one runs (or the last one, when nothing new was queued).
+        if runner.chunks_in_flight > 1 or (runner.chunks_in_flight and not decoding):
+            for output in runner.collect():
+                result.finished.append(Finished(output.request_id, output.reason))
+                self._emit(output)
+        self._finish_prefills(result, wait=not decoding)
+        for request in self._scheduler.update_from_output(result):
+            self._pages.pop(request.request_id, None)
+        if not decoding and not self._prefills and not scheduled.admitted:
+            self._wait_for_inputs()
+        self.steps += 1
+        elapsed = time.perf_counter() - started
+        self.busy_seconds += elapsed
+        if self._on_step is not None:
+            self._on_step(
+                StepStats(
+                    pages=self._scheduler.decoding,
+                    tokens=self.engine.config.steps_per_sync if decoding else 0,
+                    seconds=elapsed,
+                    splits=self._splits,
+                    admitted=len(scheduled.admitted),
+                    finished=len(result.finished),
+                    step=self.steps,
+                )
+            )
+        return True
+
+    def _intake(self, entry: _Page) -> None:
+        page = entry.page
+        try:
+            if page.max_new_tokens < 1:
+                raise ValueError(f"max_new_tokens must be >= 1, got {page.max_new_tokens}")
+            prompt = self.engine.prompt_length(page)
+        except (ValueError, TypeError, OSError) as exc:  # the page itself is unusable
+            entry.future.set_result(failed("unprocessable_page", f"{type(exc).__name__}: {exc}"))
+            return
+        request_id = next(self._ids)
+        request = Request(request_id, prompt, page.max_new_tokens)
+        if page.max_new_tokens > self.engine.config.max_new_tokens:
+            reason: str | None = (
+                f"max_new_tokens {page.max_new_tokens} is over the engine's {self.engine.config.max_new_tokens}"
+            )
+        else:
+            reason = self._scheduler.add_request(request)
+        if reason is not None:
+            entry.future.set_result(failed("page_too_large", reason))
+            return
+        entry.request = request
+        self._pages[request_id] = entry
+
+    def _prefetch(self) -> None:
+        """Preprocess the first waiting pages on the helper threads; mark those done ready."""
+        assert self._preprocess is not None
+        ahead = 0
+        for request in list(self._scheduler.waiting):
+            entry = self._pages[request.request_id]
+            if entry.prepared is None:
+                if ahead >= self.engine.config.prefetch_pages:
+                    break
+                entry.prepared = self._preprocess.submit(self.engine.builder.prepare, entry.page)
+            ahead += 1
+            if request.ready or not entry.prepared.done():
+                continue
+            exc = entry.prepared.exception()
+            if exc is None:
+                prepared = entry.prepared.result()
+                if prepared.prompt_length != request.prompt_tokens:
+                    exc = RuntimeError(f"prompt of {prepared.prompt_length} tokens, {request.prompt_tokens} predicted")
+            if exc is None:
+                self._scheduler.mark_ready(request.request_id)
+            else:
+                self._scheduler.abort(request.request_id)
+                self._pages.pop(request.request_id, None)
+                entry.future.set_result(failed("unprocessable_page", f"{type(exc).__name__}: {exc}"))
+
+    def _wait_for_inputs(self) -> None:
+        """Nothing on the GPU: sleep until a page's preprocessing ends or a new page arrives."""
+        pending = [e.prepared for e in self._pages.values() if e.prepared is not None and not e.prepared.done()]
+        if pending:
+            from concurrent.futures import FIRST_COMPLETED, wait
+
+            wait(pending, timeout=0.05, return_when=FIRST_COMPLETED)
+
+    def _launch_prefill(self, admitted: Sequence[Any], result: StepResult) -> None:
+        items = []
+        for admission in admitted:
+            entry = self._pages[admission.request_id]
+            assert entry.prepared is not None
+            items.append(
+                PrefillItem(
+                    admission.request_id,
+                    admission.slot,
+                    admission.blocks,
+                    admission.max_new_tokens,
+                    entry.prepared.result(),
+                )
+            )
+            entry.prepared = None  # the runner has the pixels now; drop the host copy with them
+        try:
+            self._prefills.append([self._runner.launch_prefill(items)])
+            return
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+        except RuntimeError as exc:
+            if _device_broken(exc):
+                raise FatalError(f"CUDA failure in LightOnOCR: {exc}") from exc
+        except (ValueError, TypeError, IndexError) as exc:
+            log.warning("prefill batch of %d failed (%r); prefilling its pages one by one", len(items), exc)
+        self._splits += 1
+        batch = []
+        for item in items:  # one bad page fails alone
+            try:
+                batch.append(self._runner.launch_prefill([item]))
+            except (torch.OutOfMemoryError, RuntimeError, ValueError, TypeError, IndexError) as exc:
+                if isinstance(exc, RuntimeError) and _device_broken(exc):
+                    raise FatalError(f"CUDA failure in LightOnOCR: {exc}") from exc
+                code = "out_of_memory" if isinstance(exc, torch.OutOfMemoryError) else "ocr_failed"
+                self._runner.forget(item.slot)
+                result.finished.append(Finished(item.request_id, "error"))
+                entry = self._pages[item.request_id]
+                entry.future.set_result(failed(code, f"{type(exc).__name__}: {exc}"))
+        self._prefills.append(batch)
+
+    def _finish_prefills(self, result: StepResult, *, wait: bool) -> None:
+        """Activate prefill batches whose stream work is done (waiting for them when nothing else runs)."""
+        still = []
+        for batch in self._prefills:
+            if wait and batch:
+                for prefill in batch:
+                    if prefill.event is not None:
+                        prefill.event.synchronize()
+            if all(prefill.done() for prefill in batch):
+                for prefill in batch:
+                    self._runner.activate(prefill, self._runner.chunk)
+                    result.prefilled.extend(item.request_id for item in prefill.items)
+                result.prefill_batches_done += 1
+            else:
+                still.append(batch)
+        self._prefills = still
+
+    def _emit(self, output: SlotOutput) -> None:
+        entry = self._pages.get(output.request_id)
+        if entry is None:
+            return
+        assert self._outputs is not None
+        self._outputs.submit(self._deliver, entry, output)
+
+    def _deliver(self, entry: _Page, output: SlotOutput) -> None:
+        """Output thread: wait for the copy, detokenize, resolve the page's future."""
+        try:
+            tokens, probs = output.wait()
+            generation = PageGeneration(tokens, probs, output.reason)  # type: ignore[arg-type]
+            self.engine.detokenizer.finish(generation)
+        except Exception as exc:  # a tokenizer failure fails this page, not the engine
+            generation = failed("ocr_failed", f"{type(exc).__name__}: {exc}")
+        entry.future.set_result(generation)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _eos_ids(net: Any, processor: Any) -> tuple[int, ...]:
+    ids: set[int] = set()
+    configured = net.generation_config.eos_token_id
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    if processor.tokenizer.eos_token_id is not None:
+        ids.add(int(processor.tokenizer.eos_token_id))
+    return tuple(sorted(ids))
+
+
+def _device_broken(exc: RuntimeError) -> bool:
+    """A CUDA error other than out-of-memory leaves the context unusable (sticky errors): restart the process."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    message = str(exc)
+    return any(marker in message for marker in ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "device-side assert"))
