@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from pydantic import BaseModel
-
 from ocrbooth.handlers.base import MessageContext, OutputEvent
 from ocrbooth.handlers.echo import EchoHandler
 from ocrbooth.schemas import DocumentRequest
@@ -24,9 +22,8 @@ class KillerHandler(EchoHandler):
 
     name = "killer"
 
-    async def handle(self, event: BaseModel, ctx: MessageContext) -> Sequence[OutputEvent]:
+    async def handle(self, event: DocumentRequest, ctx: MessageContext) -> Sequence[OutputEvent]:
         """Die on the marker, echo otherwise."""
-        assert isinstance(event, DocumentRequest)
         if event.metadata.get(MARKER) == "1":
             _note(ctx.source)
             os._exit(1)  # no cleanup, no commit, no drain: as abrupt as a segfault

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ocrbooth.daemon.embedded import EmbeddedStack
+from ocrbooth.dev.embedded import EmbeddedStack
 from tests.chaos.common import SHORT_SESSION, answered_ids, echo_stream, exited, handled, tally
 from tests.chaos.figures import Figures
 from tests.support.broker import PrivateBroker

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from ocrbooth.daemon.embedded import EmbeddedStack
+from ocrbooth.dev.embedded import EmbeddedStack
 from tests.chaos.common import SHORT_SESSION, exited, source_of
 from tests.chaos.figures import Figures, codes_of
 from tests.chaos.malformed import (

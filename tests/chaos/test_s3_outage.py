@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ocrbooth import samples
-from ocrbooth.daemon.embedded import EmbeddedStack
+from ocrbooth.dev.embedded import EmbeddedStack
+from ocrbooth.testing import samples
 from tests.chaos.common import SHORT_SESSION, answered_ids, exited, tally
 from tests.chaos.figures import Figures
 from tests.support.daemon import DaemonProcess, http_get, metric_value

@@ -14,8 +14,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from ocrbooth.daemon import embedded
-from ocrbooth.daemon.embedded import EmbeddedStack, EmbeddedStackError
+from ocrbooth.dev import embedded
+from ocrbooth.dev.embedded import EmbeddedStack, EmbeddedStackError
 from tests.support.daemon import free_port
 from tests.support.stack import unique_suffix
 
