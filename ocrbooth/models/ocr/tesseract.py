@@ -4,6 +4,12 @@ Each page is one `tesseract stdin stdout -l LANGS --psm N tsv` call (PNG on stdi
 on a small thread pool and a crash or timeout fails only its own page. Words come back with boxes and a
 confidence; we rebuild the text in tesseract's reading order (paragraphs separated by a blank line, lines by
 a newline) and turn runs of lines whose words fall into the same columns into markdown pipe tables.
+
+A page that names no language (and an engine configured without default languages) is detected first: a cheap
+`eng` pass over two sampled text bands (detect.sample_bands) whose text py3langid classifies; when that sample
+reads badly (few words or low confidence) Tesseract OSD (`--psm 0`) says which way up the page is and it is
+turned before sampling again. Pages with explicit languages are turned only when their own recognition reads
+badly and OSD then finds them rotated.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from typing import TYPE_CHECKING
 
 from ocrbooth.errors import ConfigError, PoisonError
 from ocrbooth.models.ocr.confidence import summarize
-from ocrbooth.models.ocr.engine import PageInput, PageOutput
+from ocrbooth.models.ocr.detect import LanguageIdentifier, Orientation, parse_osd, sample_bands, upright
+from ocrbooth.models.ocr.engine import PageInput, PageOutput, Rotation
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -30,6 +37,12 @@ SUPPORTED_LANGUAGES: tuple[str, ...] = ("eng", "fra", "deu", "spa", "ita", "nld"
 """ISO 639-2 codes we accept; each is also tesseract's traineddata name and Debian's `tesseract-ocr-<code>`."""
 
 DEFAULT_LANGUAGES: tuple[str, ...] = ("eng",)
+"""What a page is read with when detection finds too little text to tell (and what the sample pass reads with)."""
+
+OSD_LANGUAGE = "osd"  # tesseract's orientation-and-script model (Debian: tesseract-ocr-osd)
+_READS_BADLY = 0.60  # mean word confidence below which a page may be turned: ask OSD
+_MIN_SAMPLE_WORDS = 8  # a sample with fewer words may be sideways text: ask OSD
+_MIN_OSD_CONFIDENCE = 2.0  # below this OSD's angle is a guess; the page is left as it is
 
 _WORD_LEVEL = 5  # TSV `level` of a word row (1 page, 2 block, 3 paragraph, 4 line)
 _TSV_COLUMNS = 12
@@ -55,6 +68,18 @@ def validate_languages(codes: Iterable[str]) -> tuple[str, ...]:
             code="unsupported_language",
         )
     return tuple(seen)
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    """What detection made of a page that named no language."""
+
+    image: Image
+    """The page, upright."""
+    rotate_deg: Rotation
+    """Clockwise rotation applied to make it upright."""
+    languages: tuple[str, ...]
+    """Languages to read it with; empty when the sample held too little text to tell."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,17 +161,18 @@ class TesseractEngine:
     def __init__(
         self,
         *,
-        default_languages: Sequence[str] = DEFAULT_LANGUAGES,
+        default_languages: Sequence[str] = (),
         required_languages: Sequence[str] = SUPPORTED_LANGUAGES,
         psm: int = 3,
         timeout_s: float = 120.0,
         max_workers: int = 2,
         binary: str = "tesseract",
     ) -> None:
-        """`default_languages` serve pages that name none; `load()` checks that those and
-        `required_languages` are installed. `psm` is tesseract's page segmentation mode (3: automatic)."""
+        """`default_languages` serve pages that name none; empty means detect each such page's language and
+        orientation. `load()` checks that those and `required_languages` are installed. `psm` is tesseract's
+        page segmentation mode (3: automatic)."""
         try:
-            self.default_languages = validate_languages(default_languages) or DEFAULT_LANGUAGES
+            self.default_languages = validate_languages(default_languages)
             self.required_languages = validate_languages(required_languages)
         except PoisonError as exc:
             raise ConfigError(f"tesseract engine: {exc}") from exc
@@ -155,6 +181,7 @@ class TesseractEngine:
         self.timeout_s = timeout_s
         self.max_workers = max(1, max_workers)
         self.binary = binary
+        self.identifier = LanguageIdentifier(self.required_languages or SUPPORTED_LANGUAGES)
         # tesseract's OpenMP threads would oversubscribe the cores our own thread pool already fills.
         self._env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
 
@@ -170,7 +197,8 @@ class TesseractEngine:
         self.model = next((line.strip() for line in version.splitlines() if line.strip()), "tesseract")
         listed = self._run_info("--list-langs").splitlines()[1:]  # first line names the tessdata folder
         installed = {line.strip() for line in listed}
-        wanted = dict.fromkeys((*self.default_languages, *self.required_languages))
+        # OSD serves every engine: pages with explicit languages are turned upright too when they read badly.
+        wanted = dict.fromkeys((*self.default_languages, *self.required_languages, *DEFAULT_LANGUAGES, OSD_LANGUAGE))
         missing = [code for code in wanted if code not in installed]
         if missing:
             packages = " ".join(f"tesseract-ocr-{code}" for code in missing)
@@ -178,6 +206,8 @@ class TesseractEngine:
                 f"tesseract language data missing for {', '.join(missing)}; install the Debian packages: "
                 f"apt-get install {packages} (scripts/install-system-deps.sh)"
             )
+        if not self.default_languages:
+            self.identifier.load()
 
     def _run_info(self, flag: str) -> str:
         try:
@@ -200,11 +230,49 @@ class TesseractEngine:
         with ThreadPoolExecutor(max_workers=min(self.max_workers, len(pages)), thread_name_prefix="tesseract") as pool:
             return list(pool.map(lambda page: self._recognize_one(page, span_threshold), pages))
 
+    def detect(self, image: Image) -> Detection:
+        """Orientation and languages of a page that names none (see the module docstring)."""
+        words = self._sample(image)
+        rotate: Rotation = 0
+        if _reads_badly(words, _MIN_SAMPLE_WORDS):
+            orientation = self._orientation(image)
+            if orientation is not None:
+                rotate = orientation.rotate_deg
+                image = upright(image, rotate)
+                words = self._sample(image)
+        text = "\n".join(" ".join(word.text for word in line.words) for line in words)
+        return Detection(image=image, rotate_deg=rotate, languages=self.identifier.choose(text))
+
+    def _sample(self, image: Image) -> list[_Line]:
+        return _parse_tsv(self._run_tesseract(sample_bands(image), DEFAULT_LANGUAGES))
+
+    def _orientation(self, image: Image) -> Orientation | None:
+        """OSD's rotation when it is confident the page is not upright; None otherwise (or when OSD fails)."""
+        try:
+            osd = parse_osd(self._run_tesseract(image, (OSD_LANGUAGE,), psm=0, output=()))
+        except subprocess.SubprocessError:  # "too few characters" and the like: leave the page as it is
+            return None
+        if osd is None or osd.rotate_deg == 0 or osd.confidence < _MIN_OSD_CONFIDENCE:
+            return None
+        return osd
+
     def _recognize_one(self, page: PageInput, span_threshold: float) -> PageOutput:
         languages = page.languages or self.default_languages
+        image = page.image
+        rotate: Rotation = 0
+        detected: tuple[str, ...] = ()
         try:
-            tsv = self._run_tesseract(page.image, languages)
-            lines = _parse_tsv(tsv)
+            if not languages:
+                detection = self.detect(image)
+                image, rotate, detected = detection.image, detection.rotate_deg, detection.languages
+                languages = detected or DEFAULT_LANGUAGES
+            lines = _parse_tsv(self._run_tesseract(image, languages))
+            if not detected and _reads_badly(lines, 1):
+                orientation = self._orientation(image)
+                if orientation is not None:
+                    turned = _parse_tsv(self._run_tesseract(upright(image, orientation.rotate_deg), languages))
+                    if _mean_probability(turned) > _mean_probability(lines):
+                        lines, rotate = turned, orientation.rotate_deg
         except subprocess.TimeoutExpired:
             return _failed(f"tesseract timed out after {self.timeout_s:g} s")
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
@@ -219,19 +287,35 @@ class TesseractEngine:
             min_token_confidence=minimum,
             low_confidence_spans=spans,
             token_count=len(builder.probs),
+            languages=detected,
+            rotation_deg=rotate,
         )
 
-    def _run_tesseract(self, image: Image, languages: Sequence[str]) -> str:
+    def _run_tesseract(
+        self, image: Image, languages: Sequence[str], *, psm: int | None = None, output: Sequence[str] = ("tsv",)
+    ) -> str:
         if image.mode not in ("RGB", "L"):
             image = image.convert("RGB")
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", compress_level=1)  # speed over size: it only crosses a pipe
-        argv = [self.binary, "stdin", "stdout", "-l", "+".join(languages), "--psm", str(self.psm), "tsv"]
+        mode = self.psm if psm is None else psm
+        argv = [self.binary, "stdin", "stdout", "-l", "+".join(languages), "--psm", str(mode), *output]
         done = subprocess.run(argv, input=buffer.getvalue(), capture_output=True, timeout=self.timeout_s, env=self._env)
         if done.returncode != 0:
             stderr = done.stderr.decode("utf-8", "replace").strip()[-500:]
             raise subprocess.SubprocessError(f"tesseract exited with {done.returncode}: {stderr}")
         return done.stdout.decode("utf-8", "replace")
+
+
+def _mean_probability(lines: Sequence[_Line]) -> float:
+    probs = [word.probability for line in lines for word in line.words if word.probability is not None]
+    return sum(probs) / len(probs) if probs else 0.0
+
+
+def _reads_badly(lines: Sequence[_Line], min_words: int) -> bool:
+    """Too few words, or words read with low confidence: what upside-down or sideways text looks like."""
+    words = sum(len(line.words) for line in lines)
+    return words < min_words or _mean_probability(lines) < _READS_BADLY
 
 
 def _failed(message: str) -> PageOutput:
