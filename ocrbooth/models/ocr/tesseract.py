@@ -7,9 +7,9 @@ a newline) and turn runs of lines whose words fall into the same columns into ma
 
 A page that names no language (and an engine configured without default languages) is detected first: a cheap
 `eng` pass over two sampled text bands (detect.sample_bands) whose text py3langid classifies; when that sample
-reads badly (few words or low confidence) Tesseract OSD (`--psm 0`) says which way up the page is and it is
-turned before sampling again. Pages with explicit languages are turned only when their own recognition reads
-badly and OSD then finds them rotated.
+reads badly (few words or low confidence), or the page is landscape, Tesseract OSD (`--psm 0`) says which way
+up the page is and it is turned before sampling again. Pages with explicit languages are turned only when
+their own recognition reads badly (or they are landscape) and OSD then finds them rotated.
 """
 
 from __future__ import annotations
@@ -234,7 +234,9 @@ class TesseractEngine:
         """Orientation and languages of a page that names none (see the module docstring)."""
         words = self._sample(image)
         rotate: Rotation = 0
-        if _reads_badly(words, _MIN_SAMPLE_WORDS):
+        # Tesseract reads a sideways page's vertical lines well enough to pass the sample check, so a landscape
+        # page (what a portrait page scanned sideways becomes) always asks OSD.
+        if image.width > image.height or _reads_badly(words, _MIN_SAMPLE_WORDS):
             orientation = self._orientation(image)
             if orientation is not None:
                 rotate = orientation.rotate_deg
@@ -267,7 +269,7 @@ class TesseractEngine:
                 image, rotate, detected = detection.image, detection.rotate_deg, detection.languages
                 languages = detected or DEFAULT_LANGUAGES
             lines = _parse_tsv(self._run_tesseract(image, languages))
-            if not detected and _reads_badly(lines, 1):
+            if not detected and (image.width > image.height or _reads_badly(lines, 1)):
                 orientation = self._orientation(image)
                 if orientation is not None:
                     turned = _parse_tsv(self._run_tesseract(upright(image, orientation.rotate_deg), languages))
