@@ -174,8 +174,8 @@ class OcrSettings(_Section):
     """LightOnOCR weights: hub id or local directory."""
     device: str | None = None
     """Torch device for lightonocr (default cuda:0)."""
-    default_languages: Annotated[list[str], NoDecode] = ["eng"]
-    """Tesseract languages when a request names none."""
+    default_languages: Annotated[list[str], NoDecode] = []
+    """Tesseract languages when a request names none; empty: detect each such page's language and orientation."""
     max_new_tokens: int = Field(default=4096, ge=1)
     """Output budget per page when a request names none."""
     max_new_tokens_cap: int = Field(default=8192, ge=1)

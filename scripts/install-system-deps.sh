@@ -11,6 +11,9 @@ for lang in eng fra deu spa ita nld por swe dan; do
   dpkg-query -W -f='${Status}' "tesseract-ocr-${lang}" 2>/dev/null | grep -q "install ok installed" \
     || need+=("tesseract-ocr-${lang}")
 done
+# Tesseract's orientation-and-script model: pages scanned sideways or upside down are turned upright.
+dpkg-query -W -f='${Status}' tesseract-ocr-osd 2>/dev/null | grep -q "install ok installed" \
+  || need+=(tesseract-ocr-osd)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -404,6 +404,8 @@ class OcrHandler(Handler[DocumentRequest]):
                         Span(start=s.start, end=s.end, confidence=s.confidence) for s in out.low_confidence_spans
                     ],
                     tables=[Table(rows=rows) for rows in extract_tables(out.text)],
+                    languages=list(out.languages) or None,
+                    rotation_deg=out.rotation_deg,
                     finish_reason=out.finish_reason,
                 )
             )

@@ -123,6 +123,16 @@ class PageResult(WireObject):
         default_factory=list, description="Stretches of text below the confidence threshold."
     )
     tables: list[Table] = Field(default_factory=list, description="Tables recognised on the page.")
+    languages: list[str] | None = Field(
+        default=None,
+        description="Languages (ISO 639-2) the engine detected on the page and read it with, when the request "
+        "named none; null when the request named them or the engine needs none.",
+    )
+    rotation_deg: Literal[0, 90, 180, 270] | None = Field(
+        default=None,
+        description="Clockwise rotation applied to the page image before recognition (a page scanned upside "
+        "down or sideways); null when the engine does not check orientation.",
+    )
     finish_reason: Literal["stop", "length", "repetition", "error"] = Field(
         description="Why recognition of the page ended: done, token limit, repetition stopped it, or error."
     )

@@ -101,7 +101,8 @@ async def test_review_flags_and_offloaded_results(
     monkeypatch: pytest.MonkeyPatch, stack: EmbeddedStack, topics: TopicNames, daemon_env: dict[str, str]
 ) -> None:
     """A document under its review threshold gets needs_review and a ReviewFlag; a result over
-    max_message_bytes is offloaded to S3 and both events point at it; pages come back in order."""
+    max_message_bytes is offloaded to S3 and both events point at it; pages come back in order, with the
+    languages and orientation the engine detected."""
     three_pages = numbered_pages_pdf(3)
     requests = [
         (b"strict", _request("strict", _inline(three_pages, "a.pdf"), options={"review_threshold": 1.0})),
@@ -128,6 +129,8 @@ async def test_review_flags_and_offloaded_results(
     full = json.loads(stack.s3_client().get_object(Bucket=stack.bucket, Key=key)["Body"].read())
     assert [p["page_number"] for p in full["pages"]] == [1, 2, 3]
     assert [p["text"].split()[:2] for p in full["pages"]] == [["Page", "1"], ["Page", "2"], ["Page", "3"]]
+    # No language named: tesseract detected each page's language and orientation, and the result says so.
+    assert [(p["rotation_deg"], p["languages"]) for p in full["pages"]] == [(0, ["eng"])] * 3
     assert 0 < full["confidence"] <= 1
 
 

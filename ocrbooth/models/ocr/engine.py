@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
 FinishReason = Literal["stop", "length", "repetition", "error"]
+Rotation = Literal[0, 90, 180, 270]
+"""Clockwise degrees a page image was turned to make it upright."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +27,8 @@ class PageInput:
     image: Image
     """RGB image, already bounded to the render size."""
     languages: tuple[str, ...] = ()
-    """ISO 639-2 codes (eng, fra, deu, spa, ita, nld, por, swe, dan); empty means the engine's default."""
+    """ISO 639-2 codes (eng, fra, deu, spa, ita, nld, por, swe, dan); empty lets the engine decide (its
+    configured default, or detection per page)."""
     max_new_tokens: int = 4096
     """Output budget for generative engines."""
 
@@ -50,6 +53,11 @@ class PageOutput:
     min_token_confidence: float | None = None
     low_confidence_spans: list[LowConfidenceSpan] = field(default_factory=list)
     token_count: int = 0
+    languages: tuple[str, ...] = ()
+    """Languages the engine detected and read the page with; empty when the page named them or the engine
+    needs none."""
+    rotation_deg: Rotation | None = None
+    """Clockwise rotation applied before recognition (0, 90, 180, 270); None when the engine does not check."""
     error_code: str | None = None
     error_message: str | None = None
 
