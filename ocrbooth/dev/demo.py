@@ -194,7 +194,6 @@ def run_demo(*, keep: bool = False) -> int:
                 "OCRBOOTH_FINETUNE_ALLOW_LOCAL_BASE_MODELS": "true",
                 "HF_HUB_OFFLINE": "1",
                 "OCRBOOTH_OCR_ENGINE": os.environ.get("OCRBOOTH_OCR_ENGINE", "auto"),
-                "OCRBOOTH_OCR_DEFAULT_LANGUAGES": "eng,fra,deu,spa,ita,nld,por,swe,dan",
                 # Strict enough that the demo shows a review flag on the lower-confidence pages.
                 "OCRBOOTH_OCR_REVIEW_THRESHOLD": "0.95",
                 "OCRBOOTH_METRICS_PORT": "0",
