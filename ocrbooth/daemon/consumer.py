@@ -72,7 +72,8 @@ class Consumer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._paused: set[TopicPartition] = set()
         self._loading: set[TopicPartition] = set()
-        self._isolating: tuple[TopicPartition, int] | None = None
+        self._isolating: tuple[TopicPartition, Any] | None = None
+        """A suspect record held until it can be handled alone (its partition is positioned just after it)."""
         self._full_since: float | None = None
         self._fetching = True
         self._commit_wanted = asyncio.Event()
@@ -141,7 +142,7 @@ class Consumer:
         """The handler takes no new message now: its budget is spent, or it says it is busy."""
         return self._tracked_by[handler.name] >= self._s.max_in_flight or handler.busy()
 
-    def _apply_pauses(self, *, only: TopicPartition | None = None, everything: bool = False) -> None:
+    def _apply_pauses(self, *, everything: bool = False) -> None:
         """Pause exactly the partitions that cannot take work now; aiokafka forgets pauses on rebalance,
         so this also runs after every assignment."""
         consumer = self._consumer
@@ -150,8 +151,6 @@ class Consumer:
         assigned = consumer.assignment()
         if everything or self._deps.any_down():
             want = set(assigned)
-        elif only is not None:
-            want = set(assigned) - {only}
         elif self._full_since is not None and time.monotonic() - self._full_since >= self._s.pause_after_ms / 1000:
             want = set(assigned)
         else:
@@ -229,11 +228,16 @@ class Consumer:
         guard = self.guard
         for i, record in enumerate(records):
             verdict = "ok" if guard is None else guard.verdict(tp, record.offset)
-            if not owned or self._blocked(handler) or verdict == "suspect":
-                # Not accepted: rewind so these records are fetched again once there is room. A suspect (in
-                # flight when a daemon died) waits until it can be handled alone.
-                if verdict == "suspect" and owned and self._isolating is None:
-                    self._isolating = (tp, record.offset)
+            if verdict == "suspect" and owned and self._isolating is None:
+                # In flight when a daemon died: held here and handled alone once nothing else is in flight; the
+                # partition goes on after it.
+                self._isolating = (tp, record)
+                if tp in consumer.assignment():
+                    consumer.seek(tp, record.offset + 1)
+                break
+            if not owned or self._blocked(handler) or verdict == "suspect" or self._isolating is not None:
+                # Not accepted: rewind so these records are fetched again once there is room (or once the
+                # suspect being isolated is done).
                 if tp in consumer.assignment():
                     consumer.seek(tp, record.offset)
                 log.debug("rewound %s to %d (%d records not accepted)", tp, record.offset, len(records) - i)
@@ -271,50 +275,29 @@ class Consumer:
         task.add_done_callback(self._tasks.discard)
 
     async def _isolation_step(self) -> None:
-        """Handle the suspect alone: wait until nothing else is in flight, fetch exactly it, run it, wait."""
+        """Handle the held suspect alone: wait (polling, all paused) until nothing else is in flight, run it, and
+        wait for it too; then ordinary fetching resumes after it."""
         consumer = self._consumer
         assert consumer is not None
         assert self._isolating is not None
-        tp, offset = self._isolating
+        tp, record = self._isolating
         if tp not in consumer.assignment() or not self.tracker.has(tp) or not self._fetching:
             self._isolating = None
             return
+        self._apply_pauses(everything=True)
         if self._tasks:
-            self._apply_pauses(everything=True)
             await self._idle_poll()
             return
-        self._apply_pauses(only=tp)
-        try:
-            batch = await consumer.getmany(tp, timeout_ms=self._s.poll_timeout_ms, max_records=1)
-        except KafkaError as exc:
-            log.warning("fetch failed, retrying", extra={"error": repr(exc)})
-            await asyncio.sleep(0.5)
-            return
-        records = batch.get(tp) or []
-        if not records or not self._fetching:
-            if records:
-                consumer.seek(tp, records[0].offset)
-            return
-        record = records[0]
         route = self._routes[tp.topic]
-        if record.offset != offset or self.guard is None or self.guard.verdict(tp, offset) != "suspect":
-            self._isolating = None
-            consumer.seek(tp, record.offset)  # not (or no longer) the suspect: the ordinary path takes it
-            return
+        deaths = self.guard.deaths(tp, record.offset) if self.guard is not None else 0
         log.warning(
             "handling a message alone: it was in flight when a daemon died",
-            extra={
-                "topic": tp.topic,
-                "partition": tp.partition,
-                "offset": offset,
-                "deaths": self.guard.deaths(tp, offset),
-            },
+            extra={"topic": tp.topic, "partition": tp.partition, "offset": record.offset, "deaths": deaths},
         )
         epoch = self._start(tp, route.handler, record.offset)
         self._metrics.consumed.labels(tp.topic).inc()
         self._spawn_one(record, route, epoch, "isolated")
         while self._tasks:
-            self._apply_pauses(everything=True)
             await self._idle_poll()
         self._isolating = None
 
