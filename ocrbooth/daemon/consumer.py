@@ -149,9 +149,10 @@ class Consumer:
         if consumer is None:
             return
         assigned = consumer.assignment()
-        if everything or self._deps.any_down():
-            want = set(assigned)
-        elif self._full_since is not None and time.monotonic() - self._full_since >= self._s.pause_after_ms / 1000:
+        full_for_long = (
+            self._full_since is not None and time.monotonic() - self._full_since >= self._s.pause_after_ms / 1000
+        )
+        if everything or self._deps.any_down() or full_for_long:
             want = set(assigned)
         else:
             blocked = {name for name, h in self._handlers.items() if self._blocked(h)}

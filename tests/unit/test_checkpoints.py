@@ -5,26 +5,18 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-
-import numpy as np  # noqa: E402
-
-from ocrbooth.models.dreambooth.checkpoints import (  # noqa: E402
+from ocrbooth.models.dreambooth.checkpoint_names import (
     COMPLETE_MARKER,
     CheckpointRef,
-    capture_rng,
     checkpoint_name,
     latest_complete,
-    load_checkpoint,
     parse_step,
-    restore_rng,
-    save_checkpoint,
     scan,
     to_delete,
 )
-from ocrbooth.models.dreambooth.data import StepSampler, epoch_order  # noqa: E402
 
 PREFIX = "jobs/j/checkpoints/"
 
@@ -81,6 +73,9 @@ def test_incomplete_checkpoints_do_not_count_toward_the_limit() -> None:
 
 def test_rng_states_round_trip_through_weights_only_loading(tmp_path: Path) -> None:
     """RNG states saved in a checkpoint load with weights_only and restore every generator exactly."""
+    torch = pytest.importorskip("torch")
+    from ocrbooth.models.dreambooth.checkpoints import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+
     torch.manual_seed(1)
     np.random.seed(2)
     random.seed(3)
@@ -118,6 +113,9 @@ def test_rng_states_round_trip_through_weights_only_loading(tmp_path: Path) -> N
 
 def test_truncated_checkpoint_is_rejected(tmp_path: Path) -> None:
     """A file shorter than state.json says makes the folder unloadable."""
+    torch = pytest.importorskip("torch")
+    from ocrbooth.models.dreambooth.checkpoints import capture_rng, load_checkpoint, save_checkpoint
+
     folder = save_checkpoint(
         tmp_path / "step-000002",
         step=2,
@@ -137,6 +135,9 @@ def test_truncated_checkpoint_is_rejected(tmp_path: Path) -> None:
 
 def test_sampler_resumed_mid_stream_draws_what_an_uninterrupted_one_would() -> None:
     """The example order depends on position only: a sampler started at position p continues the stream."""
+    pytest.importorskip("torch")
+    from ocrbooth.models.dreambooth.data import StepSampler, epoch_order
+
     whole = list(StepSampler(5, seed=3, start=0, count=12, batch_size=2))
     assert whole[:5] == epoch_order(5, 3, 0)
     assert sorted(whole[5:10]) == list(range(5))

@@ -20,10 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 import shutil
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,12 +32,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ocrbooth.models.dreambooth import job_prefix
+from ocrbooth.models.dreambooth.checkpoint_names import (
+    COMPLETE_MARKER,
+    CheckpointRef,
+    checkpoint_name,
+    latest_complete,
+    scan,
+    to_delete,
+)
 from ocrbooth.models.dreambooth.data import S3Objects
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-COMPLETE_MARKER = "_COMPLETE"  # written last: a checkpoint without it is ignored
 UNET_FILE = "unet.safetensors"
 TEXT_ENCODER_FILE = "text_encoder.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -47,61 +53,6 @@ GRAD_SCALER_FILE = "grad_scaler.pt"
 RNG_FILE = "rng.pt"
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.json"
-
-_NAME = re.compile(r"^step-(\d{6,})$")
-
-
-def checkpoint_name(step: int) -> str:
-    """`step-000400`: zero-padded to six digits (more digits past 999999; sorting is by number anyway)."""
-    return f"step-{step:06d}"
-
-
-def parse_step(name: str) -> int | None:
-    """The step of a checkpoint folder name, or None for anything else."""
-    match = _NAME.match(name)
-    return int(match.group(1)) if match else None
-
-
-@dataclass(frozen=True, order=True)
-class CheckpointRef:
-    """A checkpoint folder seen in a listing."""
-
-    step: int
-    name: str
-    complete: bool
-
-
-def scan(keys: Iterable[str], prefix: str = "") -> list[CheckpointRef]:
-    """Checkpoint folders among object keys under `prefix`, sorted by step (numerically)."""
-    files: dict[str, set[str]] = {}
-    for key in keys:
-        if not key.startswith(prefix):
-            continue
-        folder, _, rest = key[len(prefix) :].partition("/")
-        if rest and parse_step(folder) is not None:
-            files.setdefault(folder, set()).add(rest)
-    refs = [CheckpointRef(parse_step(name) or 0, name, COMPLETE_MARKER in names) for name, names in files.items()]
-    return sorted(refs)
-
-
-def latest_complete(refs: Iterable[CheckpointRef]) -> CheckpointRef | None:
-    """The newest complete checkpoint; incomplete ones are never resumed from."""
-    complete = [r for r in refs if r.complete]
-    return max(complete) if complete else None
-
-
-def to_delete(refs: Iterable[CheckpointRef], limit: int) -> list[CheckpointRef]:
-    """What rotation removes: complete checkpoints beyond the newest `limit`, and incomplete leftovers older
-    than the newest complete one (crashed uploads). Incomplete checkpoints never count toward the limit, and
-    newer incomplete ones are left alone (an upload may be under way)."""
-    ordered = sorted(refs)
-    complete = [r for r in ordered if r.complete]
-    if not complete:
-        return []
-    keep = set(complete[-limit:]) if limit > 0 else set()
-    newest = complete[-1].step
-    return [r for r in ordered if r not in keep and (r.complete or r.step < newest)]
-
 
 # ---- RNG states ----------------------------------------------------------------------------------------------
 

@@ -11,7 +11,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from ocrbooth.models.dreambooth.checkpoints import capture_rng, checkpoint_name, save_checkpoint
+from ocrbooth.models.dreambooth.checkpoint_names import checkpoint_name
+from ocrbooth.models.dreambooth.checkpoints import capture_rng, save_checkpoint
 from ocrbooth.models.dreambooth.data import DataState
 from ocrbooth.models.dreambooth.generate import inference_dtype, load_pipeline, render
 from ocrbooth.models.dreambooth.job import Job
