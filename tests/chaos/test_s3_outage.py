@@ -80,7 +80,6 @@ async def test_sixty_second_s3_outage_fails_no_request(
             "OCRBOOTH_HANDLERS": "ocr",
             "OCRBOOTH_OCR_ENGINE": "tesseract",
             "OCRBOOTH_OCR_RENDER_LONGEST_PX": "800",
-            "OCRBOOTH_OCR_MAX_WAIT_MS": "20",
             "OCRBOOTH_MAX_IN_FLIGHT": str(MAX_IN_FLIGHT),
         }
         proc = DaemonProcess(env, tmp_path / "daemon.log").start()
