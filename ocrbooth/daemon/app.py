@@ -68,6 +68,7 @@ class Daemon:
                 settings.max_process_deaths,
                 self.consumer.tracker.pending_offsets,
                 lambda tp: (tp.topic, tp.partition),
+                ahead=settings.max_in_flight,
             )
         broadcast = {
             topic: Route(handler, model)

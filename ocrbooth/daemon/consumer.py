@@ -313,12 +313,12 @@ class Consumer:
             self._metric_children[key] = found
         return found
 
-    async def _in_flight_recorded(self, tp: TopicPartition) -> None:
+    async def _in_flight_recorded(self, tp: TopicPartition, offset: int) -> None:
         """Wait until the crash guard has recorded this partition's in-flight offsets (S3 outages waited out)."""
         guard = self.guard
         if guard is None or not guard.enabled:
             return
-        await self._durably(lambda: guard.record(tp), "record in-flight offsets")
+        await self._durably(lambda: guard.record(tp, offset), "record in-flight offsets")
 
     async def _durably(self, op: Callable[[], Coroutine[Any, Any, None]], what: str) -> None:
         """Run an S3 write of the daemon's own state until it succeeds; an outage pauses work meanwhile."""
@@ -348,7 +348,7 @@ class Consumer:
         tp = TopicPartition(items[0][0].topic, items[0][0].partition)  # one task per fetched partition
         try:
             try:
-                await self._in_flight_recorded(tp)
+                await self._in_flight_recorded(tp, items[-1][0].offset)
             except Interrupted:
                 done.extend((record, epoch, "requeued") for record, epoch in items)
                 return
@@ -432,7 +432,7 @@ class Consumer:
             log.error("dead-lettering a message that keeps killing the daemon", extra={"deaths": n})
             return await self._dispatcher.dead_letter(ctx, record.value, error)
         try:
-            await self._in_flight_recorded(tp)
+            await self._in_flight_recorded(tp, record.offset)
             if mode == "isolated" and guard is not None:
                 await self._durably(lambda: guard.isolate(tp, record.offset), "record the isolated offset")
         except Interrupted:

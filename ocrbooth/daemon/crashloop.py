@@ -1,7 +1,10 @@
 """Crash-loop protection: a message during whose handling the process died is not handled forever.
 
 Before a message is handled, its offset is recorded (per partition, in S3: Kafka commit metadata would be the
-natural place, but brokers such as Tansu drop it) as in flight. A daemon that starts owning a partition reads
+natural place, but brokers such as Tansu drop it) as possibly in flight. One write covers a window: from the
+first offset still pending up to `ahead` offsets past the newest one handled, so a partition costs one S3 write
+per `ahead` messages rather than one per fetch (a boto3 write costs milliseconds of CPU), at the price of
+counting offsets of that window that were never fetched as in flight too. A daemon that starts owning a partition reads
 that record: offsets still in flight there died with the previous owner. Many messages are in flight at
 once, so one death cannot say which of them was the killer: each of them becomes a *suspect* with one death,
 and a suspect is handled alone (nothing else in flight in the process, its offset recorded as isolated).
@@ -9,7 +12,7 @@ A death while isolated is certainly that message's, and counts again. At `max_pr
 message is dead-lettered as `crash_loop` without being handled again, and its partition moves on.
 
 The record is `state/crashloop/{group}/{topic}/{partition}.json`:
-``{"in_flight": [offsets], "isolated": offset | null, "deaths": {"offset": n}}``.
+``{"window": [from, to) | null, "isolated": offset | null, "deaths": {"offset": n}}``.
 `Ledger` and `deaths_after_restart` are pure; `CrashGuard` does the S3 reads and writes.
 """
 
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Generic, Literal, Protocol, TypeVar
 
 from ocrbooth.constants import S3_PREFIX_STATE
-from ocrbooth.errors import PoisonError
+from ocrbooth.errors import OcrboothError, PoisonError
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +34,22 @@ TP = TypeVar("TP", bound=Hashable)
 Verdict = Literal["ok", "suspect", "crash_loop"]
 
 
+_MAX_WINDOW = 1_000_000  # a recorded window wider than this is not ours (hand-edited or corrupt): ignored
+
+
 @dataclass
 class Ledger:
     """One partition's record."""
 
-    in_flight: list[int] = field(default_factory=list)
+    window: tuple[int, int] | None = None
+    """Offsets [from, to) that may have been in flight."""
     isolated: int | None = None
     deaths: dict[int, int] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         return json.dumps(
             {
-                "in_flight": self.in_flight,
+                "window": list(self.window) if self.window else None,
                 "isolated": self.isolated,
                 "deaths": {str(k): v for k, v in self.deaths.items()},
             }
@@ -53,11 +60,14 @@ class Ledger:
         """Parse a stored record; an unreadable one (written by hand, or by a future version) counts as empty."""
         try:
             raw = json.loads(data)
-            in_flight = [int(o) for o in raw.get("in_flight", [])]
+            window = raw.get("window")
+            low, high = (int(window[0]), int(window[1])) if window else (0, 0)
+            if not 0 <= high - low <= _MAX_WINDOW:
+                raise ValueError(f"window {window!r} out of bounds")
             isolated = raw.get("isolated")
             deaths = {int(k): int(v) for k, v in (raw.get("deaths") or {}).items()}
-            return cls(in_flight, None if isolated is None else int(isolated), deaths)
-        except (ValueError, TypeError, AttributeError, RecursionError) as exc:
+            return cls((low, high) if window else None, None if isolated is None else int(isolated), deaths)
+        except (ValueError, TypeError, AttributeError, RecursionError, IndexError) as exc:
             log.warning("unreadable crash-loop record ignored", extra={"error": repr(exc)})
             return cls()
 
@@ -65,16 +75,18 @@ class Ledger:
 def deaths_after_restart(ledger: Ledger, committed: int | None) -> dict[int, int]:
     """Deaths per offset once the previous owner's in-flight work is counted as having died with it.
 
-    Offsets below the committed position are done and forgotten. An in-flight offset becomes a suspect (at
-    least one death); the isolated offset, which was alone in flight, gains a full death."""
+    Offsets below the committed position are done and forgotten. An offset of the recorded window becomes a
+    suspect (at least one death); the isolated offset, which was alone in flight, gains a full death."""
 
     def live(offset: int) -> bool:
         return committed is None or offset >= committed
 
     deaths = {o: n for o, n in ledger.deaths.items() if live(o)}
-    for offset in ledger.in_flight:
-        if live(offset) and offset != ledger.isolated:
-            deaths[offset] = max(deaths.get(offset, 0), 1)
+    if ledger.window is not None:
+        low, high = ledger.window
+        for offset in range(max(low, committed or 0), high):
+            if offset != ledger.isolated:
+                deaths[offset] = max(deaths.get(offset, 0), 1)
     if ledger.isolated is not None and live(ledger.isolated):
         deaths[ledger.isolated] = deaths.get(ledger.isolated, 0) + 1
     return deaths
@@ -96,6 +108,10 @@ class _PartitionState:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     queued: asyncio.Future[None] | None = None
     isolated: int | None = None
+    wanted: int = -1
+    """The newest offset any caller is about to handle."""
+    recorded_to: int = 0
+    """The end of the window last written: offsets below it are covered."""
 
 
 class CrashGuard(Generic[TP]):
@@ -110,11 +126,14 @@ class CrashGuard(Generic[TP]):
         max_deaths: int,
         pending: Callable[[TP], list[int]],
         name: Callable[[TP], tuple[str, int]],
+        ahead: int = 64,
     ) -> None:
         self._store = store
         self._group = group_id
         self.max_deaths = max_deaths
         self._pending = pending
+        self._ahead = ahead
+        self._extending: set[asyncio.Future[None]] = set()
         self._name = name
         self._parts: dict[TP, _PartitionState] = {}
 
@@ -151,7 +170,7 @@ class CrashGuard(Generic[TP]):
                     "deaths": {str(k): v for k, v in sorted(deaths.items())},
                 },
             )
-        if ledger.in_flight or ledger.isolated is not None or ledger.deaths != deaths:
+        if ledger.window is not None or ledger.isolated is not None or ledger.deaths != deaths:
             await self._write(tp)
 
     def forget(self, tp: TP) -> None:
@@ -170,29 +189,46 @@ class CrashGuard(Generic[TP]):
         part = self._parts.get(tp)
         return 0 if part is None else part.deaths.get(offset, 0)
 
-    async def record(self, tp: TP) -> None:
-        """Make the current in-flight offsets of `tp` durable. Concurrent callers share one write: a write
-        records the state at the moment it starts, so it covers every offset started before it."""
+    async def record(self, tp: TP, offset: int) -> None:
+        """Return once `offset` of `tp` is durably covered by the recorded window. Usually free: a write covers
+        the next `ahead` offsets too. Concurrent callers share one write, which covers every offset asked for
+        before it started."""
         if not self.enabled:
             return
         part = self._parts.get(tp)
         if part is None:
             return
-        if part.queued is not None:
-            await asyncio.shield(part.queued)
-            return
-        queued = part.queued = asyncio.get_running_loop().create_future()
+        part.wanted = max(part.wanted, offset)
+        while offset >= part.recorded_to:
+            if part.queued is not None:
+                await asyncio.shield(part.queued)
+                continue
+            queued = part.queued = asyncio.get_running_loop().create_future()
+            try:
+                async with part.lock:
+                    part.queued = None
+                    await self._write(tp)
+            except BaseException as exc:
+                if part.queued is queued:
+                    part.queued = None
+                queued.set_exception(exc)
+                queued.exception()  # retrieved here, so an unawaited share does not log "never retrieved"
+                raise
+            queued.set_result(None)
+        if offset >= part.recorded_to - self._ahead // 2 and part.queued is None and not part.lock.locked():
+            # Half the window is used: extend it in the background, so that handling rarely waits for S3.
+            self._extending.add(asyncio.ensure_future(self._extend(tp)))
+
+    async def _extend(self, tp: TP) -> None:
+        part = self._parts.get(tp)
         try:
-            async with part.lock:
-                part.queued = None
-                await self._write(tp)
-        except BaseException as exc:
-            if part.queued is queued:
-                part.queued = None
-            queued.set_exception(exc)
-            queued.exception()  # retrieved here, so an unawaited share does not log "never retrieved"
-            raise
-        queued.set_result(None)
+            if part is not None and not part.lock.locked():
+                async with part.lock:
+                    await self._write(tp)
+        except OcrboothError as exc:  # a foreground record() retries when the window really runs out
+            log.info("extending the in-flight window failed", extra={"error": str(exc)})
+        finally:
+            self._extending = {f for f in self._extending if not f.done()}
 
     async def isolate(self, tp: TP, offset: int | None) -> None:
         """Record that `offset` is handled alone (None: isolation over)."""
@@ -209,11 +245,18 @@ class CrashGuard(Generic[TP]):
         if part is None or not self.enabled:
             return
         deaths = {o: n for o, n in part.deaths.items() if committed is None or o >= committed}
-        ledger = Ledger(in_flight=[], isolated=None, deaths=deaths)
+        ledger = Ledger(window=None, isolated=None, deaths=deaths)
         async with part.lock:
             await self._store.put(self._key(tp), ledger.encode(), content_type="application/json")
 
     async def _write(self, tp: TP) -> None:
         part = self._parts[tp]
-        ledger = Ledger(in_flight=self._pending(tp), isolated=part.isolated, deaths=dict(part.deaths))
+        pending = self._pending(tp)
+        window = None
+        if part.wanted >= 0:
+            low = min(pending[0], part.wanted) if pending else part.wanted
+            window = (low, part.wanted + 1 + self._ahead)
+        ledger = Ledger(window=window, isolated=part.isolated, deaths=dict(part.deaths))
         await self._store.put(self._key(tp), ledger.encode(), content_type="application/json")
+        if window is not None:
+            part.recorded_to = max(part.recorded_to, window[1])

@@ -40,88 +40,115 @@ class MemoryStore:
 
 
 def test_in_flight_offsets_become_suspects_and_the_isolated_one_gains_a_death() -> None:
-    """Offsets in flight at a death get one death; the isolated offset gains one more; committed ones drop."""
-    ledger = Ledger(in_flight=[3, 5, 9], isolated=9, deaths={9: 1, 2: 2})
-    assert deaths_after_restart(ledger, committed=4) == {5: 1, 9: 2}
-    assert deaths_after_restart(ledger, committed=None) == {3: 1, 5: 1, 9: 2, 2: 2}
-    assert deaths_after_restart(Ledger(in_flight=[7], deaths={7: 1}), committed=0) == {7: 1}
+    """Offsets of the recorded window get one death; the isolated offset gains one more; committed ones drop."""
+    ledger = Ledger(window=(3, 10), isolated=9, deaths={9: 1, 2: 2})
+    assert deaths_after_restart(ledger, committed=6) == {6: 1, 7: 1, 8: 1, 9: 2}
+    assert deaths_after_restart(ledger, committed=None) == {2: 2, 3: 1, 4: 1, 5: 1, 6: 1, 7: 1, 8: 1, 9: 2}
+    assert deaths_after_restart(Ledger(window=(7, 8), deaths={7: 1}), committed=0) == {7: 1}
 
 
 def test_ledger_round_trips_and_garbage_reads_as_empty() -> None:
-    """A ledger survives encode/decode; an unreadable record counts as empty instead of failing."""
-    ledger = Ledger(in_flight=[1, 2], isolated=2, deaths={2: 2})
+    """A ledger survives encode/decode; an unreadable or absurd record counts as empty instead of failing."""
+    ledger = Ledger(window=(1, 3), isolated=2, deaths={2: 2})
     assert Ledger.decode(ledger.encode()) == ledger
     assert Ledger.decode(b"not json") == Ledger()
-    assert Ledger.decode(b'{"in_flight": "x"}') == Ledger()
+    assert Ledger.decode(b'{"window": "x"}') == Ledger()
+    assert Ledger.decode(b'{"window": [0, 1000000000]}') == Ledger()
+
+
+def _guard(
+    store: MemoryStore, pending: dict[str, list[int]], *, ahead: int = 2, max_deaths: int = 3
+) -> CrashGuard[str]:
+    return CrashGuard(store, "g", max_deaths, lambda tp: list(pending[tp]), lambda tp: ("topic", 0), ahead=ahead)
 
 
 async def test_three_deaths_make_a_crash_loop_verdict() -> None:
     """A message alone in flight at each of max_deaths deaths is judged crash_loop; its neighbours are not."""
     store = MemoryStore()
     pending: dict[str, list[int]] = {"tp": []}
-
-    def guard() -> CrashGuard[str]:
-        return CrashGuard(store, "g", 3, lambda tp: list(pending[tp]), lambda tp: ("topic", 0))
-
-    g = guard()
+    g = _guard(store, pending)
     await g.load("tp", committed=10)
     assert g.verdict("tp", 12) == "ok"
     pending["tp"] = [10, 11, 12]
-    await g.record("tp")  # ... and the daemon dies with 10, 11, 12 in flight
-    g = guard()
+    await g.record("tp", 12)  # window [10, 15): ... and the daemon dies with 10, 11, 12 in flight
+    g = _guard(store, pending)
     await g.load("tp", committed=10)
-    assert [g.verdict("tp", o) for o in (10, 11, 12, 13)] == ["suspect", "suspect", "suspect", "ok"]
+    assert [g.verdict("tp", o) for o in (10, 11, 12, 14, 15)] == ["suspect"] * 4 + ["ok"]
     # 10 and 11 pass alone and are committed; 12 kills the daemon twice while isolated.
     for expected in ("suspect", "crash_loop"):
         pending["tp"] = [12]
         await g.isolate("tp", 12)
-        g = guard()
+        g = _guard(store, pending)
         await g.load("tp", committed=12)
         assert g.verdict("tp", 12) == expected
-        assert g.verdict("tp", 13) == "ok"
+        assert g.verdict("tp", 20) == "ok"
     assert g.deaths("tp", 12) == 3
+
+
+async def test_one_write_covers_the_next_offsets() -> None:
+    """Recording an offset writes a window reaching `ahead` past it: the next offsets need no write, and once half
+    the window is used it is extended in the background before anyone has to wait for it."""
+    store = MemoryStore()
+    pending: dict[str, list[int]] = {"tp": []}
+    g = _guard(store, pending, ahead=6)
+    await g.load("tp", committed=0)
+    before = store.puts
+    for offset in range(4):  # 0 writes the window [0, 7); 1..3 are covered without a write
+        pending["tp"].append(offset)
+        await g.record("tp", offset)
+    assert store.puts - before == 1
+    pending["tp"].append(4)
+    await g.record("tp", 4)  # past half the window: an extension starts in the background
+    await asyncio.sleep(0.01)
+    assert store.puts - before == 2
+    assert Ledger.decode(store.objects["state/crashloop/g/topic/0.json"]).window == (0, 11)
+    await g.record("tp", 7)  # already covered by the extension: no wait, no write
+    assert store.puts - before == 2
 
 
 async def test_clean_release_counts_no_death() -> None:
     """A partition handed over cleanly (revoke, shutdown) leaves nothing suspect for the next owner."""
     store = MemoryStore()
-    g: CrashGuard[str] = CrashGuard(store, "g", 3, lambda tp: [4, 5], lambda tp: ("t", 1))
+    pending = {"tp": [4, 5]}
+    g = _guard(store, pending)
     await g.load("tp", committed=4)
-    await g.record("tp")
+    await g.record("tp", 5)
     await g.release("tp", committed=6)
-    fresh: CrashGuard[str] = CrashGuard(store, "g", 3, lambda tp: [], lambda tp: ("t", 1))
+    fresh = _guard(store, {"tp": []})
     await fresh.load("tp", committed=6)
-    assert fresh.verdict("tp", 4) == fresh.verdict("tp", 5) == "ok"
+    assert [fresh.verdict("tp", o) for o in (4, 5, 6, 7)] == ["ok"] * 4
 
 
 async def test_concurrent_records_share_writes() -> None:
-    """Many messages starting together cost at most two writes, and each waits until its offset is durable."""
+    """Many messages starting together cost at most two writes, and each waits until its offset is covered."""
     store = MemoryStore()
-    g: CrashGuard[str] = CrashGuard(store, "g", 3, lambda tp: [1, 2, 3], lambda tp: ("t", 0))
+    pending = {"tp": list(range(1, 51))}
+    g = _guard(store, pending, ahead=0)
     await g.load("tp", committed=1)
     before = store.puts
-    await asyncio.gather(*(g.record("tp") for _ in range(50)))
+    await asyncio.gather(*(g.record("tp", offset) for offset in range(1, 51)))
     assert 1 <= store.puts - before <= 2
-    assert Ledger.decode(store.objects["state/crashloop/g/t/0.json"]).in_flight == [1, 2, 3]
+    assert Ledger.decode(store.objects["state/crashloop/g/topic/0.json"]).window == (1, 51)
 
 
-async def test_record_failure_reaches_every_waiter() -> None:
+async def test_record_failure_reaches_the_caller() -> None:
     """A failed write raises in the caller that made it (it retries); the guard is usable afterwards."""
     store = MemoryStore()
-    g: CrashGuard[str] = CrashGuard(store, "g", 3, lambda tp: [1], lambda tp: ("t", 0))
+    pending = {"tp": [1]}
+    g = _guard(store, pending)
     await g.load("tp", committed=1)
     store.fail_next = 1
     with pytest.raises(RetryableError):
-        await g.record("tp")
-    await g.record("tp")
-    assert Ledger.decode(store.objects["state/crashloop/g/t/0.json"]).in_flight == [1]
+        await g.record("tp", 1)
+    await g.record("tp", 1)
+    assert Ledger.decode(store.objects["state/crashloop/g/topic/0.json"]).window == (1, 4)
 
 
 async def test_disabled_guard_touches_nothing() -> None:
     """max_deaths 0 turns the guard off: no reads, no writes, every verdict ok."""
     store = MemoryStore()
-    g: CrashGuard[str] = CrashGuard(store, "g", 0, lambda tp: [1], lambda tp: ("t", 0))
+    g = _guard(store, {"tp": [1]}, max_deaths=0)
     await g.load("tp", committed=0)
-    await g.record("tp")
+    await g.record("tp", 1)
     assert store.puts == 0
     assert g.verdict("tp", 1) == "ok"
