@@ -27,7 +27,7 @@ from ocrbooth.daemon.publisher import Publisher
 from ocrbooth.daemon.retry import backoff_s
 from ocrbooth.errors import FatalError, PoisonError, RequeueError, RetryableError
 from ocrbooth.handlers.base import Handler, MessageContext, OutputEvent
-from ocrbooth.logs import bind
+from ocrbooth.logs import log_context
 from ocrbooth.schemas import ErrorInfo
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,13 @@ class Dispatcher:
             await self._publisher.dead_letter(ctx, value, ErrorInfo(code=exc.code, message=exc.message))
             return "dead_lettered"
         fields = event.__dict__  # not getattr: pydantic raises (expensively) for fields a model lacks
-        bind(**{k: v for k in ("request_id", "document_id", "job_id") if isinstance(v := fields.get(k), str)})
-        handler = route.handler
+        ids = {k: v for k in ("request_id", "document_id", "job_id") if isinstance(v := fields.get(k), str)}
+        # Scoped to this message: the batch path dispatches the next one in the same task.
+        with log_context(**ids):
+            return await self._handle(value, route.handler, event, ctx)
+
+    async def _handle(self, value: bytes | None, handler: Handler, event: BaseModel, ctx: MessageContext) -> str:
+        """Validate, take a slot, handle with retries; the outcome."""
         try:
             handler.validate(event)
         except PoisonError as exc:
