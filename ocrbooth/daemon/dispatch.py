@@ -24,7 +24,7 @@ from ocrbooth.daemon.decode import decode
 from ocrbooth.daemon.metrics import Metrics
 from ocrbooth.daemon.outage import Dependency
 from ocrbooth.daemon.publisher import Publisher
-from ocrbooth.daemon.retry import backoff_s
+from ocrbooth.daemon.retry import Backoff
 from ocrbooth.errors import FatalError, PoisonError, RequeueError, RetryableError
 from ocrbooth.handlers.base import Handler, MessageContext, OutputEvent
 from ocrbooth.logs import log_context
@@ -119,10 +119,10 @@ class Dispatcher:
     async def _run(self, handler: Handler, event: BaseModel, ctx: MessageContext) -> ErrorInfo | None:
         """Handle and publish with retries; None on success, else why the message failed."""
         r = self._s.retry
-        attempt = 0
+        backoff = Backoff(r.initial_backoff_ms, r.max_backoff_ms)
         outage_started: float | None = None
         while True:
-            attempt += 1
+            attempt = backoff.failures + 1  # an outage spends no attempts: it does not count a failure
             try:
                 outputs = await handler.handle(event, _with_attempt(ctx, attempt))
                 await self._publisher.publish(outputs, ctx)
@@ -135,7 +135,6 @@ class Dispatcher:
                     outage_started = outage_started or now
                     left = self._s.outage_budget_s - (now - outage_started)
                     if left > 0:
-                        attempt -= 1  # an outage spends no attempts
                         self._metrics.handler_retries.labels(ctx.topic).inc()
                         log.info("S3 is unreachable; waiting for it", extra={"error": str(exc), "budget_s": left})
                         await self.until_stopping(_wait_until(self.s3.recovered, left))
@@ -152,7 +151,7 @@ class Dispatcher:
                         message=_short(f"gave up after {attempt} attempts: [{exc.code}] {exc}"),
                     )
                 self._metrics.handler_retries.labels(ctx.topic).inc()
-                delay = backoff_s(attempt, initial_ms=r.initial_backoff_ms, max_ms=r.max_backoff_ms)
+                delay = backoff.next_s()
                 log.info(
                     "retryable failure, backing off", extra={"attempt": attempt, "error": str(exc), "delay_s": delay}
                 )
