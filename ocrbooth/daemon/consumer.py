@@ -591,10 +591,6 @@ class Consumer:
 
     # ---- state for health and idle detection -----------------------------------------------------
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._tasks)
-
     def caught_up(self) -> bool:
         """Nothing in flight, nothing uncommitted, and every assigned partition read to its high watermark."""
         consumer = self._consumer
