@@ -7,7 +7,6 @@ import contextvars
 import json
 import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +16,6 @@ from ocrbooth.logs import bind, configure_logging, current_context, log_context
 
 LOGGER = "ocrbooth.test_logs"
 DEADLINE_S = 5.0
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """configure_logging changes the root logger; put handlers and levels back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    aiokafka_level = logging.getLogger("aiokafka").level
-    try:
-        yield
-    finally:
-        for handler in list(root.handlers):
-            if handler not in handlers:
-                root.removeHandler(handler)
-        root.setLevel(level)
-        logging.getLogger("aiokafka").setLevel(aiokafka_level)
 
 
 def _json_lines(capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
