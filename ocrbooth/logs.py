@@ -1,85 +1,121 @@
-"""Logging: JSON lines in Kubernetes, readable lines in a terminal, with per-message context from contextvars."""
+"""Logging: JSON lines in Kubernetes, readable lines in a terminal, with per-message context from contextvars.
+
+The code logs through the standard library (`log.info("...", extra={...})`); structlog's ProcessorFormatter
+renders every record, adding the fields bound with structlog's contextvars module.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import json
 import logging
 import sys
-import time
-from collections.abc import Iterator
 from typing import Any
 
-_CONTEXT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("ocrbooth_log_context", default=None)
+import structlog
+from structlog.contextvars import (
+    bind_contextvars,
+    get_contextvars,
+    merge_contextvars,
+    reset_contextvars,
+)
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+# Set on a LogRecord once another handler's Formatter has run; not fields of ours.
+_FORMATTER_ATTRS = ("message", "asctime")
 
 
 def current_context() -> dict[str, Any]:
-    return dict(_CONTEXT.get() or {})
+    """The fields bound in this task now."""
+    return get_contextvars()
 
 
-@contextlib.contextmanager
-def log_context(**fields: Any) -> Iterator[None]:
+def log_context(**fields: Any) -> contextlib.AbstractContextManager[None]:
     """Attach fields (topic, partition, offset, request_id, ...) to every record logged inside the block,
-    including from tasks spawned inside it (asyncio copies the context)."""
-    token = _CONTEXT.set({**(_CONTEXT.get() or {}), **fields})
-    try:
-        yield
-    finally:
-        _CONTEXT.reset(token)
+    including from tasks spawned inside it (asyncio copies the context); on exit they return to their values
+    before it. Fields `bind()` adds inside the block stay for the rest of the task."""
+    return _LogContext(fields)
+
+
+class _LogContext(contextlib.AbstractContextManager[None]):
+    """structlog's `bound_contextvars`, restoring through the tokens of its own binds: it runs once per
+    message, and reading the whole context first (as `bound_contextvars` does) costs as much again."""
+
+    __slots__ = ("_fields", "_tokens")
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self._fields = fields
+
+    def __enter__(self) -> None:
+        self._tokens = bind_contextvars(**self._fields)
+
+    def __exit__(self, *exc_info: object) -> None:
+        reset_contextvars(**self._tokens)
 
 
 def bind(**fields: Any) -> None:
-    """Add fields to the current context for the rest of this task."""
-    _CONTEXT.set({**(_CONTEXT.get() or {}), **fields})
+    """Add fields to the current context for the rest of this task (or the enclosing `log_context`)."""
+    bind_contextvars(**fields)
 
 
-class _ContextFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.ctx = current_context()
-        return True
+def _drop_formatter_attrs(_logger: WrappedLogger, _name: str, event: EventDict) -> EventDict:
+    for attr in _FORMATTER_ATTRS:
+        event.pop(attr, None)
+    return event
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg, context fields and any `extra=`."""
-
-    _STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"ctx", "message", "asctime"}
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        out.update(getattr(record, "ctx", {}))
-        out.update({k: v for k, v in vars(record).items() if k not in self._STANDARD})
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+def _shape(_logger: WrappedLogger, _name: str, event: EventDict) -> EventDict:
+    """ts, level, logger, msg first (as before structlog), the traceback under `exc`."""
+    shaped = {k: event.pop(k) for k in ("ts", "level", "logger") if k in event}
+    shaped["msg"] = event.pop("event")
+    if "exception" in event:
+        event["exc"] = event.pop("exception")
+    return {**shaped, **event}
 
 
-class ConsoleFormatter(logging.Formatter):
-    """`HH:MM:SS level logger: message key=value ...` for people."""
-
-    _STANDARD = JsonFormatter._STANDARD
-
-    def format(self, record: logging.LogRecord) -> str:
-        fields = {**getattr(record, "ctx", {}), **{k: v for k, v in vars(record).items() if k not in self._STANDARD}}
-        extra = " ".join(f"{k}={v}" for k, v in fields.items())
-        line = f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {record.levelname:<7} {record.name}: "
-        line += record.getMessage() + (f"  {extra}" if extra else "")
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
+def _formatter(use_json: bool) -> structlog.stdlib.ProcessorFormatter:
+    timestamper = (
+        structlog.processors.TimeStamper(fmt="%Y-%m-%dT%H:%M:%S.%fZ", utc=True, key="ts")
+        if use_json
+        else structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False, key="ts")
+    )
+    pre_chain: list[Processor] = [
+        timestamper,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        merge_contextvars,
+        structlog.stdlib.ExtraAdder(),  # after the context: an `extra=` field wins over a bound one
+        _drop_formatter_attrs,
+    ]
+    render: list[Processor] = (
+        [
+            structlog.processors.format_exc_info,
+            _shape,
+            structlog.processors.JSONRenderer(serializer=json.dumps, default=str),
+        ]
+        if use_json
+        else [
+            structlog.dev.ConsoleRenderer(
+                colors=sys.stderr.isatty(),
+                timestamp_key="ts",
+                sort_keys=False,
+                # The standard traceback: rich's would print local variables, credentials among them.
+                exception_formatter=structlog.dev.plain_traceback,
+            )
+        ]
+    )
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=pre_chain,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render],
+    )
 
 
 def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
-    """Install one stderr handler on the root logger (idempotent)."""
+    """Install one stderr handler on the root logger (idempotent). `fmt`: json, console, or auto (JSON unless
+    stderr is a terminal)."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if use_json else ConsoleFormatter())
-    handler.addFilter(_ContextFilter())
+    handler.setFormatter(_formatter(use_json))
     root = logging.getLogger()
     for old in list(root.handlers):
         if getattr(old, "_ocrbooth", False):

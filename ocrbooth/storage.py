@@ -187,18 +187,8 @@ class S3Storage:
         body = await self._call("get_object", Bucket=bucket, Key=key)
         return await asyncio.to_thread(_read_body, body["Body"], uri)
 
-    async def exists(self, uri: str) -> bool:
-        bucket, key = parse_s3_uri(uri)
-        try:
-            await self._call("head_object", Bucket=bucket, Key=key)
-        except PoisonError as exc:
-            if exc.code == "source_not_found":
-                return False
-            raise
-        return True
-
     async def check(self) -> None:
-        """Fail fast at startup when the bucket is unreachable."""
+        """Raise unless the bucket answers: the S3 outage probe (`daemon/app.py`)."""
         await self._call("head_bucket", Bucket=self.bucket)
 
     async def _call(self, op: str, **kwargs: Any) -> Any:

@@ -1,11 +1,15 @@
-"""Shared fixtures: one embedded stack per session (started on first use), unique names per test."""
+"""Shared fixtures: one embedded stack per session (started on first use), unique names per test, and a clean
+environment and logging setup for tests that need them."""
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterator
 
 import pytest
 
+from ocrbooth.config import ENV_PREFIX
 from ocrbooth.dev.embedded import EmbeddedStack
 from tests.support.stack import TopicNames, s3_prefix_for, start_stack, unique_suffix
 from tests.support.stack import daemon_env as build_daemon_env
@@ -58,3 +62,27 @@ def group_id() -> str:
 def daemon_env(stack: EmbeddedStack, topics: TopicNames, group_id: str) -> dict[str, str]:
     """Environment for a daemon on the session stack, using this test's topics and group."""
     return build_daemon_env(stack, topics, group_id)
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No OCRBOOTH_* variable from the shell or another test: settings start from their defaults."""
+    for name in [n for n in os.environ if n.startswith(ENV_PREFIX)]:
+        monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """For tests that call configure_logging (directly or through the CLI): the root logger's handlers and
+    level, and aiokafka's level, are put back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    aiokafka_level = logging.getLogger("aiokafka").level
+    try:
+        yield
+    finally:
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+        logging.getLogger("aiokafka").setLevel(aiokafka_level)

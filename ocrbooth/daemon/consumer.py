@@ -32,7 +32,7 @@ from ocrbooth.handlers.base import AnyHandler
 from ocrbooth.logs import log_context
 from ocrbooth.messages import MessageContext, OutputEvent
 from ocrbooth.metrics import Metrics, observe_many
-from ocrbooth.retry import backoff_s
+from ocrbooth.retry import Backoff, backoff_s, retry
 from ocrbooth.schemas import ErrorInfo
 
 log = logging.getLogger(__name__)
@@ -322,22 +322,18 @@ class Consumer:
 
     async def _durably(self, op: Callable[[], Coroutine[Any, Any, None]], what: str) -> None:
         """Run an S3 write of the daemon's own state until it succeeds; an outage pauses work meanwhile."""
-        attempt = 0
-        while True:
-            try:
-                await op()
-                return
-            except OcrboothError as exc:
-                attempt += 1
-                down = await self._dispatcher.s3.confirm(str(exc))
-                log.warning("%s failed, retrying", what, extra={"error": str(exc), "attempt": attempt, "s3_down": down})
-                await self._dispatcher.until_stopping(
-                    asyncio.sleep(
-                        backoff_s(
-                            attempt, initial_ms=self._s.retry.initial_backoff_ms, max_ms=self._s.retry.max_backoff_ms
-                        )
-                    )
-                )
+
+        async def on_retry(exc: Exception, failures: int, delay: float) -> None:
+            down = await self._dispatcher.s3.confirm(str(exc))
+            log.warning("%s failed, retrying", what, extra={"error": str(exc), "attempt": failures, "s3_down": down})
+
+        await retry(
+            op,
+            retry_on=OcrboothError,
+            backoff=Backoff(self._s.retry.initial_backoff_ms, self._s.retry.max_backoff_ms),
+            on_retry=on_retry,
+            sleep=lambda delay: self._dispatcher.until_stopping(asyncio.sleep(delay)),
+        )
 
     async def _process_batch(self, items: list[tuple[Any, int]], route: Route) -> None:
         """Batch mode, for handlers that do no I/O of their own (`Handler.batch_mode`): one task per fetched
@@ -579,10 +575,6 @@ class Consumer:
             self._loading.discard(tp)
 
     # ---- state for health and idle detection -----------------------------------------------------
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._tasks)
 
     def caught_up(self) -> bool:
         """Nothing in flight, nothing uncommitted, and every assigned partition read to its high watermark."""

@@ -25,10 +25,10 @@ from ocrbooth.daemon.outage import Dependency
 from ocrbooth.daemon.publisher import Publisher
 from ocrbooth.errors import FatalError, PoisonError, RequeueError, RetryableError
 from ocrbooth.handlers.base import AnyHandler
-from ocrbooth.logs import bind
+from ocrbooth.logs import log_context
 from ocrbooth.messages import MessageContext, OutputEvent
 from ocrbooth.metrics import Metrics
-from ocrbooth.retry import backoff_s
+from ocrbooth.retry import Backoff
 from ocrbooth.schemas import ErrorInfo
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,13 @@ class Dispatcher:
             await self._publisher.dead_letter(ctx, value, ErrorInfo(code=exc.code, message=exc.message))
             return "dead_lettered"
         fields = event.__dict__  # not getattr: pydantic raises (expensively) for fields a model lacks
-        bind(**{k: v for k in ("request_id", "document_id", "job_id") if isinstance(v := fields.get(k), str)})
-        handler = route.handler
+        ids = {k: v for k in ("request_id", "document_id", "job_id") if isinstance(v := fields.get(k), str)}
+        # Scoped to this message: the batch path dispatches the next one in the same task.
+        with log_context(**ids):
+            return await self._handle(value, route.handler, event, ctx)
+
+    async def _handle(self, value: bytes | None, handler: AnyHandler, event: BaseModel, ctx: MessageContext) -> str:
+        """Validate, take a slot, handle with retries; the outcome."""
         try:
             handler.validate(event)
         except PoisonError as exc:
@@ -115,10 +120,10 @@ class Dispatcher:
     async def _run(self, handler: AnyHandler, event: BaseModel, ctx: MessageContext) -> ErrorInfo | None:
         """Handle and publish with retries; None on success, else why the message failed."""
         r = self._s.retry
-        attempt = 0
+        backoff = Backoff(r.initial_backoff_ms, r.max_backoff_ms)
         outage_started: float | None = None
         while True:
-            attempt += 1
+            attempt = backoff.failures + 1  # an outage spends no attempts: it does not count a failure
             try:
                 outputs = await handler.handle(event, _with_attempt(ctx, attempt))
                 await self._publisher.publish(outputs, ctx)
@@ -131,7 +136,6 @@ class Dispatcher:
                     outage_started = outage_started or now
                     left = self._s.outage_budget_s - (now - outage_started)
                     if left > 0:
-                        attempt -= 1  # an outage spends no attempts
                         self._metrics.handler_retries.labels(ctx.topic).inc()
                         log.info("S3 is unreachable; waiting for it", extra={"error": str(exc), "budget_s": left})
                         await self.until_stopping(_wait_until(self.s3.recovered, left))
@@ -148,7 +152,7 @@ class Dispatcher:
                         message=_short(f"gave up after {attempt} attempts: [{exc.code}] {exc}"),
                     )
                 self._metrics.handler_retries.labels(ctx.topic).inc()
-                delay = backoff_s(attempt, initial_ms=r.initial_backoff_ms, max_ms=r.max_backoff_ms)
+                delay = backoff.next_s()
                 log.info(
                     "retryable failure, backing off", extra={"attempt": attempt, "error": str(exc), "delay_s": delay}
                 )

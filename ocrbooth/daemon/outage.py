@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from prometheus_client import Gauge
 
-from ocrbooth.retry import backoff_s
+from ocrbooth.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +100,9 @@ class Dependency:
         """Runs for the daemon's life: while down, probe with backoff until the dependency answers."""
         while True:
             await self._went_down.wait()
-            attempt = 0
+            backoff = Backoff(self._initial_ms, self._max_ms, floor_s=0.05)
             while self.down:
-                attempt += 1
-                await asyncio.sleep(max(0.05, backoff_s(attempt, initial_ms=self._initial_ms, max_ms=self._max_ms)))
+                await asyncio.sleep(backoff.next_s())
                 if self._probe is None or await self._try_probe():
                     self.mark_up()
 

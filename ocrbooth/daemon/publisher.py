@@ -30,7 +30,7 @@ from ocrbooth.daemon.outage import Dependency
 from ocrbooth.errors import FatalError, PoisonError
 from ocrbooth.messages import MessageContext, OutputEvent
 from ocrbooth.metrics import Metrics, observe_many
-from ocrbooth.retry import backoff_s
+from ocrbooth.retry import Backoff, retry
 from ocrbooth.schemas import DeadLetter, ErrorInfo, Header, Offloadable
 from ocrbooth.storage import S3Storage
 
@@ -235,11 +235,9 @@ class Publisher:
         producer = self._producer
         if producer is None:
             raise FatalError("publisher is not started")
-        attempt = 0
         r = self._settings.retry
-        max_backoff_ms = max(r.max_backoff_ms, 1_000)
-        while True:
-            attempt += 1
+
+        async def send_once() -> float:
             started = time.perf_counter()
             try:
                 futures = [
@@ -250,28 +248,29 @@ class Publisher:
                 for rec in records:
                     self._children(rec.topic)[1].inc()
                 raise PoisonError(f"the broker refused the output: {exc!r}", code="output_rejected") from exc
-            except (KafkaError, TopicAuthorizationFailedError) as exc:
-                # The broker is away or refuses us (ACLs being fixed): wait it out. Not the message's fault, and
-                # shutdown's drain deadline is what ends the wait.
-                for rec in records:
-                    self._children(rec.topic)[1].inc()
-                if self._broker is not None and attempt >= 2:
-                    self._broker.mark_down(repr(exc))
-                delay = backoff_s(attempt, initial_ms=r.initial_backoff_ms, max_ms=max_backoff_ms)
-                log.warning(
-                    "publish failed, retrying", extra={"attempt": attempt, "error": repr(exc), "delay_s": delay}
-                )
-                await asyncio.sleep(delay)
-                continue
-            if self._broker is not None and self._broker.down:
-                self._broker.mark_up()
-            elapsed = time.perf_counter() - started
-            per_topic = Counter(rec.topic for rec in records)
-            for topic, n in per_topic.items():
-                acked, _, seconds = self._children(topic)
-                acked.inc(n)
-                observe_many(seconds, elapsed, n)
-            return
+            return time.perf_counter() - started
+
+        async def on_retry(exc: Exception, failures: int, delay: float) -> None:
+            # The broker is away or refuses us (ACLs being fixed): wait it out.
+            for rec in records:
+                self._children(rec.topic)[1].inc()
+            if self._broker is not None and failures >= 2:
+                self._broker.mark_down(repr(exc))
+            log.warning("publish failed, retrying", extra={"attempt": failures, "error": repr(exc), "delay_s": delay})
+
+        elapsed = await retry(
+            send_once,
+            retry_on=(KafkaError, TopicAuthorizationFailedError),
+            backoff=Backoff(r.initial_backoff_ms, max(r.max_backoff_ms, 1_000)),
+            on_retry=on_retry,
+        )
+        if self._broker is not None and self._broker.down:
+            self._broker.mark_up()
+        per_topic = Counter(rec.topic for rec in records)
+        for topic, n in per_topic.items():
+            acked, _, seconds = self._children(topic)
+            acked.inc(n)
+            observe_many(seconds, elapsed, n)
 
     def _children(self, topic: str) -> tuple[Any, Any, Any]:
         """(acked, error, publish latency) children for a topic, looked up once: `.labels()` costs more than

@@ -164,6 +164,7 @@ class FinetuneHandler(Handler[FinetuneRequest]):
                 await self._set_state(req.job_id, "failed")
                 error = ErrorInfo(code="trainer_crashed", message=f"the trainer crashed {self.cfg.max_attempts} times")
                 return [self._event(job, "failed", attempt=attempt - 1, error=error)]
+            self._metrics().finetune_trainer_restarts.inc(attempt > previous + 1)  # this run replaces a crashed one
             await self._set_state(req.job_id, "running", attempts=attempt)
             code, terminal = await self._attempt(job, attempt)
             if job.cancelled.is_set():

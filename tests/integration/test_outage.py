@@ -53,7 +53,13 @@ async def test_an_s3_outage_pauses_work_and_loses_nothing(
             proxy.heal()
 
             results = await consume_all(stack.bootstrap_servers, topics.ocr_results, count=41, timeout_s=120)
-            assert (await asyncio.to_thread(http_get, f"{url}/readyz"))[0] == 200
+
+            async def ready() -> bool:
+                return (await asyncio.to_thread(http_get, f"{url}/readyz"))[0] == 200
+
+            # Work resumes as soon as a write succeeds; readiness follows at the watcher's next probe, which
+            # backs off up to the dependency's max_backoff_ms (5 s), so the results can arrive first.
+            await wait_until(ready, timeout_s=30, message="not ready again after S3 came back")
     statuses = {json.loads(r.value)["request_id"]: json.loads(r.value)["status"] for r in results}
     assert statuses == {f"req-{i}": "succeeded" for i in range(41)}
     assert daemon.consumer.counts["failed_result"] == daemon.consumer.counts["dead_lettered"] == 0

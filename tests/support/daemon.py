@@ -181,3 +181,17 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
             total += float(value)
     return total
+
+
+def trainer_pids(workdir: Path) -> list[int]:
+    """Process ids of DreamBooth trainer subprocesses whose job file lies under `workdir`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "dreambooth.train" in cmdline and str(workdir) in cmdline:
+                found.append(int(proc.name))
+    return found

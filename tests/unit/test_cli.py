@@ -3,41 +3,13 @@
 from __future__ import annotations
 
 import json
-import logging
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ocrbooth.cli import main
-from ocrbooth.config import ENV_PREFIX
 from ocrbooth.schemas import ALL_MODELS
 from ocrbooth.schemas.registry import render_json_schema
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No OCRBOOTH_* variable from the shell or another test."""
-    for name in list(os.environ):
-        if name.startswith(ENV_PREFIX):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """`run` configures the root logger before it builds the daemon; put it back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    aiokafka_level = logging.getLogger("aiokafka").level
-    try:
-        yield
-    finally:
-        for handler in list(root.handlers):
-            if handler not in handlers:
-                root.removeHandler(handler)
-        root.setLevel(level)
-        logging.getLogger("aiokafka").setLevel(aiokafka_level)
 
 
 def test_schemas_writes_one_json_schema_per_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import ssl
 from pathlib import Path
 
 import pytest
 
 from ocrbooth import constants
-from ocrbooth.config import ENV_PREFIX, Settings, load_settings
+from ocrbooth.config import Settings, load_settings
 from ocrbooth.errors import ConfigError
 
 SASL_PASSWORD = "hunter2-secret"
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Start every test from the defaults: no OCRBOOTH_* variable from the shell or another test."""
-    for name in list(os.environ):
-        if name.startswith(ENV_PREFIX):
-            monkeypatch.delenv(name)
 
 
 def _problems(exc: pytest.ExceptionInfo[ConfigError]) -> list[str]:

@@ -108,12 +108,15 @@ def _storage_down() -> RetryableError:
 
 
 async def test_transient_failures_are_retried_then_exhausted() -> None:
-    """A retryable failure with S3 answering spends attempts; max_attempts of them give retries_exhausted."""
+    """A retryable failure with S3 answering spends attempts; max_attempts of them give retries_exhausted, and
+    each retry in between is counted in ocrbooth_handler_retries_total."""
     dispatcher, handler, publisher, _, _ = _setup([_storage_down()] * 5)
     outcome = await dispatcher.dispatch(request_event(1), Route(handler, DocumentRequest), CTX)
     assert outcome == "failed_result"
     assert handler.calls == 3
     assert publisher.published[0].value.error.code == "retries_exhausted"  # type: ignore[attr-defined]
+    registry = dispatcher._metrics.registry
+    assert registry.get_sample_value("ocrbooth_handler_retries_total", {"topic": CTX.topic}) == 2
 
 
 async def test_an_s3_outage_is_waited_out_without_spending_attempts() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +18,6 @@ from ocrbooth.schemas import FinetuneRequest
 
 BUCKET = "ocrbooth"
 JOB = "job-1"
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Settings from their defaults only, whatever the calling shell exports."""
-    for key in [k for k in os.environ if k.startswith("OCRBOOTH_")]:
-        monkeypatch.delenv(key)
 
 
 def _request(**overrides: Any) -> FinetuneRequest:

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
 
-from ocrbooth.config import ENV_PREFIX, Settings, load_settings
+from ocrbooth.config import Settings, load_settings
 from ocrbooth.errors import ConfigError, FatalError, OcrboothError, PoisonError, RetryableError
 from ocrbooth.handlers import BUILTIN_HANDLERS, load_handlers
 from ocrbooth.handlers.base import Handler
 from ocrbooth.handlers.echo import FAULTS_ENV, EchoHandler
+from ocrbooth.handlers.finetune import FinetuneHandler
+from ocrbooth.handlers.ocr import OcrHandler
 from ocrbooth.messages import MessageContext, OutputEvent
 from ocrbooth.schemas import DocumentRequest, ErrorInfo, OcrResult, UriSource
 
@@ -41,14 +42,6 @@ class OnlyFinetune(Handler):
 
 
 HERE = __name__  # how pytest imported this module, so `module:Class` specs resolve to the classes above
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No OCRBOOTH_* variable (fault injection included) from the shell or another test."""
-    for name in list(os.environ):
-        if name.startswith(ENV_PREFIX):
-            monkeypatch.delenv(name)
 
 
 @pytest.fixture
@@ -112,18 +105,29 @@ def test_unimportable_module_is_a_config_error(settings: Settings) -> None:
     assert "no_such_package" in problem
 
 
-@pytest.mark.parametrize("name", ["ocr", "finetune"])
-def test_builtin_gpu_handlers_load_or_say_they_are_not_built_yet(name: str, settings: Settings) -> None:
-    """`ocr` and `finetune` either load (once their module exists) or give a clear "not part of this build" error."""
-    module_name = BUILTIN_HANDLERS[name].partition(":")[0]
-    if importlib.util.find_spec(module_name) is None:
-        with pytest.raises(ConfigError) as caught:
-            load_handlers([name], settings)
-        assert _problems(caught) == [f"handlers: {name!r} is not part of this build yet"]
-    else:
-        (handler,) = load_handlers([name], settings)
-        assert isinstance(handler, Handler)
-        assert handler.name == name
+@pytest.mark.parametrize(("name", "cls"), [("ocr", OcrHandler), ("finetune", FinetuneHandler)])
+def test_builtin_gpu_handlers_load_by_name(name: str, cls: type[Handler], settings: Settings) -> None:
+    """`ocr` and `finetune` load their handler classes by built-in name."""
+    (handler,) = load_handlers([name], settings)
+    assert type(handler) is cls
+    assert handler.name == name
+
+
+def test_a_builtin_whose_module_is_missing_is_not_part_of_this_build(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, settings: Settings
+) -> None:
+    """A built-in whose own module is absent says so plainly; one whose module fails to import a dependency
+    reports that import error instead."""
+    (tmp_path / "needs_a_dependency.py").write_text("import no_such_dependency_of_ocrbooth\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(BUILTIN_HANDLERS, "future", "ocrbooth.handlers.future_work:FutureHandler")
+    monkeypatch.setitem(BUILTIN_HANDLERS, "broken", "needs_a_dependency:Handler")
+    with pytest.raises(ConfigError) as caught:
+        load_handlers(["future", "broken"], settings)
+    assert _problems(caught) == [
+        "handlers: 'future' is not part of this build yet",
+        "handlers: cannot import 'needs_a_dependency:Handler': No module named 'no_such_dependency_of_ocrbooth'",
+    ]
 
 
 async def test_echo_answers_with_a_succeeded_result(settings: Settings) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
-from collections.abc import Iterator
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,22 +16,6 @@ from ocrbooth.logs import bind, configure_logging, current_context, log_context
 
 LOGGER = "ocrbooth.test_logs"
 DEADLINE_S = 5.0
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """configure_logging changes the root logger; put handlers and levels back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    aiokafka_level = logging.getLogger("aiokafka").level
-    try:
-        yield
-    finally:
-        for handler in list(root.handlers):
-            if handler not in handlers:
-                root.removeHandler(handler)
-        root.setLevel(level)
-        logging.getLogger("aiokafka").setLevel(aiokafka_level)
 
 
 def _json_lines(capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
@@ -51,6 +37,7 @@ def test_json_formatter_emits_one_object_per_record_with_context_and_extra(capsy
     log.info("outside")
     log.debug("below the level")
     first, second, third = _json_lines(capsys)
+    assert list(first)[:4] == ["ts", "level", "logger", "msg"]
     assert first["msg"] == "handled doc-1"
     assert first["level"] == "info"
     assert first["logger"] == LOGGER
@@ -62,7 +49,7 @@ def test_json_formatter_emits_one_object_per_record_with_context_and_extra(capsy
     assert second["offset"] == 1234
     assert "outcome" not in second
     assert third["msg"] == "outside"
-    assert not {"topic", "partition", "offset"} & third.keys()
+    assert set(third) == {"ts", "level", "logger", "msg"}  # no context outside the block, no formatter leftovers
 
 
 @pytest.mark.usefixtures("restore_logging")
@@ -85,11 +72,9 @@ def test_console_format_shows_context_as_key_values(capsys: pytest.CaptureFixtur
     with log_context(topic="ocr.requests", offset=7):
         logging.getLogger(LOGGER).info("hello", extra={"code": "x"})
     (line,) = [line for line in capsys.readouterr().err.splitlines() if LOGGER in line]
-    assert "INFO" in line
-    assert f"{LOGGER}: hello" in line
-    assert "topic=ocr.requests" in line
-    assert "offset=7" in line
-    assert "code=x" in line
+    assert "\x1b[" not in line  # no colour codes when stderr is not a terminal
+    assert re.match(rf"\d\d:\d\d:\d\d \[info\s*\] hello\s+\[{LOGGER}\] ", line), line
+    assert set(line.split(f"[{LOGGER}] ")[1].split()) == {"topic=ocr.requests", "offset=7", "code=x"}, line
 
 
 def test_log_context_nests_and_restores() -> None:
@@ -100,6 +85,32 @@ def test_log_context_nests_and_restores() -> None:
             assert current_context() == {"topic": "t", "partition": 1, "offset": 5}
         assert current_context() == {"topic": "t", "partition": 0}
     assert current_context() == {}
+
+
+def test_a_log_context_restores_its_fields_and_bind_lasts_for_the_task() -> None:
+    """On exit a block's own fields return to their earlier values (unset included) even if rebound inside;
+    a field only bind() set stays for the rest of the task."""
+
+    def in_a_fresh_context() -> dict[str, Any]:
+        with log_context(topic="t", partition=0):
+            with log_context(topic="inner"):
+                bind(topic="rebound", request_id="req-a")
+                assert current_context() == {"topic": "rebound", "partition": 0, "request_id": "req-a"}
+            assert current_context() == {"topic": "t", "partition": 0, "request_id": "req-a"}
+        return current_context()
+
+    assert contextvars.copy_context().run(in_a_fresh_context) == {"request_id": "req-a"}
+    assert current_context() == {}
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_extra_fields_win_over_context_and_odd_values_are_strings(capsys: pytest.CaptureFixture[str]) -> None:
+    """An `extra=` field overrides a bound one of the same name; values JSON cannot hold are written with str()."""
+    configure_logging("INFO", "json")
+    with log_context(code="from-context"):
+        logging.getLogger(LOGGER).warning("x", extra={"code": "from-extra", "path": Path("/data/a b")})
+    (record,) = _json_lines(capsys)
+    assert (record["code"], record["path"]) == ("from-extra", "/data/a b")
 
 
 async def test_context_set_in_a_task_does_not_leak_to_a_sibling_task() -> None:

@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from ocrbooth.config import ENV_PREFIX, load_settings
+from ocrbooth.config import load_settings
 from ocrbooth.errors import ConfigError
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Start every test from the defaults: no OCRBOOTH_* variable from the shell or another test."""
-    for name in list(os.environ):
-        if name.startswith(ENV_PREFIX):
-            monkeypatch.delenv(name)
 
 
 def _problems(caught: pytest.ExceptionInfo[ConfigError]) -> list[str]:
