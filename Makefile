@@ -51,4 +51,4 @@ bench-runtime: install
 	$(BIN)/python bench/runtime_overhead.py
 
 clean:
-	rm -rf $(VENV) .ocrbooth .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .ocrbooth .pytest_cache .mypy_cache .ruff_cache .hypothesis
