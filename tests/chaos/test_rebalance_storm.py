@@ -94,6 +94,8 @@ async def test_rebalance_storm_with_three_replicas_loses_nothing(
             member.send(signal.SIGTERM)
         for member in members + leaving:
             assert await member.wait_exit(40) == 0, member.log_tail()
+            # A member stopped while the group rebalances shuts down without a traceback (issue 9, point 5).
+            assert "Traceback" not in member.log_path.read_text(errors="replace"), member.log_tail(80)
     finally:
         for member in members + leaving:
             member.kill()
