@@ -122,3 +122,18 @@ def test_osd_output_parses_and_sample_is_a_strip_of_the_page() -> None:
     sample = sample_bands(image)
     assert sample.width == image.width
     assert sample.height < image.height / 5
+
+
+def test_a_swedish_and_danish_note_keeps_its_letters_without_a_hint(engine: TesseractEngine) -> None:
+    """The demo's Nordic note (Swedish, then Danish) read with no hint is read with both languages: the `eng`
+    sample cannot tell them apart (it drops å, ä, ö, æ, ø), and reading with one loses the other's letters."""
+    from ocrbooth.models.ocr.render import render_document
+    from ocrbooth.testing.samples import LANGUAGE_SAMPLES, text_pdf
+
+    reference = " ".join([LANGUAGE_SAMPLES["swe"], LANGUAGE_SAMPLES["dan"]])
+    (page,) = render_document(text_pdf([LANGUAGE_SAMPLES["swe"], LANGUAGE_SAMPLES["dan"]]))
+    (out,) = _read(engine, PageInput(page.image))
+    assert out.languages == ("swe", "dan"), out.languages
+    for word in ("möblerna", "Göteborg", "måndag", "møde", "København"):
+        assert word in out.text, (word, out.text)
+    assert cer(reference, out.text) <= 0.02, out.text

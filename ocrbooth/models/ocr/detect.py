@@ -39,6 +39,10 @@ MIN_SAMPLE_LETTERS = 40
 MIN_LINE_LETTERS = 15
 """Shorter sample lines are too short to classify alone; they still count towards the whole-sample guess."""
 MIX_SHARE = 0.15
+# Languages the `eng` sample cannot tell apart: it drops å, ä, ö, æ and ø, the letters that separate them. A page
+# classified as either is read with both, Swedish first: measured on the samples' Swedish, Danish and mixed pages,
+# swe+dan read all three without an error, dan+swe turned Swedish ö into å (CER 0.9 to 1.2 %).
+_NORDIC = ("swe", "dan")
 """A second language whose lines hold at least this share of the sample's letters is read alongside."""
 _LETTER = re.compile(r"[^\W\d_]", re.UNICODE)
 
@@ -141,14 +145,16 @@ class LanguageIdentifier:
             if letters >= MIN_LINE_LETTERS:
                 shares[self.classify(line)] += letters
         primary = self.classify(text)
+        nordic = primary in _NORDIC and all(code in self.languages for code in _NORDIC)
+        chosen: tuple[str, ...] = _NORDIC if nordic else (primary,)
         total = sum(shares.values())
         if not total:
-            return (primary,)
+            return chosen
         others = sorted(
-            (code for code, n in shares.items() if code != primary and n >= MIX_SHARE * total),
+            (code for code, n in shares.items() if code not in chosen and n >= MIX_SHARE * total),
             key=lambda code: (code != "eng", -shares[code]),
         )
-        return (primary, *others[:1])
+        return (*chosen, *others[:1])
 
 
 def _letters(text: str) -> int:
