@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from ocrbooth.errors import ConfigError, FatalError
 from ocrbooth.models.ocr.confidence import summarize
 from ocrbooth.models.ocr.engine import FinishReason, PageInput, PageOutput
+from ocrbooth.models.ocr.lightonocr.detokenize import PageGeneration  # the same record as the new engine's
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -109,32 +110,6 @@ class PreparedPage:
     @property
     def prompt_length(self) -> int:
         return int(self.input_ids.shape[1])
-
-
-@dataclass(slots=True)
-class PageGeneration:
-    """What the decoder produced for one page, before it becomes a PageOutput."""
-
-    token_ids: list[int]
-    """Generated ids, a final stop token included."""
-    token_probs: list[float]
-    """Probability of each generated id (softmax over the vocabulary, float32)."""
-    finish_reason: FinishReason
-    text: str = ""
-    """Detokenized text of the content tokens (special tokens skipped)."""
-    char_spans: list[tuple[int, int]] | None = None
-    """[start, end) of `text` for each content token."""
-    error_code: str | None = None
-    error_message: str | None = None
-
-    @property
-    def content_ids(self) -> list[int]:
-        """Generated ids without the final stop token."""
-        return self.token_ids[:-1] if self.finish_reason == "stop" else self.token_ids
-
-    @property
-    def content_probs(self) -> list[float]:
-        return self.token_probs[:-1] if self.finish_reason == "stop" else self.token_probs
 
 
 class LightOnOcrEngine:

@@ -32,3 +32,9 @@ class OutputEvent:
     topic: str
     key: str | None
     value: BaseModel
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters (an ellipsis marks the cut): error messages inside records must stay small
+    whatever the input put in them (a key or a field can be megabytes long)."""
+    return text if len(text) <= limit else text[:limit] + "…"

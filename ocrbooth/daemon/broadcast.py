@@ -82,7 +82,11 @@ class BroadcastConsumer:
             except Exception as exc:  # one bad command must not stop the others
                 log.exception("broadcast handler raised")
                 await self._publisher.dead_letter(
-                    ctx, record.value, ErrorInfo(code="handler_error", message=f"{type(exc).__name__}: {exc}"[:2000])
+                    ctx,
+                    record.value,
+                    ErrorInfo(
+                        code="handler_error", message=f"{type(exc).__name__}: {exc}"
+                    ),  # the publisher cuts it to fit
                 )
 
     async def close(self) -> None:

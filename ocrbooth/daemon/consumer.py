@@ -396,7 +396,9 @@ class Consumer:
             raise
         except Exception as exc:
             log.exception("dispatching a message failed")
-            error = ErrorInfo(code="internal_error", message=f"{type(exc).__name__}: {exc}"[:2000])
+            error = ErrorInfo(
+                code="internal_error", message=f"{type(exc).__name__}: {exc}"
+            )  # the publisher cuts it to fit
             return await self._dispatcher.dead_letter(ctx, value, error)
 
     async def _process(self, record: Any, route: Route, epoch: int, mode: Mode) -> None:

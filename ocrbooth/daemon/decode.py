@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from ocrbooth.constants import SCHEMA_VERSION
 from ocrbooth.errors import PoisonError
-from ocrbooth.messages import MessageContext
+from ocrbooth.messages import MessageContext, clip
 
 log = logging.getLogger(__name__)
 
@@ -88,4 +88,4 @@ def message_context(record: Any) -> MessageContext:
 
 
 def _short(text: str) -> str:
-    return text if len(text) <= _MAX_PROBLEM_CHARS else text[:_MAX_PROBLEM_CHARS] + "…"
+    return clip(text, _MAX_PROBLEM_CHARS)

@@ -26,7 +26,7 @@ from ocrbooth.daemon.publisher import Publisher
 from ocrbooth.errors import FatalError, PoisonError, RequeueError, RetryableError
 from ocrbooth.handlers.base import AnyHandler
 from ocrbooth.logs import log_context
-from ocrbooth.messages import MessageContext, OutputEvent
+from ocrbooth.messages import MessageContext, OutputEvent, clip
 from ocrbooth.metrics import Metrics
 from ocrbooth.retry import Backoff
 from ocrbooth.schemas import ErrorInfo
@@ -226,7 +226,7 @@ def _handler_error(exc: Exception) -> ErrorInfo:
 
 
 def _short(text: str) -> str:
-    return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS] + "…"
+    return clip(text, _MAX_ERROR_CHARS)
 
 
 def _with_attempt(ctx: MessageContext, attempt: int) -> MessageContext:

@@ -28,7 +28,7 @@ from ocrbooth import constants
 from ocrbooth.config import Settings
 from ocrbooth.daemon.outage import Dependency
 from ocrbooth.errors import FatalError, PoisonError
-from ocrbooth.messages import MessageContext, OutputEvent
+from ocrbooth.messages import MessageContext, OutputEvent, clip
 from ocrbooth.metrics import Metrics, observe_many
 from ocrbooth.retry import Backoff, retry
 from ocrbooth.schemas import DeadLetter, ErrorInfo, Header, Offloadable
@@ -285,9 +285,7 @@ class Publisher:
 
 
 def _fit_error(error: ErrorInfo, limit: int) -> ErrorInfo:
-    if len(error.message) <= limit:
-        return error
-    return ErrorInfo(code=error.code, message=error.message[:limit] + "…")
+    return error if len(error.message) <= limit else ErrorInfo(code=error.code, message=clip(error.message, limit))
 
 
 def _max_request_bytes(s: Settings) -> int:
