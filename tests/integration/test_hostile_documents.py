@@ -342,6 +342,12 @@ async def test_hostile_documents_get_their_codes_within_time_and_memory_bounds(
                     assert isinstance(pages, list)
                     assert [p["page_number"] for p in pages] == list(range(1, MAX_PAGES + 1))
                     assert {p["text"] for p in pages} == {"452x640"}  # A4 at 640 px
+            # Workers killed by the last bombs are being replaced: the pool must be back to full strength.
+            await wait_until(
+                lambda: metric_value(daemon.metrics(), "ocrbooth_ocr_render_workers") == 2,
+                timeout_s=60,
+                message="the render pool did not get back to 2 workers",
+            )
             metrics = daemon.metrics()
     print("\n" + "\n".join(rows))
     print(f"daemon resting RSS {resting / MIB:.0f} MiB, bound {daemon_bound / MIB:.0f} MiB")
