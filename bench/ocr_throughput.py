@@ -144,6 +144,12 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         "prefill_activation_gib": cap.activation_bytes / 2**30,
         "settings": {k: getattr(engine.config, k) for k in engine.config.__dataclass_fields__},
         "memory_allocated_gib": torch.cuda.memory_allocated() / 2**30,
+        "tuning": {
+            "decode_kernel": str(engine.runner.tuning.decode_kernel),
+            "vision_backends": [b.name for b in engine.runner.tuning.vision_backends or ()],
+            "prefill_backends": [b.name for b in engine.runner.tuning.prefill_backends or ()],
+            "measured": engine.runner.tuning.measured,
+        },
     }
     print(f"engine: {result['engine']}", flush=True)
     save()
@@ -210,6 +216,7 @@ def attention_microbench() -> list[dict[str, Any]]:
     import torch.nn.functional as F
 
     from ocrbooth.models.ocr.lightonocr.attention import paged_decode_triton
+    from ocrbooth.models.ocr.lightonocr.tuning import DECODE_CANDIDATES
 
     rows = []
     heads, kv_heads, dim, block = 16, 8, 128, 64
@@ -223,10 +230,10 @@ def attention_microbench() -> list[dict[str, Any]]:
         q = torch.randn(slots, heads, dim, device="cuda", dtype=torch.bfloat16)
         kv_bytes = 2 * slots * length * kv_heads * dim * 2
         row: dict[str, Any] = {"slots": slots, "positions": length, "kv_bytes": kv_bytes}
-        for tile, warps in [(32, 4), (64, 4), (64, 8), (128, 8)]:
+        for kernel in DECODE_CANDIDATES:
             call = (q, k, v, table, lengths, block, dim**-0.5)
-            seconds = timed_cuda(lambda c=call, t=tile, w=warps: paged_decode_triton(*c, tile=t, num_warps=w))
-            row[f"triton_tile{tile}_w{warps}_gb_s"] = kv_bytes / seconds / 1e9
+            seconds = timed_cuda(lambda c=call, kn=kernel: paged_decode_triton(*c, kernel=kn))
+            row[f"triton_tile{kernel.tile}_w{kernel.warps}_s{kernel.stages}_gb_s"] = kv_bytes / seconds / 1e9
         k = v = torch.empty(0)
         dense_k = torch.randn(slots, kv_heads, length, dim, device="cuda", dtype=torch.bfloat16)
         dense_v = torch.randn_like(dense_k)
@@ -549,6 +556,11 @@ def profile(engine: Any, image: Any) -> dict[str, Any]:
         seconds = (time.perf_counter() - start_t) / 3
         out["prefill"].append({"pages": batch, "seconds": seconds, "ms_per_page": seconds / batch * 1e3})
         print(f"profile prefill: {out['prefill'][-1]}", flush=True)
+    pages4 = [prepared] * 4
+    with torch.inference_mode():
+        vision_s = timed_cuda(lambda: runner.encode_images(pages4), repeats=3, warmup=1)
+    out["vision_ms_per_page"] = vision_s / 4 * 1e3  # the encoder alone, batches of 4 pages, tuned backend
+    print(f"profile vision alone: {out['vision_ms_per_page']:.1f} ms/page", flush=True)
     return out
 
 

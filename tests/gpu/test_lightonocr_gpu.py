@@ -14,7 +14,12 @@ from PIL import Image  # noqa: E402
 
 from ocrbooth.models.ocr.engine import PageInput  # noqa: E402
 from ocrbooth.models.ocr.lightonocr import EngineConfig, LightOnOcrEngine, PageGeneration, RepetitionGuard  # noqa: E402
-from ocrbooth.models.ocr.lightonocr.attention import paged_decode_reference, paged_decode_triton  # noqa: E402
+from ocrbooth.models.ocr.lightonocr.attention import (  # noqa: E402
+    DecodeKernel,
+    paged_decode_reference,
+    paged_decode_triton,
+)
+from ocrbooth.models.ocr.lightonocr.tuning import DECODE_CANDIDATES  # noqa: E402
 from ocrbooth.testing.tiny_lightonocr import build_tiny_lightonocr  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -71,20 +76,30 @@ def test_continuous_batch_matches_single_pages(tiny_dir: Path, dtype: str) -> No
                 assert g.token_probs == pytest.approx(a.token_probs, abs=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_decode_kernel_matches_reference(dtype: torch.dtype) -> None:
-    """The split-K paged kernel equals gather + SDPA for idle slots, short slots and slots over several splits,
-    with shuffled blocks."""
+def _fits(kernel: DecodeKernel, dtype: torch.dtype, dim: int = 128) -> bool:
+    """K and V tiles of every stage in shared memory (float32 tiles of the deepest configurations do not fit;
+    the engine's tuning skips what fails to compile, and runs bfloat16 on CUDA by default)."""
+    return kernel.tile * dim * dtype.itemsize * 2 * kernel.stages <= 160 * 1024
+
+
+@pytest.mark.parametrize(
+    ("dtype", "kernel"),
+    [(d, k) for d in (torch.float32, torch.bfloat16) for k in DECODE_CANDIDATES if _fits(k, d)],
+    ids=str,
+)
+def test_triton_decode_kernel_matches_reference(dtype: torch.dtype, kernel: DecodeKernel) -> None:
+    """Every launch configuration the engine may choose: the split-K paged kernel equals gather + SDPA for
+    idle slots, short slots and slots over several splits (lengths off tile boundaries), with shuffled blocks."""
     torch.manual_seed(0)
-    slots, heads, kv_heads, dim, block, width = 6, 16, 8, 128, 64, 40
+    slots, heads, kv_heads, dim, block, width = 7, 16, 8, 128, 64, 40
     blocks = slots * width + 1
     k = torch.randn(blocks * block, kv_heads, dim, device="cuda", dtype=dtype)
     v = torch.randn(blocks * block, kv_heads, dim, device="cuda", dtype=dtype)
     table = (torch.randperm(blocks - 1, device="cuda")[: slots * width] + 1).reshape(slots, width).int()
-    lengths = torch.tensor([0, 1, 63, 512, 1500, width * block], device="cuda", dtype=torch.int32)
+    lengths = torch.tensor([0, 1, 63, 512, 545, 1500, width * block], device="cuda", dtype=torch.int32)
     q = torch.randn(slots, heads, dim, device="cuda", dtype=dtype)
     want = paged_decode_reference(q.float(), k.float(), v.float(), table, lengths, block, dim**-0.5, width * block)
-    got = paged_decode_triton(q, k, v, table, lengths, block, dim**-0.5).float()
+    got = paged_decode_triton(q, k, v, table, lengths, block, dim**-0.5, kernel=kernel).float()
     assert torch.isfinite(got).all()
     error = (got - want).norm() / want.norm()
     assert error < (1e-5 if dtype == torch.float32 else 1e-2), float(error)
@@ -97,6 +112,7 @@ def test_cuda_graphs_and_triton_match_eager_reference(tiny_dir: Path) -> None:
     graphed = load(tiny_dir, dtype="float32")
     assert graphed.runner.config is not None
     assert graphed.runner.config.use_triton
+    assert graphed.runner.tuning.measured["decode_kv_gb_s"], "the engine measured its decode kernel at load"
     for result in (graphed.generate(pages()), graphed.generate(pages())):
         assert [g.token_ids for g in result] == [g.token_ids for g in eager], first_difference(result, eager)
         for g, e in zip(result, eager, strict=True):

@@ -39,6 +39,17 @@ except ImportError:  # pragma: no cover - depends on the install
     HAVE_TRITON = False
 
 
+@dataclass(frozen=True, slots=True)
+class DecodeKernel:
+    """Launch configuration of the Triton decode kernel: positions per tile (a divisor of the KV block size),
+    warps per program and tiles kept in flight. It changes speed only: the reduction order is fixed by
+    `SPLIT_TOKENS` and the tile, and one engine uses one configuration for all its pages."""
+
+    tile: int = 64
+    warps: int = 4
+    stages: int = 2
+
+
 @dataclass(slots=True)
 class ForwardContext:
     """What the attention functions need besides q/k/v for the forward being run."""
@@ -56,6 +67,10 @@ class ForwardContext:
     max_seq_len: int = 0
     """decode on the reference path: positions to gather (the longest slot's length, or the capacity)."""
     use_triton: bool = False
+    kernel: DecodeKernel | None = None
+    """decode on the Triton path: its launch configuration."""
+    sdpa_backends: tuple[Any, ...] | None = None
+    """prefill/vision: SDPA backends in priority order (None: PyTorch's default order)."""
     cache: PagedKVCache | None = None
     """decode: the cache the attention reads."""
 
@@ -131,7 +146,7 @@ def decoder_attention(
         return _sdpa_fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if ctx.mode == "prefill":
         assert ctx.segments is not None
-        return _segments(query, key, value, ctx.segments, causal=True, scale=scale), None
+        return _segments(query, key, value, ctx.segments, causal=True, scale=scale, backends=ctx.sdpa_backends), None
     layer = int(getattr(module, "layer_idx"))  # noqa: B009  # transformers' attention modules carry it
     cache = ctx.cache
     assert cache is not None
@@ -140,7 +155,9 @@ def decoder_attention(
     q = query[:, :, 0]  # [slots, heads, dim]
     k_cache, v_cache = cache.keys[layer], cache.values[layer]
     if ctx.use_triton:
-        out = paged_decode_triton(q, k_cache, v_cache, ctx.block_table, ctx.seq_lens, cache.block_size, scale)
+        out = paged_decode_triton(
+            q, k_cache, v_cache, ctx.block_table, ctx.seq_lens, cache.block_size, scale, kernel=ctx.kernel
+        )
     else:
         out = paged_decode_reference(
             q, k_cache, v_cache, ctx.block_table, ctx.seq_lens, cache.block_size, scale, ctx.max_seq_len
@@ -162,13 +179,27 @@ def vision_attention(
     if ctx is None or ctx.mode != "vision" or ctx.segments is None:
         return _sdpa_fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return _segments(query, key, value, ctx.segments, causal=False, scale=scale), None
+    out = _segments(query, key, value, ctx.segments, causal=False, scale=scale, backends=ctx.sdpa_backends)
+    return out, None
 
 
 def _segments(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: list[int], *, causal: bool, scale: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    segments: list[int],
+    *,
+    causal: bool,
+    scale: float,
+    backends: tuple[Any, ...] | None = None,
 ) -> torch.Tensor:
-    """Attention within each segment of a flat [1, heads, tokens, dim] sequence; [1, tokens, heads, dim]."""
+    """Attention within each segment of a flat [1, heads, tokens, dim] sequence; [1, tokens, heads, dim].
+    `backends`: SDPA backends in priority order (the engine's measured choice), else PyTorch's default."""
+    if backends is not None:
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(list(backends), set_priority=True):
+            return _segments(query, key, value, segments, causal=causal, scale=scale)
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
@@ -236,6 +267,7 @@ if HAVE_TRITON:
         BLOCK_SIZE: tl.constexpr,
         TILE: tl.constexpr,
         SPLIT: tl.constexpr,
+        STAGES: tl.constexpr,
         IEEE: tl.constexpr,
     ):
         slot = tl.program_id(0)
@@ -254,32 +286,33 @@ if HAVE_TRITON:
             m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
             total = tl.zeros([GROUP_PAD], tl.float32)
             acc = tl.zeros([GROUP_PAD, DIM], tl.float32)
-            for i in range(0, SPLIT // TILE):  # constant trip count; tiles past the end are skipped
-                t0 = start + i * TILE
-                if t0 < end:
-                    t = t0 + tl.arange(0, TILE)
-                    valid = t < end
-                    block = tl.load(BlockTable + slot * stride_bt + t // BLOCK_SIZE, mask=valid, other=0)
-                    rows = block.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE
-                    offsets = rows[:, None] * stride_kr + kv_head * stride_kh + d[None, :]
-                    k = tl.load(K + offsets, mask=valid[:, None], other=0.0)
-                    # the query heads of this KV head are the rows of one tensor-core product (padded to 16)
-                    if IEEE:
-                        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-                    else:
-                        scores = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, TILE], float32
-                    scores = tl.where(valid[None, :], scores, float("-inf"))
-                    m_new = tl.maximum(m, tl.max(scores, axis=1))
-                    alpha = tl.exp(m - m_new)
-                    p = tl.exp(scores - m_new[:, None])
-                    total = total * alpha + tl.sum(p, axis=1)
-                    v = tl.load(V + offsets, mask=valid[:, None], other=0.0)
-                    if IEEE:  # noqa: SIM108  # Triton prunes a constexpr branch only in an if statement
-                        update = tl.dot(p, v, input_precision="ieee")
-                    else:
-                        update = tl.dot(p.to(v.dtype), v)
-                    acc = acc * alpha[:, None] + update
-                    m = m_new
+            # A loop bounded by the slot's own end (no skipped iterations), so Triton can keep STAGES tiles of
+            # K and V in flight; a tile never crosses a KV block (TILE divides BLOCK_SIZE), so its rows are
+            # one contiguous run found with one block-table read.
+            for t0 in tl.range(start, end, TILE, num_stages=STAGES):
+                t = t0 + tl.arange(0, TILE)
+                valid = t < end
+                block = tl.load(BlockTable + slot * stride_bt + t0 // BLOCK_SIZE).to(tl.int64)
+                rows = block * BLOCK_SIZE + (t0 % BLOCK_SIZE) + tl.arange(0, TILE)
+                offsets = rows[:, None] * stride_kr + kv_head * stride_kh + d[None, :]
+                k = tl.load(K + offsets, mask=valid[:, None], other=0.0)
+                v = tl.load(V + offsets, mask=valid[:, None], other=0.0)
+                # the query heads of this KV head are the rows of one tensor-core product (padded to 16)
+                if IEEE:
+                    scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+                else:
+                    scores = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, TILE], float32
+                scores = tl.where(valid[None, :], scores, float("-inf"))
+                m_new = tl.maximum(m, tl.max(scores, axis=1))
+                alpha = tl.exp(m - m_new)
+                p = tl.exp(scores - m_new[:, None])
+                total = total * alpha + tl.sum(p, axis=1)
+                if IEEE:  # noqa: SIM108  # Triton prunes a constexpr branch only in an if statement
+                    update = tl.dot(p, v, input_precision="ieee")
+                else:
+                    update = tl.dot(p.to(v.dtype), v)
+                acc = acc * alpha[:, None] + update
+                m = m_new
             out_ptr = PartOut + slot * stride_ps + heads[:, None] * stride_ph + split * stride_pk + d[None, :]
             tl.store(out_ptr, acc / total[:, None], mask=(g < GROUP)[:, None])
             lse_ptr = PartLse + slot * stride_ls + heads * stride_lh + split
@@ -331,10 +364,13 @@ def paged_decode_triton(
     block_size: int,
     scale: float,
     *,
-    tile: int = 64,
-    num_warps: int = 4,
+    kernel: DecodeKernel | None = None,
 ) -> torch.Tensor:
-    """Split-K paged decode attention: q [slots, heads, dim] -> [slots, heads, dim] in q's dtype."""
+    """Split-K paged decode attention: q [slots, heads, dim] -> [slots, heads, dim] in q's dtype. `kernel`:
+    the launch configuration (default `DecodeKernel()`; the engine measures candidates at load)."""
+    kernel = kernel or DecodeKernel()
+    if block_size % kernel.tile:
+        raise ValueError(f"decode kernel tile {kernel.tile} must divide the KV block size {block_size}")
     slots, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
@@ -365,10 +401,11 @@ def paged_decode_triton(
         GROUP_PAD=max(16, 1 << (group - 1).bit_length()),  # tl.dot needs 16 rows
         DIM=dim,
         BLOCK_SIZE=block_size,
-        TILE=tile,
+        TILE=kernel.tile,
         SPLIT=SPLIT_TOKENS,
+        STAGES=kernel.stages,
         IEEE=q.dtype == torch.float32,
-        num_warps=num_warps,
+        num_warps=kernel.warps,
     )
     _paged_decode_merge[(slots, heads)](
         part_out,

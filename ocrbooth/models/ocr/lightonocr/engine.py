@@ -62,6 +62,9 @@ class EngineConfig:
     """Waiting pages preprocessed ahead of admission (each holds its pixels in host memory)."""
     preprocess_threads: int = 4
     """Threads running the processor (resize, normalize, tokenize) ahead of the GPU."""
+    autotune: bool = True
+    """On CUDA, time the decode kernel's launch configurations and the attention backends at load (a few
+    seconds) and use the fastest; off: the defaults."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -167,6 +170,8 @@ class LightOnOcrEngine:
         eos = self._eos_override if self._eos_override is not None else _eos_ids(net, processor)
         runner = ModelRunner(net, device=self.device, dtype=self.dtype)
         try:
+            if self.config.autotune:
+                self._tune(runner)
             self.capacity = self._size(runner)
             runner.allocate(
                 RunnerConfig(
@@ -195,6 +200,21 @@ class LightOnOcrEngine:
             cap.max_slots,
             cap.max_page_tokens,
             cap.activation_bytes / _GIB,
+        )
+
+    def _tune(self, runner: ModelRunner) -> None:
+        cfg = self.config
+        longest = int(self.processor.image_processor.size["longest_edge"])
+        from PIL import Image
+
+        largest = PageInput(Image.new("RGB", (longest, longest), "white"), max_new_tokens=1)
+        merge = int(runner.net.config.spatial_merge_size)
+        runner.tune(
+            slots=cfg.max_slots,
+            block_size=cfg.block_size,
+            max_blocks_per_slot=-(-(self.builder.prompt_length(largest) + cfg.max_new_tokens) // cfg.block_size),
+            prompt_tokens=self.builder.prompt_length(largest),
+            patches=self.builder.image_token_count(largest.image) * merge * merge,
         )
 
     def _use_triton(self) -> bool:

@@ -21,6 +21,7 @@ on the device inside the step.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,9 @@ from ocrbooth.models.ocr.lightonocr.attention import (
 from ocrbooth.models.ocr.lightonocr.inputs import PreparedPage
 from ocrbooth.models.ocr.lightonocr.kv_cache import TRASH_BLOCK, KVCacheSpec
 from ocrbooth.models.ocr.lightonocr.repetition import RepetitionGuard, RepetitionTracker
+from ocrbooth.models.ocr.lightonocr.tuning import Tuning, tune_decode_kernel, tune_sdpa
+
+log = logging.getLogger(__name__)
 
 # Finish codes kept on the device (index into FINISH).
 RUNNING, STOP, LENGTH, REPETITION = 0, 1, 2, 3
@@ -161,6 +165,7 @@ class ModelRunner:
         self._chunk = 0
         self._active_from: dict[int, int] = {}  # slot -> first snapshot that reflects its page
         self._slot_request: dict[int, int] = {}
+        self.tuning = Tuning()
         register()
         net.model.language_model.set_attn_implementation(DECODER_ATTENTION)
         net.model.vision_encoder.set_attn_implementation(VISION_ATTENTION)
@@ -175,6 +180,54 @@ class ModelRunner:
         net.to(device)
         net.eval()
         return net
+
+    def tune(self, *, slots: int, block_size: int, max_blocks_per_slot: int, prompt_tokens: int, patches: int) -> None:
+        """Measure the decode kernel's configurations and the SDPA backends on this card and keep the fastest
+        (CUDA with Triton only; run before the KV cache is allocated)."""
+        if not self.cuda:
+            return
+        text = self.net.config.text_config
+        vision = self.net.config.vision_config
+        tuning = Tuning()
+        if HAVE_TRITON:
+            tuning.decode_kernel, rates = tune_decode_kernel(
+                device=self.device,
+                dtype=self.dtype,
+                heads=int(text.num_attention_heads),
+                kv_heads=self.kv_heads,
+                head_dim=self.head_dim,
+                block_size=block_size,
+                max_blocks_per_slot=max_blocks_per_slot,
+                slots=slots,
+                context=prompt_tokens + 512,  # a page some way into its output
+            )
+            tuning.measured["decode_kv_gb_s"] = rates
+        vision_heads = int(vision.num_attention_heads)
+        tuning.vision_backends, tuning.measured["vision_sdpa_ms"] = tune_sdpa(
+            device=self.device,
+            dtype=self.dtype,
+            heads=vision_heads,
+            tokens=patches,
+            head_dim=int(vision.hidden_size) // vision_heads,
+            causal=False,
+        )
+        tuning.prefill_backends, tuning.measured["prefill_sdpa_ms"] = tune_sdpa(
+            device=self.device,
+            dtype=self.dtype,
+            heads=int(text.num_attention_heads),
+            tokens=prompt_tokens,
+            head_dim=self.head_dim,
+            causal=True,
+        )
+        self.tuning = tuning
+        torch.cuda.empty_cache()  # the synthetic caches and inputs are gone: give their memory back for sizing
+        log.info(
+            "LightOnOCR tuning: decode kernel %s, vision attention %s, prefill attention %s; measured %s",
+            tuning.decode_kernel,
+            tuning.vision_backends[0].name if tuning.vision_backends else "default",
+            tuning.prefill_backends[0].name if tuning.prefill_backends else "default",
+            tuning.measured,
+        )
 
     def kv_spec(self, block_size: int) -> KVCacheSpec:
         return KVCacheSpec(self.layers, self.kv_heads, self.head_dim, self.dtype.itemsize, block_size)
@@ -268,7 +321,14 @@ class ModelRunner:
 
     def _prefill_forward(self, pages: list[PreparedPage], *, write_index: torch.Tensor | None) -> None:
         net = self.net
-        features = self.encode_images(pages)
+        try:
+            features = self.encode_images(pages)
+        except RuntimeError as exc:  # a measured backend refusing an input shape it was not timed on
+            if self.tuning.vision_backends is None or "CUDA error" in str(exc):
+                raise
+            log.warning("vision attention backend failed (%s); using PyTorch's default order", exc)
+            self.tuning.vision_backends = None
+            features = self.encode_images(pages)
         embeds = []
         for page, feats in zip(pages, features, strict=True):
             ids = _to_device(page.input_ids, self.device)
@@ -278,7 +338,13 @@ class ModelRunner:
             embeds.append(embed)
         segments = [page.prompt_length - 1 for page in pages]
         positions = torch.cat([torch.arange(n) for n in segments])
-        ctx = ForwardContext("prefill", segments=segments, write_index=write_index, cache=self.cache)
+        ctx = ForwardContext(
+            "prefill",
+            segments=segments,
+            write_index=write_index,
+            cache=self.cache,
+            sdpa_backends=self.tuning.prefill_backends,
+        )
         with forward_context(ctx):
             net.model.language_model(
                 inputs_embeds=torch.cat(embeds)[None],
@@ -306,7 +372,9 @@ class ModelRunner:
             positions.append(torch.stack([hpos.flatten(), wpos.flatten()], dim=-1))
         embeds = vision.ln_pre(torch.cat(grids)[None])
         position_embeddings = vision.patch_positional_embedding(embeds, torch.cat(positions))
-        ctx = ForwardContext("vision", segments=[int(g.shape[0]) for g in grids])
+        ctx = ForwardContext(
+            "vision", segments=[int(g.shape[0]) for g in grids], sdpa_backends=self.tuning.vision_backends
+        )
         with forward_context(ctx):
             hidden = vision.transformer(embeds, attention_mask=None, position_embeddings=position_embeddings)
         sizes = [page.image_size for page in pages]
@@ -441,6 +509,7 @@ class ModelRunner:
             seq_lens=seq_lens,
             max_seq_len=(max(1, int(seq_lens.max())) if not self.cuda else table.shape[1] * block_size),
             use_triton=config.use_triton,
+            kernel=self.tuning.decode_kernel,
             cache=cache,
         )
         with forward_context(ctx):

@@ -1,0 +1,172 @@
+"""Load-time choices measured on this card (vLLM and TensorRT-LLM tune their kernels the same way):
+
+- the Triton decode kernel's launch configuration (positions per tile, warps, tiles in flight), timed on a
+  synthetic paged cache of the engine's slot count at a full page's context;
+- the SDPA backend for the vision encoder (non-causal, head dim 64, ~9,000 patches a page) and for the
+  decoder's prefill (causal, head dim 128), among flash, cuDNN and memory-efficient attention.
+
+Each candidate's output is checked against the default before its time counts, so a configuration that
+computes something else is never chosen; a candidate that fails to run is skipped. It takes a few seconds
+and runs before the KV cache is allocated; the caller gives its buffers back (`torch.cuda.empty_cache()`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ocrbooth.models.ocr.lightonocr.attention import DecodeKernel, paged_decode_triton
+
+log = logging.getLogger(__name__)
+
+DECODE_CANDIDATES: Final = (
+    DecodeKernel(64, 4, 2),
+    DecodeKernel(64, 4, 3),
+    DecodeKernel(64, 4, 4),
+    DecodeKernel(32, 4, 3),
+    DecodeKernel(32, 2, 4),
+    DecodeKernel(64, 8, 3),
+)
+SDPA_CANDIDATES: Final = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
+_FALLBACKS: Final = (
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+)
+_TOLERANCE: Final = 2e-2  # bf16 outputs of the same attention in another order differ by ~1e-3
+
+
+@dataclass(slots=True)
+class Tuning:
+    """What the engine uses, and what was measured to choose it (for logs and benchmarks)."""
+
+    decode_kernel: DecodeKernel = field(default_factory=DecodeKernel)
+    vision_backends: tuple[SDPBackend, ...] | None = None
+    """SDPA backends in priority order for the vision encoder (None: PyTorch's default order)."""
+    prefill_backends: tuple[SDPBackend, ...] | None = None
+    measured: dict[str, Any] = field(default_factory=dict)
+
+
+def priority(backend: SDPBackend) -> tuple[SDPBackend, ...]:
+    """`backend` first, then PyTorch's usual ones, for inputs the chosen backend does not take."""
+    return (backend, *(b for b in _FALLBACKS if b != backend))
+
+
+def _median_ms(fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(float(start.elapsed_time(end)))
+    return sorted(times)[len(times) // 2]
+
+
+def tune_decode_kernel(
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    max_blocks_per_slot: int,
+    slots: int,
+    context: int,
+    candidates: Sequence[DecodeKernel] = DECODE_CANDIDATES,
+) -> tuple[DecodeKernel, dict[str, float]]:
+    """The fastest correct candidate at `slots` slots of `context` positions each; GB/s of K/V per candidate."""
+    blocks_per_slot = -(-context // block_size)
+    rows = (slots * blocks_per_slot + 1) * block_size
+    generator = torch.Generator(device=device).manual_seed(0)
+    k_cache = torch.randn(rows, kv_heads, head_dim, device=device, dtype=dtype, generator=generator)
+    v_cache = torch.randn(rows, kv_heads, head_dim, device=device, dtype=dtype, generator=generator)
+    order = torch.randperm(slots * blocks_per_slot, device=device, generator=generator).to(torch.int32) + 1
+    table = torch.zeros(slots, max(max_blocks_per_slot, blocks_per_slot), dtype=torch.int32, device=device)
+    table[:, :blocks_per_slot] = order.view(slots, blocks_per_slot)
+    lengths = torch.full((slots,), context, dtype=torch.int32, device=device)
+    q = torch.randn(slots, heads, head_dim, device=device, dtype=dtype, generator=generator)
+    scale = head_dim**-0.5
+    kv_bytes = slots * context * kv_heads * head_dim * dtype.itemsize * 2
+    default = DecodeKernel()
+    expected = paged_decode_triton(q, k_cache, v_cache, table, lengths, block_size, scale, kernel=default).float()
+    rates: dict[str, float] = {}
+    best, best_ms = default, float("inf")
+    for kernel in candidates:
+        if block_size % kernel.tile:
+            continue
+        name = f"tile{kernel.tile}_w{kernel.warps}_s{kernel.stages}"
+        try:
+            got = paged_decode_triton(q, k_cache, v_cache, table, lengths, block_size, scale, kernel=kernel)
+            error = float((got.float() - expected).abs().max())
+            if error > _TOLERANCE:
+                log.warning("decode kernel %s differs from the default by %.3g; not used", name, error)
+                continue
+
+            def launch(k: DecodeKernel = kernel) -> torch.Tensor:
+                return paged_decode_triton(q, k_cache, v_cache, table, lengths, block_size, scale, kernel=k)
+
+            ms = _median_ms(launch)
+        except Exception as exc:  # a configuration this card or Triton build cannot compile or run
+            log.info("decode kernel %s skipped: %s", name, str(exc).splitlines()[0][:200])
+            continue
+        rates[name] = kv_bytes / ms / 1e6
+        if ms < best_ms:
+            best, best_ms = kernel, ms
+    return best, rates
+
+
+def tune_sdpa(
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    heads: int,
+    tokens: int,
+    head_dim: int,
+    causal: bool,
+    candidates: Sequence[SDPBackend] = SDPA_CANDIDATES,
+) -> tuple[tuple[SDPBackend, ...] | None, dict[str, float]]:
+    """The fastest correct backend for one segment of `tokens` (the layout the encoder hands over: heads
+    transposed out of [tokens, heads, dim]); milliseconds per candidate."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (
+        torch.randn(1, tokens, heads, head_dim, device=device, dtype=dtype, generator=generator).transpose(1, 2)
+        for _ in range(3)
+    )
+
+    def attend() -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    timings: dict[str, float] = {}
+    reference: torch.Tensor | None = None
+    best: SDPBackend | None = None
+    best_ms = float("inf")
+    with torch.inference_mode():
+        for backend in candidates:
+            try:
+                with sdpa_kernel([backend]):
+                    got = attend().float()
+                    if reference is None:
+                        reference = got
+                    elif float((got - reference).abs().max()) > _TOLERANCE:
+                        log.warning("SDPA backend %s differs from %s; not used", backend.name, candidates[0].name)
+                        continue
+                    ms = _median_ms(attend, repeats=5, warmup=1)
+            except Exception as exc:  # not available for these inputs on this card
+                log.info("SDPA backend %s skipped: %s", backend.name, str(exc).splitlines()[0][:200])
+                continue
+            timings[backend.name] = ms
+            if ms < best_ms:
+                best, best_ms = backend, ms
+    return (priority(best) if best is not None else None), timings
