@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 VLLM_REFERENCE_PAGES_PER_S = 5.71  # LightOnOCR-1B model card: vLLM on one H100
-SIZES = {"portrait": (1176, 1540), "landscape": (1540, 1000)}
 
 
 def main() -> int:
@@ -75,11 +74,10 @@ def ints(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> None:
-    import numpy as np
     import torch
     import transformers
-    from PIL import Image
 
+    from ocrbooth.testing.ocr_workload import noise_pages
     from ocrbooth.testing.tiny_lightonocr import build_full_size_lightonocr
 
     if not torch.cuda.is_available():
@@ -113,8 +111,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         print(f"[{name}: {time.perf_counter() - started:.0f} s]", flush=True)
         save()
 
-    rng = np.random.default_rng(0)
-    images = {k: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for k, (w, h) in SIZES.items()}
+    images = noise_pages()
     section("ceilings", ceilings)
     section("attention", attention_microbench)
     started = time.perf_counter()
@@ -379,11 +376,21 @@ class StepLog:
 
 
 def run_pages(
-    engine: Any, pages: list[Any], outstanding: int, log: StepLog, deadline_s: float = 1800
+    engine: Any,
+    pages: list[Any],
+    outstanding: int,
+    log: StepLog,
+    deadline_s: float = 1800,
+    *,
+    keep_times: bool = False,
 ) -> dict[str, Any]:
     """Submit pages keeping at most `outstanding` unfinished; per-page latency and completion times. Past
-    `deadline_s` the figures cover the pages finished by then (`completed`)."""
+    `deadline_s` the figures cover the pages finished by then (`completed`). `keep_times`: also return every
+    completion time (seconds from the first submission, sorted) as `completion_s`. Runs on CPU engines too
+    (no memory figures there)."""
     import torch
+
+    cuda = torch.cuda.is_available() and engine.device.type == "cuda"
 
     core = engine.worker(span_threshold=0.5, on_step=log)
     core.start()
@@ -393,7 +400,8 @@ def run_pages(
     finished = threading.Event()
     remaining = [len(pages)]
     lock = threading.Lock()
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     try:
         for index, page in enumerate(pages):
@@ -424,7 +432,7 @@ def run_pages(
     lo, hi = order[len(order) // 10], order[len(order) * 9 // 10]
     steady = (len(order) * 9 // 10 - len(order) // 10) / max(hi - lo, 1e-9)
     lat = sorted(finished_latency)
-    return {
+    out: dict[str, Any] = {
         "pages": len(pages),
         "completed": len(completed),
         "seconds": wall,
@@ -432,10 +440,14 @@ def run_pages(
         "steady_pages_per_s": steady,
         "latency_p50_s": lat[len(lat) // 2],
         "latency_p95_s": lat[int(len(lat) * 0.95)],
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "reserved_memory_gib": torch.cuda.memory_reserved() / 2**30,
-        "steps": log.summary(),
     }
+    if cuda:
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["reserved_memory_gib"] = torch.cuda.memory_reserved() / 2**30
+    out["steps"] = log.summary()
+    if keep_times:
+        out["completion_s"] = order
+    return out
 
 
 def fixed_lengths(
@@ -477,20 +489,20 @@ def stream(
     import numpy as np
 
     from ocrbooth.models.ocr.engine import PageInput
+    from ocrbooth.testing.ocr_workload import SIZES, STREAM_SEED, stream_workload
 
-    rng = np.random.default_rng(20261127)
-    kinds = rng.choice(3, size=count, p=[0.15, 0.60, 0.25])
-    bounds = [(5, 100), (300, 900), (1200, 2500)]
-    lengths = [int(rng.integers(bounds[k][0], bounds[k][1] + 1)) for k in kinds]
+    workload = stream_workload(count)
+    kinds = np.array([p.kind for p in workload])
+    lengths = [p.max_new_tokens for p in workload]
+    which = [p.size for p in workload]
     names = list(images)
-    which = [names[int(i)] for i in rng.integers(0, len(names), size=count)]
     pages = [PageInput(images[w], max_new_tokens=n) for w, n in zip(which, lengths, strict=True)]
     shapes = {name: page_shape(engine, images[name]) for name in names}
     out = run_pages(engine, pages, outstanding, StepLog(), deadline_s)
     out["floor"] = floor([(shapes[w][0], n, shapes[w][1]) for w, n in zip(which, lengths, strict=True)], model, ceil)
     out["fraction_of_floor"] = out["steady_pages_per_s"] / out["floor"]["pages_per_s"]
     out["distribution"] = {
-        "seed": 20261127,
+        "seed": STREAM_SEED,
         "short_5_100": int((kinds == 0).sum()),
         "medium_300_900": int((kinds == 1).sum()),
         "long_1200_2500": int((kinds == 2).sum()),

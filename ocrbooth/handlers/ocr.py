@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from ocrbooth.config import OcrSettings, Settings
 from ocrbooth.errors import ConfigError, FatalError, OcrboothError, PoisonError
@@ -47,6 +47,9 @@ from ocrbooth.schemas import (
 )
 from ocrbooth.storage import parse_s3_uri
 
+if TYPE_CHECKING:
+    from ocrbooth.models.ocr.lightonocr import EngineConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -61,6 +64,21 @@ def _cuda_available() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "no CUDA device"
     return True, f"CUDA device {torch.cuda.get_device_name(0)}"
+
+
+def lightonocr_config(cfg: OcrSettings) -> EngineConfig:
+    """The LightOnOCR engine's capacity and pacing from the operator's OCR settings (imports torch)."""
+    from ocrbooth.models.ocr.lightonocr import EngineConfig
+
+    return EngineConfig(
+        max_slots=cfg.engine_max_slots,
+        gpu_memory_fraction=cfg.gpu_memory_fraction,
+        kv_cache_tokens=cfg.kv_cache_tokens,
+        max_prefill_tokens=cfg.max_prefill_tokens,
+        steps_per_sync=cfg.decode_steps_per_sync,
+        max_new_tokens=cfg.max_new_tokens_cap,
+        preprocess_threads=cfg.preprocess_threads,
+    )
 
 
 def load_engines(cfg: OcrSettings) -> tuple[str, dict[str, OcrEngine]]:
@@ -83,21 +101,9 @@ def load_engines(cfg: OcrSettings) -> tuple[str, dict[str, OcrEngine]]:
         cuda, why = _cuda_available()
         if cfg.engine == "lightonocr" or cuda:
             try:
-                from ocrbooth.models.ocr.lightonocr import EngineConfig, LightOnOcrEngine
+                from ocrbooth.models.ocr.lightonocr import LightOnOcrEngine
 
-                engine = LightOnOcrEngine(
-                    cfg.model,
-                    device=cfg.device,
-                    config=EngineConfig(
-                        max_slots=cfg.engine_max_slots,
-                        gpu_memory_fraction=cfg.gpu_memory_fraction,
-                        kv_cache_tokens=cfg.kv_cache_tokens,
-                        max_prefill_tokens=cfg.max_prefill_tokens,
-                        steps_per_sync=cfg.decode_steps_per_sync,
-                        max_new_tokens=cfg.max_new_tokens_cap,
-                        preprocess_threads=cfg.preprocess_threads,
-                    ),
-                )
+                engine = LightOnOcrEngine(cfg.model, device=cfg.device, config=lightonocr_config(cfg))
                 engine.load()
                 engines["lightonocr"] = cast(OcrEngine, engine)  # its `model` is always a str
                 log.info("OCR engine: lightonocr (%s; model %s)", why, cfg.model)
