@@ -203,12 +203,19 @@ class LightOnOcrEngine:
         )
 
     def _tune(self, runner: ModelRunner) -> None:
-        cfg = self.config
         longest = int(self.processor.image_processor.size["longest_edge"])
         from PIL import Image
 
         largest = PageInput(Image.new("RGB", (longest, longest), "white"), max_new_tokens=1)
         merge = int(runner.net.config.spatial_merge_size)
+        try:
+            self._run_tuning(runner, largest, merge)
+        except Exception as exc:  # out of memory on a small card, a Triton build that fails: keep the defaults
+            log.warning("LightOnOCR tuning failed, using the default kernels: %s", str(exc).splitlines()[0][:300])
+            torch.cuda.empty_cache()
+
+    def _run_tuning(self, runner: ModelRunner, largest: PageInput, merge: int) -> None:
+        cfg = self.config
         runner.tune(
             slots=cfg.max_slots,
             block_size=cfg.block_size,
