@@ -7,7 +7,7 @@ master weights on both sides. Throughput does not depend on the weight values.
 - **ocrbooth**: `DreamBoothModule` (`ocrbooth.models.dreambooth.module`) under a Lightning `Trainer` (precision
   `bf16-mixed`) exactly as the trainer subprocess runs it: VAE latents precomputed once and kept on the GPU
   (with the text encoder frozen its two prompt embeddings too), fused AdamW, channels-last, clipping 1.0, no
-  host sync per step, and the step chosen by `--modes`: `graph` (the default: forward + backward replayed from
+  host sync per step, and the step chosen by `--rows`: `graph` (the default: forward + backward replayed from
   CUDA graphs), `eager` (graphs off), or an Inductor mode (`default`, `reduce-overhead`, ...: torch.compile).
 - **reference**: what a typical DreamBooth script does every step: encode both images with the VAE, run the
   text encoder, UNet forward/backward, AdamW (default for-each), clip, `loss.item()` for the progress bar
@@ -580,10 +580,8 @@ def run(
     out_dir: Path,
     steps: int,
     warmup: int,
-    modes: list[str],
-    frozen_modes: list[str],
+    rows_wanted: list[str],
     profile_steps: int,
-    parts: list[str],
     class_images: int,
 ) -> dict[str, Any]:
     import gc
@@ -637,30 +635,28 @@ def run(
         _empty_cache()
         torch._dynamo.reset()
 
-    for train_te in (True, False) if "training" in parts else ():
-        names = ["reference", *(modes if train_te else frozen_modes)]
-        for name in names:
-            fn = (
-                partial(bench_reference, train_te, steps, warmup, profile_steps=profile_steps)
-                if name == "reference"
-                else partial(bench_ours, train_te, steps, warmup, mode=name, profile_steps=profile_steps)
+    def training_row(train_te: bool, name: str) -> None:
+        fn = (
+            partial(bench_reference, train_te, steps, warmup, profile_steps=profile_steps)
+            if name == "reference"
+            else partial(bench_ours, train_te, steps, warmup, mode=name, profile_steps=profile_steps)
+        )
+        try:
+            row = fn()
+        except Exception as exc:  # one variant failing must not lose the others' numbers
+            row = {"side": name, "train_text_encoder": train_te, "error": f"{type(exc).__name__}: {exc}"[:500]}
+        if "step_tflop" in row:
+            c = results["ceilings"]
+            row["floor_ms_per_step"] = (
+                row["step_tflop"] / c["bf16_matmul_tflops"] * 1e3
+                + row["trainable_params"] * BYTES_PER_PARAM / c["copy_gbps"] / 1e6
             )
-            try:
-                row = fn()
-            except Exception as exc:  # one variant failing must not lose the others' numbers
-                row = {"side": name, "train_text_encoder": train_te, "error": f"{type(exc).__name__}: {exc}"[:500]}
-            if "step_tflop" in row:
-                c = results["ceilings"]
-                row["floor_ms_per_step"] = (
-                    row["step_tflop"] / c["bf16_matmul_tflops"] * 1e3
-                    + row["trainable_params"] * BYTES_PER_PARAM / c["copy_gbps"] / 1e6
-                )
-            print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
-            results["training"].append(row)
-            tidy()
-            save()
-    if "class_images" in parts:
+        print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+        results["training"].append(row)
+
+    def class_image_rows() -> None:
         rows: dict[str, Any] = {}
+        results["class_images"] = rows
         for key, fn in (
             ("stock", partial(bench_class_images_stock, batch=4, steps=50)),
             ("ours_batch_4", partial(bench_class_images_ours, steps=50, images=8, batch=4)),
@@ -672,7 +668,6 @@ def run(
                 rows[key] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             print(key, json.dumps(rows[key]), flush=True)
             tidy()
-            results["class_images"] = rows
             save()
         stock = rows["stock"].get("images_per_s")
         if stock:
@@ -683,6 +678,16 @@ def run(
                 rows["floor_images_per_s"] = (
                     results["ceilings"]["bf16_matmul_tflops"] / rows["stock"]["tflop_per_image"]
                 )
+
+    # In the given order, so that a run cut short has the rows that matter most.
+    for item in rows_wanted:
+        if item == "class_images":
+            class_image_rows()
+        else:
+            side, _, name = item.partition(":")
+            training_row(side == "te", name)
+        tidy()
+        save()
     speedups: dict[str, Any] = {}
     for row in results["training"]:
         if row.get("side") != "ocrbooth" or "steps_per_s" not in row:
@@ -767,10 +772,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--modes", default="graph,eager", help="comma-separated: graph, eager, default, ...")
-    parser.add_argument("--frozen-modes", default="graph", help="the same, for the text-encoder-frozen runs")
+    parser.add_argument(
+        "--rows",
+        default="te:reference,te:graph,class_images,frozen:reference,frozen:graph,te:eager",
+        help="comma-separated, run in this order: te:MODE (text encoder trained), frozen:MODE, class_images; "
+        "MODE is reference, graph, eager or an Inductor mode (default, reduce-overhead, ...)",
+    )
     parser.add_argument("--profile-steps", type=int, default=3, help="steps profiled after the timed ones")
-    parser.add_argument("--parts", default="training,class_images", help="comma-separated: training, class_images")
     parser.add_argument("--class-images", type=int, default=64, help="class images timed at the sampler's batch")
     parser.add_argument("--plot-only", type=Path, help="make the PNG from an existing JSON")
     parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the script, not speed")
@@ -780,16 +788,7 @@ def main() -> None:
     if args.plot_only:
         print(plot(args.plot_only))
         return
-    results = run(
-        args.out,
-        args.steps,
-        args.warmup,
-        args.modes.split(","),
-        args.frozen_modes.split(","),
-        args.profile_steps,
-        args.parts.split(","),
-        args.class_images,
-    )
+    results = run(args.out, args.steps, args.warmup, args.rows.split(","), args.profile_steps, args.class_images)
     print("speedup vs reference:", json.dumps(results["speedup_vs_reference"], indent=1))
     print("class images:", json.dumps(results.get("class_images", {}).get("speedup")))
     try:
