@@ -5,17 +5,20 @@ Full-size Stable Diffusion 1.5 architecture (UNet 860M, VAE, CLIP ViT-L/14 text 
 master weights on both sides. Throughput does not depend on the weight values.
 
 - **ocrbooth**: `DreamBoothModule` (`ocrbooth.models.dreambooth.module`) under a Lightning `Trainer` (precision
-  `bf16-mixed`, gradient clipping 1.0) exactly as the trainer subprocess runs it: VAE latents precomputed once and
-  kept on the GPU (with the text encoder frozen its two prompt embeddings too), the step compiled
-  (`StepOptions`), fused AdamW, channels-last, no host sync per step. `--modes` picks the variants.
+  `bf16-mixed`) exactly as the trainer subprocess runs it: VAE latents precomputed once and kept on the GPU
+  (with the text encoder frozen its two prompt embeddings too), fused AdamW, channels-last, clipping 1.0, no
+  host sync per step, and the step chosen by `--rows`: `graph` (the default: forward + backward replayed from
+  CUDA graphs), `eager` (graphs off), or an Inductor mode (`default`, `reduce-overhead`, ...: torch.compile).
 - **reference**: what a typical DreamBooth script does every step: encode both images with the VAE, run the
   text encoder, UNet forward/backward, AdamW (default for-each), clip, `loss.item()` for the progress bar
   (float32 weights under bf16 autocast).
 
 Also: class images/s of the stock `StableDiffusionPipeline` in bfloat16 (batch 4, 50 steps, guidance 7.5, 512 px,
-what a typical DreamBooth script uses) against `prior.ClassImageSampler` (fused QKV, channels-last, compiled UNet
-with CUDA graphs, batch from free memory), same settings; an 800-step job's wall time (compile included) for both
-trainers; and a torch.profiler table of one side's steps (`--profile`) saying where the time goes.
+what a typical DreamBooth script uses) against `prior.ClassImageSampler` (fused QKV, channels-last, the UNet step
+in a CUDA graph) at batch 4 and at the batch it picks from free memory, same settings; an 800-step job's wall
+time (setup, capture or compilation included) for every trainer row, and the time to make 100 class images;
+the two ceilings of the card (bf16 matrix product, device copy) and the FLOPs of a step, for floors; and a
+torch.profiler summary of a few steps of each row (kernel time against wall time) saying where the time goes.
 
     python bench/dreambooth_throughput.py --out DIR       # on the GPU machine; writes DIR/dreambooth_throughput.json
     python bench/dreambooth_throughput.py --plot-only bench/results/dreambooth_throughput.json
@@ -34,6 +37,13 @@ from typing import Any
 
 RESOLUTION = 512
 LATENT = RESOLUTION // 8
+HIDDEN = 768
+DEVICE = "cuda"  # `--dry-run`: "cpu", with a tiny model at 64 px, to check the script's plumbing anywhere
+
+
+def dry_run() -> None:
+    global RESOLUTION, LATENT, HIDDEN, DEVICE
+    RESOLUTION, LATENT, HIDDEN, DEVICE = 64, 8, 32, "cpu"
 
 
 def _components(device: Any) -> dict[str, Any]:
@@ -49,28 +59,34 @@ def _components(device: Any) -> dict[str, Any]:
 def _build(
     UNet2DConditionModel: Any, AutoencoderKL: Any, CLIPTextConfig: Any, CLIPTextModel: Any, DDPMScheduler: Any
 ) -> dict[str, Any]:
+    full = DEVICE == "cuda"
+    tiny_blocks = {
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    }
     unet = UNet2DConditionModel(
         sample_size=LATENT,
-        cross_attention_dim=768,
+        cross_attention_dim=HIDDEN,
         attention_head_dim=8,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280) if full else (32, 64),
+        layers_per_block=2 if full else 1,
+        **({} if full else tiny_blocks),
     )
     vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * (4 if full else 2),
+        up_block_types=("UpDecoderBlock2D",) * (4 if full else 2),
+        block_out_channels=(128, 256, 512, 512) if full else (32, 64),
+        layers_per_block=2 if full else 1,
         latent_channels=4,
         sample_size=RESOLUTION,
     )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
+            hidden_size=HIDDEN,
+            intermediate_size=3072 if full else 37,
+            num_hidden_layers=12 if full else 2,
+            num_attention_heads=12 if full else 4,
             max_position_embeddings=77,
             hidden_act="quick_gelu",
         )
@@ -91,7 +107,31 @@ JOB_STEPS = 800
 def _sync() -> None:
     import torch
 
-    torch.cuda.synchronize()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reset_peak() -> None:
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak() -> tuple[float, float]:
+    """Peak allocated and peak reserved GiB since the last `_reset_peak` (NaN on the CPU)."""
+    import torch
+
+    if DEVICE != "cuda":
+        return float("nan"), float("nan")
+    return torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
+
+
+def _empty_cache() -> None:
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _job_seconds(first_seconds: float, warmup: int, steps_per_s: float) -> float:
@@ -111,7 +151,8 @@ def bench_ours(
     from ocrbooth.models.dreambooth.data import LatentPairs
     from ocrbooth.models.dreambooth.module import DreamBoothModule, LoopConfig, StepOptions, encode_latents
 
-    device = torch.device("cuda")
+    device = torch.device(DEVICE)
+    build_started = time.perf_counter()
     parts = _components(device)
     pixels = [torch.rand(3, RESOLUTION, RESOLUTION) * 2 - 1 for _ in range(4)]
     instance = encode_latents(parts["vae"], pixels[:2], device)
@@ -129,7 +170,9 @@ def bench_ours(
             }
         text_encoder = None
         del parts["text_encoder"]
-    torch.cuda.empty_cache()
+    _empty_cache()
+    _sync()
+    build_s = time.perf_counter() - build_started  # random init on the GPU + VAE encode (+ frozen prompts)
     total = warmup + steps + profile_steps
     config = LoopConfig(
         seed=0,
@@ -147,7 +190,12 @@ def bench_ours(
         latent_scale=0.18215,
         latent_shift=None,
     )
-    options = StepOptions.eager() if mode == "eager" else StepOptions(compile_mode=mode)  # type: ignore[arg-type]
+    if mode == "graph":
+        options = StepOptions()
+    elif mode == "eager":
+        options = StepOptions(graph=False)
+    else:  # an Inductor mode
+        options = StepOptions(graph=False, compile=True, compile_mode=mode)  # type: ignore[arg-type]
     module = DreamBoothModule(
         unet=parts["unet"],
         text_encoder=text_encoder,
@@ -184,18 +232,16 @@ def bench_ours(
             elif profile_steps and step == total:
                 _sync()
                 profiler[0].__exit__(None, None, None)
-                profile.update(
-                    _summarise(profiler[0], f"ocrbooth {mode} TE {'trained' if train_text_encoder else 'frozen'}")
-                )
+                label = f"ocrbooth {mode} TE {'trained' if train_text_encoder else 'frozen'}"
+                profile.update(_summarise(profiler[0], label, profile_steps, time.perf_counter() - marks["end"]))
 
-    torch.cuda.reset_peak_memory_stats()
+    _reset_peak()
     trainer = pl.Trainer(
-        accelerator="gpu",
+        accelerator="gpu" if DEVICE == "cuda" else "cpu",
         devices=1,
         precision="bf16-mixed",
         max_steps=total,
-        max_epochs=1,
-        gradient_clip_val=1.0,
+        max_epochs=1,  # clipping (1.0) is the module's own: it optimizes manually
         logger=False,
         callbacks=[Clock()],
         enable_checkpointing=False,
@@ -209,39 +255,76 @@ def bench_ours(
         warnings.simplefilter("ignore")
         trainer.fit(module)
     rate = steps / (marks["end"] - marks["warm"])
+    peak, reserved = _peak()
     row = {
         "side": "ocrbooth",
         "mode": mode,
-        "compiled": module.compiled,
+        "step": module.step_kind,
         "train_text_encoder": train_text_encoder,
         "steps_timed": steps,
         "steps_per_s": rate,
         "ms_per_step": 1e3 / rate,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "setup_and_warmup_s": marks["warm"] - started,
-        "job_800_steps_s": _job_seconds(marks["warm"] - started, warmup, rate),
+        "peak_memory_gib": peak,
+        "peak_reserved_gib": reserved,
+        "setup_and_warmup_s": marks["warm"] - started + build_s,
+        "model_build_s": build_s,
+        "job_800_steps_s": _job_seconds(marks["warm"] - started + build_s, warmup, rate),
         "trainable_params": _params(parts["unet"]) + (_params(text_encoder) if text_encoder is not None else 0),
     }
     if profile:
         row["profile"] = profile
+    module.release_graphs()
+    try:
+        row["step_tflop"] = _step_flops(module) / 1e12
+    except Exception as exc:  # the count is a nicety: never lose the row for it
+        row["step_tflop_error"] = f"{type(exc).__name__}: {exc}"[:300]
     return row
 
 
-def _summarise(prof: Any, label: str, rows: int = 20) -> dict[str, Any]:
+def _step_flops(module: Any) -> float:
+    """FLOPs of one forward + backward of the module's step (matrix products and convolutions)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    index = torch.zeros(module.config.batch_size, dtype=torch.long, device=module.device)
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, cache_enabled=False):
+            loss = module._forward_loss(*module._inputs(index, 0))
+        loss.backward()
+    for p in module.trainable_parameters():
+        p.grad = None
+    return float(counter.get_total_flops())
+
+
+def _summarise(prof: Any, label: str, steps: int, wall_s: float, rows: int = 16) -> dict[str, Any]:
+    """Per step: wall time, time the GPU spent in kernels (and copies), kernel and graph launches; the top
+    kernels by GPU time and the top host-side ops by CPU time."""
+    from torch.autograd import DeviceType
+
     events = prof.key_averages()
-    gpu_total = sum(e.self_device_time_total for e in events) / 1e3
-    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:rows]
+    on_gpu = [e for e in events if e.device_type == DeviceType.CUDA]
+    kernel_ms = sum(e.self_device_time_total for e in on_gpu) / 1e3
     launches = sum(e.count for e in events if "LaunchKernel" in e.key)
-    cpu_top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+    graph_launches = sum(e.count for e in events if "GraphLaunch" in e.key)
+    top = sorted(on_gpu, key=lambda e: e.self_device_time_total, reverse=True)[:rows]
+    cpu_top = sorted(
+        (e for e in events if e.device_type == DeviceType.CPU), key=lambda e: e.self_cpu_time_total, reverse=True
+    )[:10]
     return {
         "label": label,
-        "gpu_busy_ms": round(gpu_total, 2),
-        "kernel_launches": launches,
-        "top_gpu": [
-            {"name": e.key[:100], "ms": round(e.self_device_time_total / 1e3, 3), "calls": e.count} for e in top
+        "steps": steps,
+        "wall_ms_per_step": round(wall_s * 1e3 / steps, 2),
+        "gpu_kernel_ms_per_step": round(kernel_ms / steps, 2),
+        "gpu_busy_fraction": round(kernel_ms / 1e3 / wall_s, 3),
+        "kernel_launches_per_step": round(launches / steps, 1),
+        "graph_launches_per_step": round(graph_launches / steps, 2),
+        "top_gpu_kernels": [
+            {"name": e.key[:100], "ms_per_step": round(e.self_device_time_total / 1e3 / steps, 3), "calls": e.count}
+            for e in top
         ],
-        "top_cpu": [
-            {"name": e.key[:100], "ms": round(e.self_cpu_time_total / 1e3, 3), "calls": e.count} for e in cpu_top
+        "top_cpu_ops": [
+            {"name": e.key[:100], "ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 3), "calls": e.count}
+            for e in cpu_top
         ],
     }
 
@@ -252,8 +335,11 @@ def bench_reference(train_text_encoder: bool, steps: int, warmup: int, *, profil
     import torch
     import torch.nn.functional as F
 
-    device = torch.device("cuda")
+    device = torch.device(DEVICE)
+    build_started = time.perf_counter()
     parts = _components(device)
+    _sync()
+    build_s = time.perf_counter() - build_started
     unet, vae, text_encoder, scheduler = parts["unet"], parts["vae"], parts["text_encoder"], parts["scheduler"]
     unet.to(device).train()
     vae.to(device).eval().requires_grad_(False)
@@ -265,7 +351,7 @@ def bench_reference(train_text_encoder: bool, steps: int, warmup: int, *, profil
     losses: list[float] = []
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
             latents = vae.encode(pixels).latent_dist.sample() * 0.18215
             noise = torch.randn_like(latents)
             timesteps = torch.randint(0, 1000, (2,), device=device)
@@ -279,7 +365,7 @@ def bench_reference(train_text_encoder: bool, steps: int, warmup: int, *, profil
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach().item())  # the progress bar's loss: a host sync per step, as scripts do
 
-    torch.cuda.reset_peak_memory_stats()
+    _reset_peak()
     started = time.perf_counter()
     for _ in range(warmup):
         step()
@@ -295,24 +381,29 @@ def bench_reference(train_text_encoder: bool, steps: int, warmup: int, *, profil
         "steps_timed": steps,
         "steps_per_s": rate,
         "ms_per_step": 1e3 / rate,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "setup_and_warmup_s": warm - started,
-        "job_800_steps_s": _job_seconds(warm - started, warmup, rate),
+        "peak_memory_gib": _peak()[0],
+        "peak_reserved_gib": _peak()[1],
+        "setup_and_warmup_s": warm - started + build_s,
+        "model_build_s": build_s,
+        "job_800_steps_s": _job_seconds(warm - started + build_s, warmup, rate),
         "trainable_params": sum(p.numel() for p in params),
     }
     if profile_steps:
-        row["profile"] = _profile_steps(lambda: [step() for _ in range(profile_steps)], "reference")
+        label = f"reference TE {'trained' if train_text_encoder else 'frozen'}"
+        row["profile"] = _profile_steps(lambda: [step() for _ in range(profile_steps)], label, profile_steps)
     return row
 
 
-def _profile_steps(fn: Any, label: str) -> dict[str, Any]:
+def _profile_steps(fn: Any, label: str, steps: int) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     _sync()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        started = time.perf_counter()
         fn()
         _sync()
-    return _summarise(prof, label)
+        wall = time.perf_counter() - started
+    return _summarise(prof, label, steps, wall)
 
 
 def _pipeline(device: Any) -> Any:
@@ -346,7 +437,7 @@ def bench_class_images_stock(batch: int, steps: int, rounds: int = 2) -> dict[st
     """The stock pipeline as a typical script calls it: bf16, `batch` prompts per call, one CPU generator each."""
     import torch
 
-    device = torch.device("cuda")
+    device = torch.device(DEVICE)
     pipe = _pipeline(device)
 
     def call(seed: int) -> None:
@@ -359,58 +450,142 @@ def bench_class_images_stock(batch: int, steps: int, rounds: int = 2) -> dict[st
             generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)],
         )
 
+    started = time.perf_counter()
     call(0)  # warm-up
     _sync()
-    torch.cuda.reset_peak_memory_stats()
+    first = time.perf_counter() - started
+    _reset_peak()
     started = time.perf_counter()
     for r in range(rounds):
         call(batch * (r + 1))
     _sync()
     seconds = time.perf_counter() - started
-    return {
+    rate = rounds * batch / seconds
+    row = {
         "side": "stock StableDiffusionPipeline",
         "batch": batch,
         "num_inference_steps": steps,
-        "images_per_s": rounds * batch / seconds,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "images_timed": rounds * batch,
+        "images_per_s": rate,
+        "first_batch_s": first,
+        "job_100_images_s": max(first - batch / rate, 0.0) + 100 / rate,
+        "peak_memory_gib": _peak()[0],
+    }
+    try:
+        row |= _image_flops(pipe, steps)
+    except Exception as exc:  # the count is a nicety: never lose the row for it
+        row["flops_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    return row
+
+
+def _image_flops(pipe: Any, steps: int) -> dict[str, float]:
+    """FLOPs of one class image: `steps` UNet forwards of 2 rows (classifier-free guidance) + one VAE decode."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    latent = torch.randn(2, 4, LATENT, LATENT, device=DEVICE, dtype=pipe.unet.dtype)
+    hidden = torch.randn(2, 77, HIDDEN, device=DEVICE, dtype=pipe.unet.dtype)
+    t = torch.tensor(500, device=DEVICE)
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as unet_counter:
+            pipe.unet(latent, t, hidden, return_dict=False)
+        with FlopCounterMode(display=False) as vae_counter:
+            pipe.vae.decode(latent[:1], return_dict=False)
+    unet = float(unet_counter.get_total_flops())
+    vae = float(vae_counter.get_total_flops())
+    return {
+        "unet_2_rows_tflop": unet / 1e12,
+        "vae_decode_tflop": vae / 1e12,
+        "tflop_per_image": (steps * unet + vae) / 1e12,
     }
 
 
-def bench_class_images_ours(steps: int, images: int, batch: int | None = None) -> dict[str, Any]:
-    """`ClassImageSampler` as `prior.ensure_class_images` runs it: compiled, batch from free memory."""
+def bench_class_images_ours(steps: int, images: int, batch: int | None = None, rounds: int = 1) -> dict[str, Any]:
+    """`ClassImageSampler` as `prior.ensure_class_images` runs it: the UNet step in a CUDA graph, channels-last,
+    fused QKV, at `batch` (default: from free memory, as the trainer picks it)."""
     import torch
 
     from ocrbooth.models.dreambooth.prior import ClassImageSampler, batch_size_for
 
-    device = torch.device("cuda")
+    device = torch.device(DEVICE)
     pipe = _pipeline(device)
     started = time.perf_counter()
-    sampler = ClassImageSampler(pipe, device, compile=True)
+    sampler = ClassImageSampler(pipe, device)
     size = batch_size_for(device, RESOLUTION, wanted=batch)
     kwargs = {"guidance_scale": 7.5, "num_inference_steps": steps, "resolution": RESOLUTION, "batch_size": size}
-    sampler.sample(CLASS_PROMPT, list(range(size)), **kwargs)  # warm-up: compilation and graph capture
+    sampler.sample(CLASS_PROMPT, list(range(size)), **kwargs)  # warm-up: graph capture, cuDNN autotuning
     _sync()
     first = time.perf_counter() - started
-    torch.cuda.reset_peak_memory_stats()
+    _reset_peak()
+    timed = max(images, size)
     t0 = time.perf_counter()
-    sampler.sample(CLASS_PROMPT, list(range(1000, 1000 + images)), **kwargs)
+    for r in range(rounds):
+        sampler.sample(CLASS_PROMPT, list(range(1000 * (r + 1), 1000 * (r + 1) + timed)), **kwargs)
     _sync()
     seconds = time.perf_counter() - t0
-    return {
+    rate = rounds * timed / seconds
+    row = {
         "side": "ocrbooth ClassImageSampler",
         "batch": size,
-        "compiled": sampler.compiled,
+        "unet_step": sampler.mode,
         "num_inference_steps": steps,
-        "images_timed": images,
-        "images_per_s": images / seconds,
-        "compile_and_warmup_s": first,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "images_timed": rounds * timed,
+        "images_per_s": rate,
+        "capture_and_first_batch_s": first,
+        "job_100_images_s": max(first - size / rate, 0.0) + 100 / rate,
+        "peak_memory_gib": _peak()[0],
+        "peak_reserved_gib": _peak()[1],
     }
+    sampler.close()
+    return row
+
+
+def ceilings() -> dict[str, float]:
+    """The card's two ceilings as measured here: a bf16 8192^3 matrix product (TFLOP/s, random data) and a
+    1 GiB device-to-device copy (GB/s, bytes read + written); medians of 20 after warm-up."""
+    import torch
+
+    if DEVICE != "cuda":
+        return {"bf16_matmul_tflops": float("nan"), "copy_gbps": float("nan")}
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    src = torch.randn(2**28, device="cuda")
+    dst = torch.empty_like(src)
+
+    def median_ms(fn: Any) -> float:
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(20):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]
+
+    mm = median_ms(lambda: a @ b)
+    copy = median_ms(lambda: dst.copy_(src))
+    return {"bf16_matmul_tflops": 2 * 8192**3 / mm / 1e9, "copy_gbps": 2 * src.numel() * 4 / copy / 1e6}
+
+
+# Bytes one optimizer step moves per trainable float32 parameter besides the matrix work: fused AdamW reads
+# weight, gradient and two moments and writes three (28), clipping reads the gradient twice and writes it (12),
+# autocast reads the weight and writes its bf16 copy (6).
+BYTES_PER_PARAM = 28 + 12 + 6
 
 
 def run(
-    out_dir: Path, steps: int, warmup: int, modes: list[str], frozen_modes: list[str], profile_steps: int
+    out_dir: Path,
+    steps: int,
+    warmup: int,
+    rows_wanted: list[str],
+    profile_steps: int,
+    class_images: int,
 ) -> dict[str, Any]:
+    import gc
+
     import diffusers
     import pytorch_lightning
     import torch
@@ -418,10 +593,12 @@ def run(
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    cuda = DEVICE == "cuda"
     results: dict[str, Any] = {
         "benchmark": "dreambooth_throughput",
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "device": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu (dry run: tiny model, 64 px)",
+        "device_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None,
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -435,56 +612,103 @@ def run(
             "timed_steps": steps,
             "warmup": warmup,
             "job_steps": JOB_STEPS,
-            "job_800_steps_s": "time to the end of the warm-up steps (model build, compilation) measured, plus the "
-            "remaining steps at the measured steady rate",
+            "job_800_steps_s": "model build (random init on the GPU, VAE encode) + time to the end of the warm-up "
+            "steps (Trainer start, graph capture or compilation) measured, plus the remaining steps at the measured "
+            "steady rate",
+            "peak_memory_gib": "torch.cuda.max_memory_allocated over the training run; peak_reserved_gib is the "
+            "allocator's reserve (CUDA graph pools count there)",
+            "floor_ms_per_step": "step FLOPs at the measured bf16 matrix rate + bytes_per_param x trainable "
+            "parameters at the measured copy rate",
+            "bytes_per_param": BYTES_PER_PARAM,
         },
+        "ceilings": ceilings(),
         "training": [],
     }
+    print(json.dumps(results["ceilings"]), flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
         (out_dir / "dreambooth_throughput.json").write_text(json.dumps(results, indent=2) + "\n")
 
-    for train_te in (True, False):
-        names = ["reference", *(modes if train_te else frozen_modes)]
-        for name in names:
-            fn = (
-                partial(bench_reference, train_te, steps, warmup, profile_steps=profile_steps)
-                if name == "reference"
-                else partial(bench_ours, train_te, steps, warmup, mode=name, profile_steps=profile_steps)
+    def tidy() -> None:
+        gc.collect()  # Lightning's trainer and the module refer to each other: free them before the next row
+        _empty_cache()
+        torch._dynamo.reset()
+
+    def training_row(train_te: bool, name: str) -> None:
+        fn = (
+            partial(bench_reference, train_te, steps, warmup, profile_steps=profile_steps)
+            if name == "reference"
+            else partial(bench_ours, train_te, steps, warmup, mode=name, profile_steps=profile_steps)
+        )
+        try:
+            row = fn()
+        except Exception as exc:  # one variant failing must not lose the others' numbers
+            row = {"side": name, "train_text_encoder": train_te, "error": f"{type(exc).__name__}: {exc}"[:500]}
+        if "step_tflop" in row:
+            c = results["ceilings"]
+            row["floor_ms_per_step"] = (
+                row["step_tflop"] / c["bf16_matmul_tflops"] * 1e3
+                + row["trainable_params"] * BYTES_PER_PARAM / c["copy_gbps"] / 1e6
             )
+        print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+        results["training"].append(row)
+
+    def class_image_rows() -> None:
+        rows: dict[str, Any] = {}
+        results["class_images"] = rows
+        for key, fn in (
+            ("stock", partial(bench_class_images_stock, batch=4, steps=50)),
+            ("ours_batch_4", partial(bench_class_images_ours, steps=50, images=8, batch=4)),
+            ("ours", partial(bench_class_images_ours, steps=50, images=class_images)),
+        ):
             try:
-                row = fn()
-            except Exception as exc:  # one variant failing must not lose the others' numbers
-                row = {"side": name, "train_text_encoder": train_te, "error": f"{type(exc).__name__}: {exc}"[:500]}
-            print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
-            results["training"].append(row)
-            torch.cuda.empty_cache()
-            torch._dynamo.reset()
+                rows[key] = fn()
+            except Exception as exc:
+                rows[key] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            print(key, json.dumps(rows[key]), flush=True)
+            tidy()
             save()
-    stock = bench_class_images_stock(batch=4, steps=50)
-    print(json.dumps(stock), flush=True)
-    torch.cuda.empty_cache()
-    try:
-        ours = bench_class_images_ours(steps=50, images=64)
-    except Exception as exc:
-        ours = {"error": f"{type(exc).__name__}: {exc}"[:500], "images_per_s": float("nan")}
-    print(json.dumps(ours), flush=True)
-    results["class_images"] = {"stock": stock, "ours": ours, "speedup": ours["images_per_s"] / stock["images_per_s"]}
-    save()
+        stock = rows["stock"].get("images_per_s")
+        if stock:
+            rows["speedup"] = {
+                k: rows[k]["images_per_s"] / stock for k in ("ours_batch_4", "ours") if "images_per_s" in rows[k]
+            }
+            if "tflop_per_image" in rows["stock"]:
+                rows["floor_images_per_s"] = (
+                    results["ceilings"]["bf16_matmul_tflops"] / rows["stock"]["tflop_per_image"]
+                )
+
+    # In the given order, so that a run cut short has the rows that matter most.
+    for item in rows_wanted:
+        if item == "class_images":
+            class_image_rows()
+        else:
+            side, _, name = item.partition(":")
+            training_row(side == "te", name)
+        tidy()
+        save()
     speedups: dict[str, Any] = {}
     for row in results["training"]:
         if row.get("side") != "ocrbooth" or "steps_per_s" not in row:
             continue
         ref = next(
-            r
-            for r in results["training"]
-            if r["side"] == "reference" and r["train_text_encoder"] == row["train_text_encoder"]
+            (
+                r
+                for r in results["training"]
+                if r["side"] == "reference"
+                and r["train_text_encoder"] == row["train_text_encoder"]
+                and "steps_per_s" in r
+            ),
+            None,
         )
+        if ref is None:
+            continue
         key = f"{'text_encoder_trained' if row['train_text_encoder'] else 'text_encoder_frozen'}/{row['mode']}"
         speedups[key] = {
             "steps_per_s": row["steps_per_s"] / ref["steps_per_s"],
             "peak_memory_ratio": row["peak_memory_gib"] / ref["peak_memory_gib"],
+            "peak_reserved_ratio": row["peak_reserved_gib"] / ref["peak_reserved_gib"],
             "job_800_steps_ratio": ref["job_800_steps_s"] / row["job_800_steps_s"],
         }
     results["speedup_vs_reference"] = speedups
@@ -522,12 +746,20 @@ def plot(json_path: Path) -> Path:
         ax.tick_params(axis="x", labelsize=7)
     ci = data.get("class_images")
     if ci:
-        names = [f"stock pipeline\nbatch {ci['stock']['batch']}", f"ocrbooth sampler\nbatch {ci['ours']['batch']}"]
-        rates = [ci["stock"]["images_per_s"], ci["ours"]["images_per_s"]]
-        axes[2].bar(names, rates, color=["#bbbbbb", "#2b8cbe"])
+        names, rates = [], []
+        for key, label in (
+            ("stock", "stock pipeline"),
+            ("ours_batch_4", "ocrbooth sampler"),
+            ("ours", "ocrbooth sampler"),
+        ):
+            row = ci.get(key, {})
+            if "images_per_s" in row:
+                names.append(f"{label}\nbatch {row['batch']}")
+                rates.append(row["images_per_s"])
+        axes[2].bar(names, rates, color=["#bbbbbb"] + ["#2b8cbe"] * (len(rates) - 1))
         for i, v in enumerate(rates):
             axes[2].text(i, v, f"{v:.2f}", ha="center", va="bottom")
-        axes[2].set_ylabel(f"class images / s ({ci['stock']['num_inference_steps']} steps, CFG 7.5, 512 px)")
+        axes[2].set_ylabel("class images / s (50 steps, CFG 7.5, 512 px)")
     fig.suptitle(f"DreamBooth on {data['device']}: SD 1.5 architecture, random weights, bf16")
     fig.tight_layout()
     out = json_path.with_suffix(".png")
@@ -540,19 +772,29 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--modes", default="default", help="comma-separated: eager, default, reduce-overhead, ...")
-    parser.add_argument("--frozen-modes", default="default", help="the same, for the text-encoder-frozen runs")
+    parser.add_argument(
+        "--rows",
+        default="te:reference,te:graph,class_images,frozen:reference,frozen:graph,te:eager",
+        help="comma-separated, run in this order: te:MODE (text encoder trained), frozen:MODE, class_images; "
+        "MODE is reference, graph, eager or an Inductor mode (default, reduce-overhead, ...)",
+    )
     parser.add_argument("--profile-steps", type=int, default=3, help="steps profiled after the timed ones")
+    parser.add_argument("--class-images", type=int, default=64, help="class images timed at the sampler's batch")
     parser.add_argument("--plot-only", type=Path, help="make the PNG from an existing JSON")
+    parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the script, not speed")
     args = parser.parse_args()
+    if args.dry_run:
+        dry_run()
     if args.plot_only:
         print(plot(args.plot_only))
         return
-    results = run(
-        args.out, args.steps, args.warmup, args.modes.split(","), args.frozen_modes.split(","), args.profile_steps
-    )
+    results = run(args.out, args.steps, args.warmup, args.rows.split(","), args.profile_steps, args.class_images)
     print("speedup vs reference:", json.dumps(results["speedup_vs_reference"], indent=1))
-    print("class images:", json.dumps(results["class_images"]["speedup"]))
+    print("class images:", json.dumps(results.get("class_images", {}).get("speedup")))
+    try:
+        print(plot(args.out / "dreambooth_throughput.json"))
+    except ImportError as exc:  # matplotlib is not a dependency of the trainer
+        print("no plot:", exc)
 
 
 if __name__ == "__main__":

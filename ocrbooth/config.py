@@ -295,10 +295,15 @@ class FinetuneSettings(_Section):
     """Local scratch space for trainers (checkpoints are written here, then uploaded)."""
     devices: int = Field(default=1, ge=1, le=64)
     """GPUs per job; above one, Lightning's DDP."""
+    cuda_graphs: bool = True
+    """On one GPU, capture the training micro-step (forward + backward) and the class-image UNet step in CUDA
+    graphs and replay them: no per-kernel launch cost and no compilation (bench/README.md). Off where a graph
+    cannot run (DDP, fp16's grad scaler, gradient checkpointing); a capture error falls back to eager with a
+    warning."""
     compile: bool = False
-    """torch.compile the training step and the class-image UNet on GPUs. Off by default: measured on an H200,
-    compiling SD 1.5's UNet + text encoder took 188 s and saved 26 ms a step, so it pays only past ~7000 steps
-    (bench/README.md). A compile error falls back to eager with a warning."""
+    """torch.compile the training step and the class-image UNet on GPUs instead of CUDA graphs. Off by default:
+    measured on an H200, compiling SD 1.5's UNet + text encoder took 188 s and saved 26 ms a step against the
+    eager step (bench/README.md). A compile error falls back to eager with a warning."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     """Inductor mode of the training step; `reduce-overhead` adds CUDA graphs."""
     class_images_batch_size: int = Field(default=0, ge=0, le=256)

@@ -80,7 +80,7 @@ def _losses(model_dir: Path, *, compiled: bool, train_text_encoder: bool) -> tup
         dataset=LatentPairs(instance, class_latents),
         config=config,
         resume=None,
-        options=StepOptions() if compiled else StepOptions.eager(),
+        options=StepOptions(graph=False, compile=True) if compiled else StepOptions.eager(),
     )
     losses: list[Any] = []
 
@@ -93,9 +93,7 @@ def _losses(model_dir: Path, *, compiled: bool, train_text_encoder: bool) -> tup
         devices=1,
         precision="bf16-mixed",
         max_steps=STEPS,
-        max_epochs=1,
-        accumulate_grad_batches=config.accumulation,
-        gradient_clip_val=1.0,
+        max_epochs=1,  # accumulation and clipping (1.0) are the module's own: it optimizes manually
         logger=False,
         callbacks=[Record()],
         enable_checkpointing=False,

@@ -2,7 +2,7 @@
 
 This package's `__init__` stays light (no torch): the daemon imports `validate_request`, `TrainJob` and
 `protocol` from here before it launches anything. The trainer is `train.py` (setup -> main -> fit); its parts:
-`module.py` (the LightningModule and its compiled step), `callbacks.py` (progress, checkpoints, SIGTERM),
+`module.py` (the LightningModule and its CUDA-graph step), `callbacks.py` (progress, checkpoints, SIGTERM),
 `export.py` (checkpoint upload, the trained pipeline), `protocol.py` (the stdout events), `job.py` (the resolved
 job), `data.py` (instance images and example order), `prior.py` (class images, made or reused),
 `checkpoints.py` (checkpoint folders, rotation, RNG), `generate.py` (sampling from a trained pipeline).

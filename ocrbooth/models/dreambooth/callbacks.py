@@ -82,6 +82,7 @@ class JobCallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.agree.join()
+        self.config_json["step"] = self.module.step_kind  # decided in on_fit_start (graph, compiled or eager)
         if self.job.resume is not None:
             restore_rng(self.job.resume.rng())
             scaler = getattr(trainer.precision_plugin, "scaler", None)

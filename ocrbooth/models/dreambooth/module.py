@@ -1,11 +1,17 @@
 """The model side of the trainer: the base pipeline's parts, precomputed latents, and `DreamBoothModule`.
 
-The step is built for a GPU that a batch of 2 at 512 px does not fill: everything that does not change during
-training (VAE latents, frozen prompt embeddings, token ids) is computed once and kept on the device; the UNet
-(and the text encoder when trained) forward and the loss run as one `torch.compile`d function with static shapes;
-AdamW is the fused CUDA kernel; nothing in a step waits on the GPU (the loss is summed on the device and read
-every `progress_every_steps`). On the CPU, or with `StepOptions.compile` off, the same step runs eagerly, and a
-compilation that fails falls back to it with a warning.
+The step is built for a GPU that a batch of 2 at 512 px does not fill, where launching ~4,000 kernels a step
+from Python costs more than running them: everything that does not change during training (VAE latents, frozen
+prompt embeddings, token ids) is computed once and kept on the device, and on a single CUDA device the
+micro-batch's forward and backward (noising, text encoder when trained, UNet, loss, the gradients, the loss
+running sum) are captured once into CUDA graphs (`StepGraphs`) and replayed at every micro-batch: one launch
+instead of thousands, and no compilation. Gradient clipping and the fused AdamW step run eagerly after the
+replay, on the real optimizer and LR scheduler (what checkpoints save). Nothing in a step waits on the GPU: the
+loss is summed on the device and read every `progress_every_steps`.
+
+`StepOptions` chooses the step: `graph` (the default on CUDA), `compile` (torch.compile of forward + loss, the
+earlier option; its compilation costs minutes) or neither (eager). The CPU always runs the eager step, for
+bitwise-reproducible resumes. A capture or compilation that fails falls back to the eager step with a warning.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +37,8 @@ log = logging.getLogger(__name__)
 
 _ENCODE_BATCH = 8
 CompileMode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"]
+StepKind = Literal["graph", "compiled", "eager"]
+_GRAPH_WARMUP = 3  # eager micro-steps on a side stream before capture (lazy inits, cuDNN/cuBLAS handles)
 
 
 # ---- the base pipeline's parts -------------------------------------------------------------------------------------
@@ -92,6 +100,21 @@ def encode_latents(vae: Any, pixels: list[torch.Tensor], device: torch.device) -
     return torch.cat(means), torch.cat(stds)
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, for a one-line warning (compiler and CUDA errors run to pages)."""
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def capture_attempts() -> list[tuple[str, Callable[[], AbstractContextManager[Any]]]]:
+    """The attention kernels to capture CUDA graphs with, in order: PyTorch's own choice first (cuDNN's fused
+    attention on Hopper), then flash / memory-efficient / math only, in case cuDNN's cannot be captured."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return [("default attention", nullcontext), ("attention without cuDNN", lambda: sdpa_kernel(backends))]
+
+
 # ---- the module ----------------------------------------------------------------------------------------------------
 
 
@@ -127,23 +150,49 @@ class LoopConfig:
 class StepOptions:
     """How the step runs on a GPU (the CPU always runs it eagerly, for bitwise-reproducible resumes)."""
 
-    compile: bool = True
-    """torch.compile the forward + loss (UNet, and the text encoder when trained)."""
+    graph: bool = True
+    """Capture the micro-batch's forward + backward into CUDA graphs and replay them (`StepGraphs`)."""
+    compile: bool = False
+    """torch.compile the forward + loss (UNet, and the text encoder when trained) instead; no graphs then."""
     compile_mode: CompileMode = "default"
-    """Inductor mode; `reduce-overhead` adds CUDA graphs."""
+    """Inductor mode; `reduce-overhead` adds Inductor's own CUDA graphs."""
     channels_last: bool = True
-    """UNet weights and latents in NHWC, the layout cuDNN's and Inductor's fastest convolutions use."""
+    """UNet weights and latents in NHWC, the layout cuDNN's fastest convolutions use."""
     fused_optimizer: bool = True
     """AdamW as one fused CUDA kernel per parameter group instead of a for-each kernel per operation."""
 
     @classmethod
     def eager(cls) -> StepOptions:
-        return cls(compile=False, channels_last=False, fused_optimizer=False)
+        return cls(graph=False, compile=False, channels_last=False, fused_optimizer=False)
+
+
+def choose_step(
+    options: StepOptions, *, device_type: str, world_size: int, grad_scaler: bool, gradient_checkpointing: bool
+) -> tuple[StepKind, str]:
+    """Which step runs, and why (the reason is logged)."""
+    if device_type != "cuda":
+        return "eager", "not a CUDA device"
+    if options.compile:
+        return "compiled", "torch.compile asked for"
+    if not options.graph:
+        return "eager", "CUDA graphs switched off"
+    if world_size > 1:
+        return "eager", "DDP reduces gradients in backward hooks, which a captured graph cannot hold"
+    if grad_scaler:
+        return "eager", "fp16's grad scaler reads found-inf on the host before every optimizer step"
+    if gradient_checkpointing:
+        return "eager", "gradient checkpointing saves and restores RNG states on the host in backward"
+    return "graph", "one CUDA device, no grad scaler, no gradient checkpointing"
 
 
 class DreamBoothModule(pl.LightningModule):
     """UNet (and optionally the text encoder) trained on precomputed latents with the DreamBooth loss:
-    MSE on the instance half of the batch + prior_loss_weight x MSE on the class half."""
+    MSE on the instance half of the batch + prior_loss_weight x MSE on the class half.
+
+    Manual optimization: the step owns backward, gradient accumulation (loss / accumulation, the optimizer
+    stepped on the last micro-batch), clipping (`on_before_optimizer_step`, after fp16's unscale) and the LR
+    scheduler, which is what lets a CUDA graph hold the backward. So the Trainer takes neither
+    `accumulate_grad_batches` nor `gradient_clip_val`."""
 
     def __init__(
         self,
@@ -158,6 +207,7 @@ class DreamBoothModule(pl.LightningModule):
         options: StepOptions | None = None,
     ) -> None:
         super().__init__()
+        self.automatic_optimization = False
         self.unet = unet
         self.text_encoder = text_encoder
         self.noise_scheduler = noise_scheduler
@@ -175,8 +225,19 @@ class DreamBoothModule(pl.LightningModule):
         self.alphas_cumprod: torch.Tensor = noise_scheduler.alphas_cumprod.float().clone()
         self.loss_sum = torch.zeros((), dtype=torch.float64)
         self.loss_count = 0
-        self.compiled = False
+        self.step_kind: StepKind = "eager"
         self._step_fn: Any = self._forward_loss
+        self._graphs: StepGraphs | None = None
+        self._generator: torch.Generator | None = None
+
+    @property
+    def compiled(self) -> bool:
+        return self.step_kind == "compiled"
+
+    @property
+    def rows(self) -> int:
+        """Rows of a micro-batch: the instance examples, and as many class examples under prior preservation."""
+        return self.config.batch_size * (2 if self.config.with_prior else 1)
 
     # ---- data ----------------------------------------------------------------------------------------------------
 
@@ -202,6 +263,9 @@ class DreamBoothModule(pl.LightningModule):
         self.alphas_cumprod = self.alphas_cumprod.to(self.device)
         self.loss_sum = self.loss_sum.to(self.device)
         self.prepare_fast_step(self.trainer.precision_plugin.train_step_context)
+
+    def on_fit_end(self) -> None:
+        self.release_graphs()
 
     def _gather(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent (mean, std) of the batch: instance rows, then class rows under prior preservation (example i
@@ -241,19 +305,34 @@ class DreamBoothModule(pl.LightningModule):
             loss = loss + cfg.prior_loss_weight * F.mse_loss(pred[n:].float(), target[n:].float())
         return loss
 
-    def _inputs(
-        self, index: torch.Tensor, micro_batch: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Noisy latents, timesteps, conditioning and target of one micro-batch. The noise comes from a generator
-        seeded by (seed, micro-batch, rank) on the training device, with no host round trip."""
-        cfg = self.config
-        generator = torch.Generator(device=self.device).manual_seed(micro_seed(cfg.seed, micro_batch, self.global_rank))
-        mean, std = self._gather(index)
-        shape, n = mean.shape, mean.shape[0]
-        sample_noise = torch.randn(shape, generator=generator, device=self.device)
-        noise = torch.randn(shape, generator=generator, device=self.device)
+    def draw_noise(
+        self, micro_batch: int, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The micro-batch's sampling noise, diffusion noise and timesteps (into `out` when given), from a
+        generator seeded by (seed, micro-batch, rank) on the training device, with no host round trip."""
+        if self._generator is None or self._generator.device != self.device:
+            self._generator = torch.Generator(device=self.device)
+        generator = self._generator.manual_seed(micro_seed(self.config.seed, micro_batch, self.global_rank))
+        shape = (self.rows, *self.latents["instance_mean"].shape[1:])
         steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (n,), generator=generator, device=self.device)
+        if out is None:
+            return (
+                torch.randn(shape, generator=generator, device=self.device),
+                torch.randn(shape, generator=generator, device=self.device),
+                torch.randint(0, steps, (self.rows,), generator=generator, device=self.device),
+            )
+        torch.randn(shape, generator=generator, out=out[0])
+        torch.randn(shape, generator=generator, out=out[1])
+        torch.randint(0, steps, (self.rows,), generator=generator, out=out[2])
+        return out
+
+    def prepare_inputs(
+        self, index: torch.Tensor, sample_noise: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Noisy latents, timesteps, conditioning and target of one micro-batch (all on the device)."""
+        cfg = self.config
+        mean, std = self._gather(index)
+        n = mean.shape[0]
         latents = mean + std * sample_noise
         if cfg.latent_shift is not None:
             latents = latents - cfg.latent_shift
@@ -270,14 +349,41 @@ class DreamBoothModule(pl.LightningModule):
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         return noisy, timesteps, self._conditioning(cfg.batch_size, n - cfg.batch_size), target
 
+    def _inputs(
+        self, index: torch.Tensor, micro_batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.prepare_inputs(index, *self.draw_noise(micro_batch))
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         cfg = self.config
         micro_batch = cfg.start_step * cfg.accumulation + batch_idx
-        loss: torch.Tensor = self._step_fn(*self._inputs(batch, micro_batch))
-        # Summed on the device: the host reads it only for a progress line.
-        self.loss_sum.add_(loss.detach())
+        first = batch_idx % cfg.accumulation == 0
+        last = (batch_idx + 1) % cfg.accumulation == 0
+        optimizer: Any = self.optimizers()
+        if self._graphs is not None:
+            loss = self._graphs.replay(batch, micro_batch, first=first)  # adds to loss_sum on the device
+        else:
+            # Under DDP, only the last micro-batch's backward all-reduces the gradients.
+            sync = nullcontext() if last or self.trainer.world_size == 1 else optimizer.toggle_model(sync_grad=False)
+            with sync:
+                loss = self._step_fn(*self._inputs(batch, micro_batch))
+                self.manual_backward(loss / cfg.accumulation if cfg.accumulation > 1 else loss)
+            # Summed on the device: the host reads it only for a progress line.
+            self.loss_sum.add_(loss.detach())
         self.loss_count += 1
+        if last:
+            optimizer.step()  # on_before_optimizer_step clips first
+            if self._graphs is None:
+                optimizer.zero_grad(set_to_none=True)
+            # else: the gradients are the graphs' static outputs, overwritten by the next micro-batch's replay
+            scheduler: Any = self.lr_schedulers()
+            scheduler.step()
         return loss
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        # Called by Lightning's precision plugin after the fp16 grad scaler unscaled the gradients (Lightning's
+        # own clipping does not run under manual optimization; with a fused optimizer it refuses AMP anyway).
+        torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.config.max_grad_norm, foreach=True)
 
     def take_mean_loss(self) -> float | None:
         """The mean loss since the last call (a host sync: call it every few steps only)."""
@@ -288,13 +394,44 @@ class DreamBoothModule(pl.LightningModule):
         self.loss_count = 0
         return value
 
-    # ---- compilation -----------------------------------------------------------------------------------------------
+    # ---- the fast step -------------------------------------------------------------------------------------------
 
     def prepare_fast_step(self, autocast: Callable[[], AbstractContextManager[Any]]) -> None:
-        """On a GPU: compile the step and run it once on dummy inputs under `autocast` (the Trainer's precision
-        context), so that compilation happens here, and if it fails, training goes on eagerly with a warning."""
-        if self.device.type != "cuda" or not self.options.compile:
-            return
+        """Pick the step (`choose_step`) and build it: capture the CUDA graphs, or compile and run once on dummy
+        inputs, under `autocast` (the Trainer's precision context). Either one failing means a warning and the
+        eager step, not a failed job."""
+        te = self.text_encoder
+        kind, reason = choose_step(
+            self.options,
+            device_type=self.device.type,
+            world_size=self.trainer.world_size,
+            grad_scaler=getattr(self.trainer.precision_plugin, "scaler", None) is not None,
+            gradient_checkpointing=bool(getattr(self.unet, "is_gradient_checkpointing", False))
+            or (te is not None and bool(getattr(te, "is_gradient_checkpointing", False))),
+        )
+        if kind == "graph":
+            self._graphs = self._capture_graphs(autocast)
+            if self._graphs is None:
+                kind, reason = "eager", "CUDA graph capture failed"
+        elif kind == "compiled" and not self._compile(autocast):
+            kind, reason = "eager", "torch.compile failed"
+        self.step_kind = kind
+        log.info("training step: %s (%s)", kind, reason)
+
+    def _capture_graphs(self, autocast: Callable[[], AbstractContextManager[Any]]) -> StepGraphs | None:
+        """`StepGraphs`, captured with the default attention kernels or else without cuDNN's; None if neither
+        capture works (a warning each time: the job then trains eagerly)."""
+        for label, attention in capture_attempts():
+            try:
+                with torch.enable_grad(), attention():
+                    return StepGraphs(self, autocast)
+            except Exception as exc:  # capture errors come as RuntimeError, torch.AcceleratorError, OOM...
+                log.warning("CUDA graph capture (%s) failed: %s", label, first_line(exc))
+                self.release_graphs()
+        log.warning("no CUDA graph could be captured: training runs eagerly")
+        return None
+
+    def _compile(self, autocast: Callable[[], AbstractContextManager[Any]]) -> bool:
         compiled: Any = torch.compile(self._forward_loss, mode=self.options.compile_mode, dynamic=False)
         index = torch.arange(self.config.batch_size, device=self.device) % len(self.dataset)
         try:
@@ -303,15 +440,24 @@ class DreamBoothModule(pl.LightningModule):
                     loss = compiled(*self._inputs(index, micro_batch=-1))
                 loss.backward()
         except Exception as exc:  # Dynamo/Inductor/Triton raise many types; any of them means "run eagerly"
-            log.warning("torch.compile failed; training runs eagerly: %s", str(exc).splitlines()[0][:300])
+            log.warning("torch.compile failed; training runs eagerly: %s", first_line(exc))
             torch._dynamo.reset()
-            compiled = None
+            return False
         finally:
             for p in self.trainable_parameters():
                 p.grad = None
-        if compiled is not None:
-            self._step_fn = compiled
-            self.compiled = True
+        self._step_fn = compiled
+        return True
+
+    def release_graphs(self) -> None:
+        """Drop the CUDA graphs, their memory pool and the gradients that live in it."""
+        if self._graphs is None and self.device.type != "cuda":
+            return
+        self._graphs = None
+        for p in self.trainable_parameters():
+            p.grad = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # ---- optimizer -------------------------------------------------------------------------------------------------
 
@@ -341,7 +487,7 @@ class DreamBoothModule(pl.LightningModule):
             eps=1e-8,
             fused=fused or None,
         )
-        # Stepped once per optimizer step by Lightning, so no scaling by the number of processes.
+        # Stepped once per optimizer step by training_step, so no scaling by the number of processes.
         scheduler = get_scheduler(
             cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps
         )
@@ -351,12 +497,75 @@ class DreamBoothModule(pl.LightningModule):
             _match_layouts(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
-    def configure_gradient_clipping(
-        self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
-    ) -> None:
-        # Lightning refuses to clip for a fused optimizer under any AMP precision; with bf16 (no scaler) the
-        # gradients are already unscaled, and with fp16 the optimizer is not fused and Lightning unscaled them.
-        torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.config.max_grad_norm, foreach=True)
+
+class StepGraphs:
+    """One micro-batch's forward and backward as CUDA graphs: gather and noise the latents, text encoder (when
+    trained), UNet, loss, backward into the parameters' gradients, and the loss into the module's running sum.
+
+    PyTorch's whole-network capture recipe: a few eager micro-steps on a side stream first (cuBLAS/cuDNN
+    handles, autotuning, the allocator's pool), then the same code captured once. Inputs are static device
+    buffers: the example indices (copied from the batch) and the noise and timesteps, drawn before each replay
+    from the module's (seed, micro-batch, rank) generator exactly as the eager step draws them, so a replay
+    computes what the eager step computes. `first` is captured with no gradients present (backward writes
+    them, in the graph's pool, where they stay); under gradient accumulation `accumulate` is captured after
+    it, with the gradients present, so that backward adds to them in place. Clipping and the optimizer step
+    are not captured: they run eagerly on the gradients after the last micro-batch's replay, so the optimizer
+    state and LR schedule are the ordinary ones that checkpoints save and restore."""
+
+    def __init__(self, module: DreamBoothModule, autocast: Callable[[], AbstractContextManager[Any]]) -> None:
+        self.module = module
+        self.autocast = autocast
+        device = module.device
+        shape = (module.rows, *module.latents["instance_mean"].shape[1:])
+        self.index = torch.zeros(module.config.batch_size, dtype=torch.long, device=device)
+        self.sample_noise = torch.zeros(shape, device=device)
+        self.noise = torch.zeros(shape, device=device)
+        self.timesteps = torch.zeros(module.rows, dtype=torch.long, device=device)
+        self.loss = torch.zeros((), device=device)
+        self.params = module.trainable_parameters()
+        self.first = torch.cuda.CUDAGraph()
+        self.accumulate: torch.cuda.CUDAGraph | None = None
+        self._capture()
+
+    def _micro_step(self) -> None:
+        m = self.module
+        with self.autocast():
+            loss = m._forward_loss(*m.prepare_inputs(self.index, self.sample_noise, self.noise, self.timesteps))
+        (loss / m.config.accumulation if m.config.accumulation > 1 else loss).backward()  # type: ignore[no-untyped-call]
+        self.loss.copy_(loss.detach())
+        m.loss_sum.add_(self.loss)
+
+    def _capture(self) -> None:
+        m = self.module
+        m.draw_noise(-1, out=(self.sample_noise, self.noise, self.timesteps))
+        for p in self.params:
+            p.grad = None
+        side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(_GRAPH_WARMUP):  # the first writes the gradients, the others add to them
+                self._micro_step()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        for p in self.params:
+            p.grad = None  # captured with none, so that the graph's backward allocates them in its pool
+        with torch.cuda.graph(self.first):  # (empties the allocator's cache first: no warm-up memory is kept)
+            self._micro_step()
+        if m.config.accumulation > 1:
+            self.accumulate = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.accumulate, pool=self.first.pool()):
+                self._micro_step()
+        missing = [i for i, p in enumerate(self.params) if p.grad is None]
+        if missing:
+            log.info("%d trainable tensors get no gradient from the step", len(missing))
+        m.loss_sum.zero_()  # the warm-up's losses
+
+    def replay(self, index: torch.Tensor, micro_batch: int, *, first: bool) -> torch.Tensor:
+        """Run one micro-batch; the returned loss tensor is overwritten by the next replay."""
+        self.index.copy_(index, non_blocking=True)
+        self.module.draw_noise(micro_batch, out=(self.sample_noise, self.noise, self.timesteps))
+        (self.first if first or self.accumulate is None else self.accumulate).replay()
+        return self.loss
 
 
 def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
@@ -386,8 +595,13 @@ __all__ = [
     "Components",
     "DreamBoothModule",
     "LoopConfig",
+    "StepGraphs",
+    "StepKind",
     "StepOptions",
+    "capture_attempts",
+    "choose_step",
     "encode_latents",
+    "first_line",
     "load_components",
     "micro_seed",
     "token_ids",

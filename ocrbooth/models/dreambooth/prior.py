@@ -7,10 +7,12 @@ where it stopped and any batch size yields the same pictures. Guidance scale and
 request but are not part of the key: any picture of the class serves.
 
 On a GPU, `ClassImageSampler` runs the stock pipeline's own denoising loop with its UNet and VAE prepared for
-speed: fused QKV projections, channels-last weights, the UNet compiled with CUDA graphs (`reduce-overhead`: the
-same shapes at every denoising step), classifier-free guidance's two halves in one batched forward (as the
-pipeline does), and a batch size chosen from the GPU's free memory. The last batch is padded to full size so that
-one captured graph serves every batch.
+speed: fused QKV projections, channels-last weights, the UNet step captured in a CUDA graph (`GraphedUNet`: the
+same shapes at every denoising step, so one capture serves the whole job, with no compilation) or, if asked,
+compiled with Inductor's CUDA graphs (`reduce-overhead`), classifier-free guidance's two halves in one batched
+forward (as the pipeline does), and batches as large as the GPU's free memory allows, evened out over the
+images to make (`even_batch`). The last batch is padded to full size so that one captured graph serves every
+batch.
 """
 
 from __future__ import annotations
@@ -52,13 +54,106 @@ def batch_size_for(device: torch.device, resolution: int, *, wanted: int | None 
     return max(1, min(MAX_BATCH, int(free * 0.5 // per_image)))
 
 
-class ClassImageSampler:
-    """Class images from a StableDiffusionPipeline, prepared for speed on a GPU (see the module docstring)."""
+def even_batch(count: int, largest: int) -> int:
+    """The batch size that makes `count` images in as few batches as `largest` would, with the least padding:
+    100 images at up to 32 a batch are 4 batches of 25, not 4 of 32 with 28 padding images."""
+    if count <= 0:
+        return largest
+    batches = -(-count // largest)
+    return -(-count // batches)
 
-    def __init__(self, pipeline: Any, device: torch.device, *, compile: bool) -> None:
+
+class GraphedUNet:
+    """A UNet's forward as CUDA graphs, one per input shape: installed as `unet.forward`, it copies the
+    sample, timestep and text embeddings into static buffers and replays the graph captured for their shapes
+    (after two eager warm-up calls on a side stream, cuDNN autotuning on). Calls it cannot serve (extra
+    conditioning, tensors off the GPU, autograd on) go to the eager forward."""
+
+    def __init__(self, unet: Any) -> None:
+        self.unet = unet
+        self.eager = unet.forward
+        self.graphs: dict[tuple[Any, ...], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
+
+    def __call__(
+        self,
+        sample: torch.Tensor,
+        timestep: Any,
+        encoder_hidden_states: torch.Tensor,
+        *args: Any,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        extra = args or any(v is not None for v in kwargs.values())
+        if extra or torch.is_grad_enabled() or not torch.is_tensor(timestep) or not sample.is_cuda:
+            return self.eager(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
+        inputs = (sample, timestep, encoder_hidden_states)
+        key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self.graphs[key] = self._capture(inputs)
+        graph, static, out = entry
+        for buffer, value in zip(static, inputs, strict=True):
+            buffer.copy_(value, non_blocking=True)
+        graph.replay()
+        result = out.clone()  # the graph's output is overwritten by the next replay; schedulers keep theirs
+        if not return_dict:
+            return (result,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=result)
+
+    def _capture(
+        self, inputs: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]:
+        from ocrbooth.models.dreambooth.module import capture_attempts, first_line
+
+        static = tuple(t.clone() for t in inputs)
+        benchmark = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its convolution algorithms once
+        failure: Exception | None = None
+        try:
+            for label, attention in capture_attempts():
+                try:
+                    with attention():
+                        side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+                        side.wait_stream(torch.cuda.current_stream())
+                        with torch.cuda.stream(side):
+                            for _ in range(2):
+                                self.eager(*static, return_dict=False)
+                        torch.cuda.current_stream().wait_stream(side)
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph):
+                            out = self.eager(*static, return_dict=False)[0]
+                except Exception as exc:  # capture errors come as RuntimeError, torch.AcceleratorError...
+                    log.warning("UNet CUDA graph capture (%s) failed: %s", label, first_line(exc))
+                    failure = exc
+                    continue
+                log.info(
+                    "UNet step captured in a CUDA graph", extra={"shape": list(inputs[0].shape), "attention": label}
+                )
+                return graph, static, out
+        finally:
+            torch.backends.cudnn.benchmark = benchmark
+        assert failure is not None
+        raise failure
+
+    def remove(self) -> None:
+        """Put the eager forward back and free the graphs."""
+        if self.unet.__dict__.get("forward") is self:
+            del self.unet.forward
+        self.graphs.clear()
+
+
+class ClassImageSampler:
+    """Class images from a StableDiffusionPipeline, prepared for speed on a GPU (see the module docstring):
+    `mode` is "graph" (CUDA graph of the UNet step, the default), "compiled" (torch.compile reduce-overhead)
+    or "eager" (the CPU, or both off, or after a failure)."""
+
+    def __init__(self, pipeline: Any, device: torch.device, *, compile: bool = False, graph: bool = True) -> None:
         self.pipeline = pipeline
         self.device = device
-        self.compiled = False
+        self.mode = "eager"
+        self.graphed: GraphedUNet | None = None
         if device.type != "cuda":
             return
         try:
@@ -70,7 +165,30 @@ class ClassImageSampler:
         pipeline.vae.to(memory_format=torch.channels_last)
         if compile:
             pipeline.unet.compile(mode="reduce-overhead", fullgraph=True, dynamic=False)
-            self.compiled = True
+            self.mode = "compiled"
+        elif graph:
+            self.graphed = GraphedUNet(pipeline.unet)
+            pipeline.unet.forward = self.graphed
+            self.mode = "graph"
+
+    @property
+    def compiled(self) -> bool:
+        return self.mode == "compiled"
+
+    def _to_eager(self) -> None:
+        if self.mode == "compiled":
+            torch._dynamo.reset()
+            self.pipeline.unet._compiled_call_impl = None
+        self.close()
+        self.mode = "eager"
+
+    def close(self) -> None:
+        """Free the CUDA graphs and their memory (the graphed forward and the UNet refer to each other: without
+        this, both would wait for the garbage collector)."""
+        if self.graphed is not None:
+            self.graphed.remove()
+            self.graphed = None
+            torch.cuda.empty_cache()
 
     def sample(
         self,
@@ -84,10 +202,11 @@ class ClassImageSampler:
     ) -> list[Image.Image]:
         """One image per seed (image i drawn from seed `seeds[i]` on the CPU, whatever the batch size)."""
         from ocrbooth.models.dreambooth.generate import render
+        from ocrbooth.models.dreambooth.module import first_line
 
         seeds = list(seeds)
         padded = seeds
-        if self.compiled and len(seeds) % batch_size:  # one shape for every batch: one CUDA graph
+        if self.mode != "eager" and len(seeds) % batch_size:  # one shape for every batch: one CUDA graph
             padded = seeds + [seeds[-1]] * (batch_size - len(seeds) % batch_size)
         try:
             images = render(
@@ -100,13 +219,11 @@ class ClassImageSampler:
                 batch_size=batch_size,
             )
         except Exception as exc:
-            if not self.compiled:
+            if self.mode == "eager":
                 raise
-            # Dynamo/Inductor/Triton raise many types; any of them means "sample eagerly".
-            log.warning("compiled UNet failed; class images are sampled eagerly: %s", str(exc).splitlines()[0][:300])
-            torch._dynamo.reset()
-            self.pipeline.unet._compiled_call_impl = None
-            self.compiled = False
+            # Capture errors, and Dynamo/Inductor/Triton's many types: any of them means "sample eagerly".
+            log.warning("%s UNet failed; class images are sampled eagerly: %s", self.mode, first_line(exc))
+            self._to_eager()
             return self.sample(
                 prompt,
                 seeds,
@@ -164,7 +281,8 @@ def ensure_class_images(
     device: torch.device,
     dtype: torch.dtype,
     batch_size: int | None = None,
-    compile: bool = True,
+    compile: bool = False,
+    graph: bool = True,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> ClassImages | None:
     """Reuse the cached class images or generate the missing ones; None when `should_stop()` turned true."""
@@ -186,9 +304,9 @@ def ensure_class_images(
     from ocrbooth.models.dreambooth.generate import load_pipeline
 
     pipeline = load_pipeline(model_dir, device, dtype, safety_checker=None, requires_safety_checker=False)
-    sampler = ClassImageSampler(pipeline, device, compile=compile)
-    size = batch_size_for(device, resolution, wanted=batch_size)
-    log.info("class image batch size", extra={"batch_size": size, "compiled": sampler.compiled})
+    sampler = ClassImageSampler(pipeline, device, compile=compile, graph=graph)
+    size = even_batch(len(missing), batch_size_for(device, resolution, wanted=batch_size))
+    log.info("class image batch size", extra={"batch_size": size, "unet_step": sampler.mode})
     generated = 0
     try:
         for start in range(0, len(missing), size):
@@ -210,6 +328,7 @@ def ensure_class_images(
                 images[i] = decode_image(buf.getvalue(), f"{uri}{_image_name(i)}")  # as a cache hit would see it
             generated += len(batch)
     finally:
+        sampler.close()
         del sampler, pipeline
         if device.type == "cuda":
             torch.cuda.empty_cache()

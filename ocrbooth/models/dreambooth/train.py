@@ -160,12 +160,13 @@ def _pixels(images: list[Image.Image], request: FinetuneRequest, rng: random.Ran
 
 
 def step_options(settings: Settings, hardware: Hardware) -> StepOptions:
-    """The fast-step knobs from the settings (`OCRBOOTH_FINETUNE_COMPILE`, `..._COMPILE_MODE`)."""
+    """The fast-step knobs from the settings (`OCRBOOTH_FINETUNE_CUDA_GRAPHS`, `..._COMPILE`, `..._COMPILE_MODE`);
+    `module.choose_step` then turns graphs off where they cannot run (DDP, fp16, gradient checkpointing)."""
     cfg = settings.finetune
     mode = cfg.compile_mode
     if hardware.devices > 1 and mode == "reduce-overhead":
         mode = "default"  # CUDA graphs around DDP's gradient all-reduce are not supported
-    return StepOptions(compile=cfg.compile, compile_mode=mode)
+    return StepOptions(graph=cfg.cuda_graphs, compile=cfg.compile, compile_mode=mode)
 
 
 def build_module(
@@ -255,8 +256,8 @@ def build_trainer(job: Job, hardware: Hardware, callback: JobCallback) -> pl.Tra
         precision=hardware.precision,  # type: ignore[arg-type]
         max_steps=req.max_train_steps - job.start_step,
         max_epochs=1,  # one pass over a sampler that yields exactly the steps left
-        accumulate_grad_batches=req.gradient_accumulation_steps,
-        gradient_clip_val=_MAX_GRAD_NORM,
+        # No accumulate_grad_batches / gradient_clip_val: the module optimizes manually and does both itself
+        # (LoopConfig.accumulation, LoopConfig.max_grad_norm), which is what lets a CUDA graph hold the backward.
         logger=logger,
         callbacks=[callback],
         enable_checkpointing=False,  # ours are in S3 (checkpoints.py)
@@ -316,6 +317,7 @@ def run(job: Job, events: Emitter, stop: StopFlag) -> int:
             dtype=inference_dtype(hardware.device, req.mixed_precision),
             batch_size=settings.finetune.class_images_batch_size or None,
             compile=settings.finetune.compile,
+            graph=settings.finetune.cuda_graphs,
             should_stop=lambda: bool(stop),
         )
         if result is None:
