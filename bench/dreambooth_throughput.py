@@ -191,7 +191,7 @@ def bench_ours(
         latent_shift=None,
     )
     if mode == "graph":
-        options = StepOptions()
+        options = StepOptions(graph=True)
     elif mode == "eager":
         options = StepOptions(graph=False)
     else:  # an Inductor mode
@@ -510,7 +510,7 @@ def bench_class_images_ours(steps: int, images: int, batch: int | None = None, r
     device = torch.device(DEVICE)
     pipe = _pipeline(device)
     started = time.perf_counter()
-    sampler = ClassImageSampler(pipe, device)
+    sampler = ClassImageSampler(pipe, device, graph=True)
     size = batch_size_for(device, RESOLUTION, wanted=batch)
     kwargs = {"guidance_scale": 7.5, "num_inference_steps": steps, "resolution": RESOLUTION, "batch_size": size}
     sampler.sample(CLASS_PROMPT, list(range(size)), **kwargs)  # warm-up: graph capture, cuDNN autotuning

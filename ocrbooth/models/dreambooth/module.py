@@ -9,9 +9,10 @@ instead of thousands, and no compilation. Gradient clipping and the fused AdamW 
 replay, on the real optimizer and LR scheduler (what checkpoints save). Nothing in a step waits on the GPU: the
 loss is summed on the device and read every `progress_every_steps`.
 
-`StepOptions` chooses the step: `graph` (the default on CUDA), `compile` (torch.compile of forward + loss, the
-earlier option; its compilation costs minutes) or neither (eager). The CPU always runs the eager step, for
-bitwise-reproducible resumes. A capture or compilation that fails falls back to the eager step with a warning.
+`StepOptions` chooses the step: `graph` (opt-in: `OCRBOOTH_FINETUNE_CUDA_GRAPHS`, not yet run on a GPU),
+`compile` (torch.compile of forward + loss, the earlier option; its compilation costs minutes) or neither
+(eager, the default). The CPU always runs the eager step, for bitwise-reproducible resumes. A capture or
+compilation that fails falls back to the eager step with a warning.
 """
 
 from __future__ import annotations
@@ -150,8 +151,9 @@ class LoopConfig:
 class StepOptions:
     """How the step runs on a GPU (the CPU always runs it eagerly, for bitwise-reproducible resumes)."""
 
-    graph: bool = True
-    """Capture the micro-batch's forward + backward into CUDA graphs and replay them (`StepGraphs`)."""
+    graph: bool = False
+    """Capture the micro-batch's forward + backward into CUDA graphs and replay them (`StepGraphs`); opt-in
+    until it has been measured on a GPU."""
     compile: bool = False
     """torch.compile the forward + loss (UNet, and the text encoder when trained) instead; no graphs then."""
     compile_mode: CompileMode = "default"

@@ -146,10 +146,10 @@ class GraphedUNet:
 
 class ClassImageSampler:
     """Class images from a StableDiffusionPipeline, prepared for speed on a GPU (see the module docstring):
-    `mode` is "graph" (CUDA graph of the UNet step, the default), "compiled" (torch.compile reduce-overhead)
-    or "eager" (the CPU, or both off, or after a failure)."""
+    `mode` is "graph" (CUDA graph of the UNet step; opt-in until measured on a GPU), "compiled"
+    (torch.compile reduce-overhead) or "eager" (the CPU, or both off, or after a failure)."""
 
-    def __init__(self, pipeline: Any, device: torch.device, *, compile: bool = False, graph: bool = True) -> None:
+    def __init__(self, pipeline: Any, device: torch.device, *, compile: bool = False, graph: bool = False) -> None:
         self.pipeline = pipeline
         self.device = device
         self.mode = "eager"
