@@ -77,7 +77,18 @@ class Dispatcher:
         return sem
 
     async def dispatch(self, value: bytes | None, route: Route, ctx: MessageContext) -> str:
-        """Handle one message; return its outcome (succeeded, failed_result, dead_lettered, requeued)."""
+        """Handle one message; return its outcome (succeeded, failed_result, dead_lettered, requeued). A bug
+        anywhere below still ends in a dead letter, never in silence."""
+        try:
+            return await self._dispatch(value, route, ctx)
+        except (FatalError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            log.exception("dispatching a message failed")
+            error = ErrorInfo(code="internal_error", message=f"{type(exc).__name__}: {exc}")  # the publisher clips it
+            return await self.dead_letter(ctx, value, error)
+
+    async def _dispatch(self, value: bytes | None, route: Route, ctx: MessageContext) -> str:
         try:
             event = decode(value, route.model, max_bytes=self._s.max_input_message_bytes)
         except PoisonError as exc:
@@ -86,7 +97,6 @@ class Dispatcher:
             return "dead_lettered"
         fields = event.__dict__  # not getattr: pydantic raises (expensively) for fields a model lacks
         ids = {k: v for k in ("request_id", "document_id", "job_id") if isinstance(v := fields.get(k), str)}
-        # Scoped to this message: the batch path dispatches the next one in the same task.
         with log_context(**ids):
             return await self._handle(value, route.handler, event, ctx)
 

@@ -108,16 +108,6 @@ class Publisher:
             records.append(record)
         await self._send(records)
 
-    async def publish_batch(self, batch: Sequence[tuple[Sequence[OutputEvent], MessageContext]]) -> None:
-        """Outputs of many inputs, sent together and acknowledged with one wait (batch-mode handlers)."""
-        records = []
-        for events, ctx in batch:
-            for index, event in enumerate(events):
-                record, _ = await self._encode(event, ctx, index)
-                records.append(record)
-        if records:
-            await self._send(records)
-
     async def dead_letter(self, ctx: MessageContext, value: bytes | None, error: ErrorInfo) -> None:
         """Publish a DeadLetter for an input message. Never fails for the message's sake: the key, value,
         headers and error message are cut to fit (and the letter says so); if the broker still refuses it, a
