@@ -20,12 +20,13 @@ from aiokafka import TopicPartition
 from ocrbooth.config import Settings
 from ocrbooth.daemon.backpressure import Backpressure
 from ocrbooth.daemon.commits import Committer
-from ocrbooth.daemon.crashloop import CrashGuard
+from ocrbooth.daemon.crashloop import CrashGuard, Released
 from ocrbooth.daemon.decode import message_context
 from ocrbooth.daemon.dispatch import Dispatcher, Interrupted, Route
 from ocrbooth.daemon.offsets import OffsetTracker
 from ocrbooth.errors import OcrboothError
-from ocrbooth.logs import log_context
+from ocrbooth.logs import bind
+from ocrbooth.messages import MessageContext
 from ocrbooth.metrics import Metrics
 from ocrbooth.retry import Backoff, retry
 from ocrbooth.schemas import ErrorInfo
@@ -68,8 +69,7 @@ class InFlight:
         task = self._spawn(
             self._run(record, route, epoch, mode), f"handle {record.topic}/{record.partition}/{record.offset}"
         )
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)  # removed by the task itself: a second done-callback per message costs more
 
     async def drain(self, timeout_s: float) -> int:
         """Wait for in-flight work; cancel what is left at the deadline. Returns how many were cancelled."""
@@ -114,12 +114,17 @@ class InFlight:
     async def _run(self, record: Any, route: Route, epoch: int, mode: Mode) -> None:
         tp = TopicPartition(record.topic, record.partition)
         ctx = message_context(record)
+        bind(topic=ctx.topic, partition=ctx.partition, offset=ctx.offset)  # this task's own log context
         started = time.perf_counter()
         outcome = "requeued"
         try:
-            with log_context(topic=ctx.topic, partition=ctx.partition, offset=ctx.offset):
-                outcome = await self._guarded(tp, record, route, ctx, mode)
+            guard = self.guard
+            if mode != "normal":
+                outcome = await self._alone_or_refused(tp, record, route, ctx, mode)
+            elif guard is None or guard.covers(tp, record.offset) or await self._recorded(tp, record.offset):
+                outcome = await self._dispatcher.dispatch(record.value, route, ctx)
         finally:
+            self.tasks.discard(asyncio.current_task())
             self.counts[outcome] += 1
             handled, seconds = self._topic_metrics(ctx.topic, outcome)
             handled.inc()
@@ -128,10 +133,25 @@ class InFlight:
                 self._committer.wanted.set()
             self._budgets.freed.set()
 
-    async def _guarded(self, tp: TopicPartition, record: Any, route: Route, ctx: Any, mode: Mode) -> str:
-        """The crash guard's part around the dispatcher: record first, isolate a suspect, refuse a crash loop."""
+    async def _recorded(self, tp: TopicPartition, offset: int) -> bool:
+        """Wait until the crash guard's record covers `offset`; False when shutdown interrupted the wait or the
+        partition was handed over meanwhile (the message is left to the next owner)."""
         guard = self.guard
-        if mode == "crash_loop" and guard is not None:
+        assert guard is not None
+        try:
+            await self.durably(lambda: guard.record(tp, offset), "record in-flight offsets")
+        except (Interrupted, Released):
+            return False
+        return True
+
+    async def _alone_or_refused(
+        self, tp: TopicPartition, record: Any, route: Route, ctx: MessageContext, mode: Mode
+    ) -> str:
+        """A message the crash guard judged: dead-lettered without handling (a crash loop), or handled with
+        its offset recorded as isolated first (a suspect, alone in flight)."""
+        guard = self.guard
+        assert guard is not None
+        if mode == "crash_loop":
             n = guard.deaths(tp, record.offset)
             self._metrics.crash_loops.labels(tp.topic).inc()
             error = ErrorInfo(
@@ -140,17 +160,15 @@ class InFlight:
             )
             log.error("dead-lettering a message that keeps killing the daemon", extra={"deaths": n})
             return await self._dispatcher.dead_letter(ctx, record.value, error)
+        if not await self._recorded(tp, record.offset):
+            return "requeued"
         try:
-            if guard is not None and guard.enabled:
-                await self.durably(lambda: guard.record(tp, record.offset), "record in-flight offsets")
-                if mode == "isolated":
-                    await self.durably(lambda: guard.isolate(tp, record.offset), "record the isolated offset")
+            await self.durably(lambda: guard.isolate(tp, record.offset), "record the isolated offset")
         except Interrupted:
             return "requeued"
         outcome = await self._dispatcher.dispatch(record.value, route, ctx)
-        if mode == "isolated" and guard is not None:
-            try:
-                await self.durably(lambda: guard.isolate(tp, None), "clear the isolated offset")
-            except Interrupted:
-                pass  # a stale isolated offset only costs one more lone run of a message that is done
+        try:
+            await self.durably(lambda: guard.isolate(tp, None), "clear the isolated offset")
+        except Interrupted:
+            pass  # a stale isolated offset only costs one more lone run of a message that is done
         return outcome
