@@ -390,8 +390,10 @@ class Settings(BaseSettings):
     """After a completion, wait this long so that completions arriving together share one commit."""
     poll_timeout_ms: int = Field(default=100, ge=1)
     """Longest wait of one fetch when nothing arrives."""
-    gc_gen0_threshold: int = Field(default=10_000, ge=0)
-    """Young-generation threshold of Python's cycle collector (CPython's default is 700; 0 keeps it)."""
+    gc_gen0_threshold: int = Field(default=100_000, ge=0)
+    """Young-generation threshold of Python's cycle collector (CPython's default is 700; 0 keeps it). Above the
+    objects that a full window of in-flight messages keeps alive, so collections do not walk them again and
+    again (see `daemon/gctune.py`)."""
     gc_freeze: bool = True
     """Move everything that exists after startup (modules, loaded models) out of the collector's sight."""
     fatal_exit_code: int = Field(default=70, ge=1, le=255)

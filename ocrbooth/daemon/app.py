@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from ocrbooth.config import Settings
@@ -17,6 +18,7 @@ from ocrbooth.daemon.crashloop import CrashGuard
 from ocrbooth.daemon.dispatch import Dispatcher, Route
 from ocrbooth.daemon.gctune import tune_gc
 from ocrbooth.daemon.health import HealthServer
+from ocrbooth.daemon.offsets import OffsetTracker
 from ocrbooth.daemon.outage import Dependencies
 from ocrbooth.daemon.publisher import Publisher
 from ocrbooth.daemon.shutdown import Lifecycle, State, wait_event
@@ -58,18 +60,20 @@ class Daemon:
         }
         self.stopping = asyncio.Event()
         self.dispatcher = Dispatcher(settings, self.metrics, self.publisher, self.s3, self.stopping)
-        self.consumer = Consumer(
-            settings, self.metrics, self.publisher, routes, self.spawn, self.dispatcher, self.dependencies
-        )
+        tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+        guard = None
         if settings.max_process_deaths > 0:
-            self.consumer.guard = CrashGuard(
+            guard = CrashGuard(
                 self.storage,
                 settings.group_id,
                 settings.max_process_deaths,
-                self.consumer.tracker.pending_offsets,
+                tracker.pending_offsets,
                 lambda tp: (tp.topic, tp.partition),
                 ahead=settings.max_in_flight,
             )
+        self.consumer = Consumer(
+            settings, self.metrics, routes, self.spawn, self.dispatcher, self.dependencies, tracker, guard
+        )
         broadcast = {
             topic: Route(handler, model)
             for handler in self.handlers

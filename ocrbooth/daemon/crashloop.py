@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Generic, Literal, Protocol, TypeVar
 
 from ocrbooth.constants import S3_PREFIX_STATE
-from ocrbooth.errors import OcrboothError, PoisonError
+from ocrbooth.errors import PoisonError
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,10 @@ def deaths_after_restart(ledger: Ledger, committed: int | None) -> dict[int, int
     return deaths
 
 
+class Released(Exception):
+    """The partition was handed over (or forgotten) while a message waited for its offset to be recorded."""
+
+
 class ObjectStore(Protocol):
     """What the guard needs of S3 (S3Storage fits)."""
 
@@ -106,7 +110,9 @@ class ObjectStore(Protocol):
 class _PartitionState:
     deaths: dict[int, int]
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    queued: asyncio.Future[None] | None = None
+    """One write of the record at a time, in order."""
+    next_write: asyncio.Future[None] | None = None
+    """A window write that has not read `wanted` yet, so it will cover every offset noted until it does."""
     isolated: int | None = None
     wanted: int = -1
     """The newest offset any caller is about to handle."""
@@ -145,9 +151,11 @@ class CrashGuard(Generic[TP]):
         topic, partition = self._name(tp)
         return f"{S3_PREFIX_STATE}crashloop/{self._group}/{topic}/{partition}.json"
 
-    async def load(self, tp: TP, committed: int | None) -> None:
+    async def load(self, tp: TP, committed: int | None, *, position: int | None = None) -> None:
         """Take over a partition: count the previous owner's in-flight work as dead, then record a clean slate
-        (so that a death of ours before the first write is not counted twice)."""
+        (so that a death of ours before the first write is not counted twice). With `position` (the first offset
+        that will be fetched), that record already holds the first window, so the first fetch does not wait
+        for S3."""
         if not self.enabled:
             return
         try:
@@ -170,7 +178,10 @@ class CrashGuard(Generic[TP]):
                     "deaths": {str(k): v for k, v in sorted(deaths.items())},
                 },
             )
-        if ledger.window is not None or ledger.isolated is not None or ledger.deaths != deaths:
+        if position is not None and self._ahead > 0:
+            async with self._parts[tp].lock:
+                await self._write(tp, start=position)
+        elif ledger.window is not None or ledger.isolated is not None or ledger.deaths != deaths:
             await self._write(tp)
 
     def forget(self, tp: TP) -> None:
@@ -189,46 +200,60 @@ class CrashGuard(Generic[TP]):
         part = self._parts.get(tp)
         return 0 if part is None else part.deaths.get(offset, 0)
 
-    async def record(self, tp: TP, offset: int) -> None:
-        """Return once `offset` of `tp` is durably covered by the recorded window. Usually free: a write covers
-        the next `ahead` offsets too. Concurrent callers share one write, which covers every offset asked for
-        before it started."""
+    def covers(self, tp: TP, offset: int) -> bool:
+        """Note that `offset` of `tp` is about to be handled; True when the recorded window already covers it,
+        so that nothing needs to be awaited (the usual case: a write covers the next `ahead` offsets too).
+        False means `record()` must be awaited first."""
         if not self.enabled:
-            return
+            return True
         part = self._parts.get(tp)
         if part is None:
-            return
-        part.wanted = max(part.wanted, offset)
-        while offset >= part.recorded_to:
-            if part.queued is not None:
-                await asyncio.shield(part.queued)
-                continue
-            queued = part.queued = asyncio.get_running_loop().create_future()
-            try:
-                async with part.lock:
-                    part.queued = None
-                    await self._write(tp)
-            except BaseException as exc:
-                if part.queued is queued:
-                    part.queued = None
-                queued.set_exception(exc)
-                queued.exception()  # retrieved here, so an unawaited share does not log "never retrieved"
-                raise
-            queued.set_result(None)
-        if offset >= part.recorded_to - self._ahead // 2 and part.queued is None and not part.lock.locked():
-            # Half the window is used: extend it in the background, so that handling rarely waits for S3.
-            self._extending.add(asyncio.ensure_future(self._extend(tp)))
+            return True
+        if offset > part.wanted:
+            part.wanted = offset
+        if offset >= part.recorded_to:
+            return False
+        self._extend_soon(tp, part, offset)
+        return True
 
-    async def _extend(self, tp: TP) -> None:
-        part = self._parts.get(tp)
-        try:
-            if part is not None and not part.lock.locked():
-                async with part.lock:
-                    await self._write(tp)
-        except OcrboothError as exc:  # a foreground record() retries when the window really runs out
+    async def record(self, tp: TP, offset: int) -> None:
+        """Return once `offset` of `tp` is durably covered by the recorded window. Concurrent callers share one
+        write: a write covers every offset noted before it started, so a caller joins the next write rather
+        than queueing one of its own behind it."""
+        if self.covers(tp, offset):
+            return
+        part = self._parts[tp]
+        while offset >= part.recorded_to:
+            await asyncio.shield(self._next_write(tp, part))
+            if self._parts.get(tp) is not part:
+                raise Released(f"{self._name(tp)} was handed over before offset {offset} was recorded")
+
+    def _next_write(self, tp: TP, part: _PartitionState) -> asyncio.Future[None]:
+        """The write that will cover every offset noted so far: the one waiting to start, or a new one."""
+        future = part.next_write
+        if future is None:
+            future = part.next_write = asyncio.ensure_future(self._write_next(tp, part))
+        return future
+
+    async def _write_next(self, tp: TP, part: _PartitionState) -> None:
+        async with part.lock:
+            part.next_write = None  # offsets noted from here on need the write after this one
+            if self._parts.get(tp) is part:
+                await self._write(tp)
+
+    def _extend_soon(self, tp: TP, part: _PartitionState, offset: int) -> None:
+        if offset >= part.recorded_to - self._ahead // 2 and part.next_write is None and not part.lock.locked():
+            # Half the window is used: extend it in the background, so that handling rarely waits for S3. Every
+            # message of a fetch passes here; one write serves them all.
+            future = self._next_write(tp, part)
+            self._extending.add(future)
+            future.add_done_callback(self._extended)
+
+    def _extended(self, future: asyncio.Future[None]) -> None:
+        self._extending.discard(future)
+        if not future.cancelled() and (exc := future.exception()) is not None:
+            # A foreground record() retries when the window really runs out.
             log.info("extending the in-flight window failed", extra={"error": str(exc)})
-        finally:
-            self._extending = {f for f in self._extending if not f.done()}
 
     async def isolate(self, tp: TP, offset: int | None) -> None:
         """Record that `offset` is handled alone (None: isolation over)."""
@@ -249,11 +274,15 @@ class CrashGuard(Generic[TP]):
         async with part.lock:
             await self._store.put(self._key(tp), ledger.encode(), content_type="application/json")
 
-    async def _write(self, tp: TP) -> None:
+    async def _write(self, tp: TP, *, start: int | None = None) -> None:
+        """Write the partition's record: the window from the oldest pending offset to `ahead` past the newest
+        one wanted (or, with `start`, the `ahead` offsets from there), the isolated offset, the deaths."""
         part = self._parts[tp]
-        pending = self._pending(tp)
         window = None
-        if part.wanted >= 0:
+        if start is not None:
+            window = (start, start + self._ahead)
+        elif part.wanted >= 0:
+            pending = self._pending(tp)
             low = min(pending[0], part.wanted) if pending else part.wanted
             window = (low, part.wanted + 1 + self._ahead)
         ledger = Ledger(window=window, isolated=part.isolated, deaths=dict(part.deaths))

@@ -25,7 +25,7 @@ from ocrbooth.daemon.outage import Dependency
 from ocrbooth.daemon.publisher import Publisher
 from ocrbooth.errors import FatalError, PoisonError, RequeueError, RetryableError
 from ocrbooth.handlers.base import AnyHandler
-from ocrbooth.logs import log_context
+from ocrbooth.logs import bind
 from ocrbooth.messages import MessageContext, OutputEvent, clip
 from ocrbooth.metrics import Metrics
 from ocrbooth.retry import Backoff
@@ -77,18 +77,27 @@ class Dispatcher:
         return sem
 
     async def dispatch(self, value: bytes | None, route: Route, ctx: MessageContext) -> str:
-        """Handle one message; return its outcome (succeeded, failed_result, dead_lettered, requeued)."""
+        """Handle one message; return its outcome (succeeded, failed_result, dead_lettered, requeued). A bug
+        anywhere below still ends in a dead letter, never in silence.
+
+        The message's ids join the log context of the calling task for the rest of it: the runtime gives
+        every message a task of its own (`daemon/inflight.py`)."""
         try:
-            event = decode(value, route.model, max_bytes=self._s.max_input_message_bytes)
-        except PoisonError as exc:
-            log.warning("dead-lettering undecodable message", extra={"code": exc.code, "reason": exc.message})
-            await self._publisher.dead_letter(ctx, value, ErrorInfo(code=exc.code, message=exc.message))
-            return "dead_lettered"
-        fields = event.__dict__  # not getattr: pydantic raises (expensively) for fields a model lacks
-        ids = {k: v for k in ("request_id", "document_id", "job_id") if isinstance(v := fields.get(k), str)}
-        # Scoped to this message: the batch path dispatches the next one in the same task.
-        with log_context(**ids):
+            try:
+                event = decode(value, route.model, max_bytes=self._s.max_input_message_bytes)
+            except PoisonError as exc:
+                log.warning("dead-lettering undecodable message", extra={"code": exc.code, "reason": exc.message})
+                await self._publisher.dead_letter(ctx, value, ErrorInfo(code=exc.code, message=exc.message))
+                return "dead_lettered"
+            fields = event.__dict__  # not getattr: pydantic raises (expensively) for fields a model lacks
+            bind(**{k: v for k in ("request_id", "document_id", "job_id") if isinstance(v := fields.get(k), str)})
             return await self._handle(value, route.handler, event, ctx)
+        except (FatalError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            log.exception("dispatching a message failed")
+            error = ErrorInfo(code="internal_error", message=f"{type(exc).__name__}: {exc}")  # the publisher clips it
+            return await self.dead_letter(ctx, value, error)
 
     async def _handle(self, value: bytes | None, handler: AnyHandler, event: BaseModel, ctx: MessageContext) -> str:
         """Validate, take a slot, handle with retries; the outcome."""
@@ -120,10 +129,11 @@ class Dispatcher:
     async def _run(self, handler: AnyHandler, event: BaseModel, ctx: MessageContext) -> ErrorInfo | None:
         """Handle and publish with retries; None on success, else why the message failed."""
         r = self._s.retry
-        backoff = Backoff(r.initial_backoff_ms, r.max_backoff_ms)
+        backoff: Backoff | None = None  # made at the first failure: almost every message succeeds at once
         outage_started: float | None = None
         while True:
-            attempt = backoff.failures + 1  # an outage spends no attempts: it does not count a failure
+            # An outage spends no attempts: it does not count a failure.
+            attempt = 1 if backoff is None else backoff.failures + 1
             try:
                 outputs = await handler.handle(event, _with_attempt(ctx, attempt))
                 await self._publisher.publish(outputs, ctx)
@@ -152,6 +162,8 @@ class Dispatcher:
                         message=_short(f"gave up after {attempt} attempts: [{exc.code}] {exc}"),
                     )
                 self._metrics.handler_retries.labels(ctx.topic).inc()
+                if backoff is None:
+                    backoff = Backoff(r.initial_backoff_ms, r.max_backoff_ms)
                 delay = backoff.next_s()
                 log.info(
                     "retryable failure, backing off", extra={"attempt": attempt, "error": str(exc), "delay_s": delay}

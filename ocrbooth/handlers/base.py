@@ -38,10 +38,6 @@ class Handler(abc.ABC, Generic[EventT]):
     name: ClassVar[str]
     max_concurrency: int | None = None
     """Messages of this handler in flight at once (e.g. GPU slots); None means only the global limit."""
-    batch_mode: bool = False
-    """True for handlers that do no I/O of their own per message: the messages of one fetch are handled in
-    one task, one after the other, and their outputs published with one acknowledgement wait. Handlers that
-    wait on anything (S3, a GPU batcher, a subprocess) keep the default: one task per message."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

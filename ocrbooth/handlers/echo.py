@@ -31,8 +31,6 @@ class EchoHandler(Handler[DocumentRequest]):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.faults = os.environ.get(FAULTS_ENV, "").lower() in ("1", "true", "yes")
-        # Without injected delays the handler never waits, so batch mode fits; with them, per-message tasks.
-        self.batch_mode = not self.faults
 
     async def handle(self, event: DocumentRequest, ctx: MessageContext) -> Sequence[OutputEvent]:
         pages: list[PageResult] = []

@@ -18,14 +18,18 @@ from tests.support.stack import TopicNames
 async def test_an_s3_outage_pauses_work_and_loses_nothing(
     monkeypatch: pytest.MonkeyPatch, stack: EmbeddedStack, topics: TopicNames, daemon_env: dict[str, str]
 ) -> None:
-    """With every S3 request answered 503 for a while, the daemon (whose crash guard writes to S3 before each
-    batch) reports not-ready and s3 down, takes no new work, and once S3 answers again every request succeeds:
-    no failed result, no dead letter."""
+    """With every S3 request answered 503 for a while, the daemon (whose crash guard must write to S3 before it
+    handles offsets past its recorded window, here 4 ahead) reports not-ready and s3 down, takes no new work, and
+    once S3 answers again every request succeeds: no failed result, no dead letter."""
     proxy = S3FaultProxy(stack.s3_endpoint_url)
     with proxy.running():
         env = {**daemon_env, "OCRBOOTH_S3_ENDPOINT_URL": proxy.url}
         settings = settings_for(
-            monkeypatch, env, OCRBOOTH_RETRY_MAX_ATTEMPTS="2", OCRBOOTH_RETRY_INITIAL_BACKOFF_MS="50"
+            monkeypatch,
+            env,
+            OCRBOOTH_RETRY_MAX_ATTEMPTS="2",
+            OCRBOOTH_RETRY_INITIAL_BACKOFF_MS="50",
+            OCRBOOTH_MAX_IN_FLIGHT="4",
         )
         async with running_daemon(settings) as (daemon, _):
             await produce(stack.bootstrap_servers, topics.ocr_requests, [(b"a", request_event(0))])

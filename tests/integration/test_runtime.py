@@ -238,11 +238,12 @@ async def test_metrics_pass_promtool(
     assert not check.stderr.strip(), check
 
 
-async def test_batch_mode_handler_gives_one_output_per_request_and_dead_letters_bad_ones(
+async def test_production_echo_gives_one_output_per_request_and_dead_letters_bad_ones(
     monkeypatch: pytest.MonkeyPatch, bootstrap: str, topics: TopicNames, daemon_env: dict[str, str], group_id: str
 ) -> None:
-    """A batch-mode handler (echo without fault injection): 2,000 requests with malformed ones interleaved
-    each get exactly one output or one dead letter, and committed offsets equal the end offsets."""
+    """Echo as in production (no fault injection), budget of 500 filled and freed many times: 2,000 requests
+    with malformed ones interleaved each get exactly one output or one dead letter, and committed offsets
+    equal the end offsets."""
     items: list[tuple[bytes, bytes]] = []
     for i in range(2000):
         items.append((f"doc-{i}".encode(), request_event(i)))
@@ -251,7 +252,7 @@ async def test_batch_mode_handler_gives_one_output_per_request_and_dead_letters_
     ends = await produce(bootstrap, topics.ocr_requests, items)
     settings = settings_for(monkeypatch, daemon_env, OCRBOOTH_ECHO_FAULTS="false", OCRBOOTH_MAX_IN_FLIGHT="500")
     daemon = Daemon(settings)
-    assert daemon.handlers[0].batch_mode
+    assert not daemon.handlers[0].faults
     assert await asyncio.wait_for(daemon.run_until_idle(), 180) == 0
     results = await consume_all(bootstrap, topics.ocr_results, count=2000, timeout_s=30)
     seen = _by_request(results)

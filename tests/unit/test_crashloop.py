@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from ocrbooth.daemon.crashloop import CrashGuard, Ledger, deaths_after_restart
+from ocrbooth.daemon.crashloop import CrashGuard, Ledger, Released, deaths_after_restart
 from ocrbooth.errors import PoisonError, RetryableError
 
 
@@ -152,3 +152,63 @@ async def test_disabled_guard_touches_nothing() -> None:
     await g.record("tp", 1)
     assert store.puts == 0
     assert g.verdict("tp", 1) == "ok"
+
+
+async def test_taking_over_at_a_position_records_the_first_window() -> None:
+    """With the position fetching starts from, load() already writes the first window: the first messages need
+    no write of their own (a death among them still makes them suspects for the next owner)."""
+    store = MemoryStore()
+    pending: dict[str, list[int]] = {"tp": []}
+    g = _guard(store, pending, ahead=6)
+    await g.load("tp", committed=None, position=20)
+    assert Ledger.decode(store.objects["state/crashloop/g/topic/0.json"]).window == (20, 26)
+    before = store.puts
+    assert all(g.covers("tp", offset) for offset in (20, 21, 22))
+    assert store.puts == before
+    pending["tp"] = [20, 21, 22]
+    fresh = _guard(store, pending)
+    await fresh.load("tp", committed=20)
+    assert [fresh.verdict("tp", o) for o in (20, 22, 25, 26)] == ["suspect"] * 3 + ["ok"]
+
+
+async def test_a_whole_fetch_past_half_the_window_starts_one_extension() -> None:
+    """Every message of a fetch passes the half-window mark; one background write serves them all, and it
+    covers the newest offset noted before it started."""
+    store = MemoryStore()
+    pending: dict[str, list[int]] = {"tp": []}
+    g = _guard(store, pending, ahead=10)
+    await g.load("tp", committed=0, position=0)
+    before = store.puts
+    for offset in range(10):  # the window is [0, 10): 5..9 are past its half, each one would start a write
+        pending["tp"].append(offset)
+        assert g.covers("tp", offset)
+    await asyncio.sleep(0.01)
+    assert store.puts - before == 1
+    assert Ledger.decode(store.objects["state/crashloop/g/topic/0.json"]).window == (0, 20)
+
+
+async def test_callers_past_the_window_join_the_write_that_has_not_started() -> None:
+    """Messages beyond the window while a write is queued behind another wait for that write, not one each."""
+    store = MemoryStore()
+    pending: dict[str, list[int]] = {"tp": []}
+    g = _guard(store, pending, ahead=4)
+    await g.load("tp", committed=0, position=0)
+    before = store.puts
+    pending["tp"] = list(range(30))
+    await asyncio.gather(*(g.record("tp", offset) for offset in range(30)))
+    assert store.puts - before == 1
+    assert Ledger.decode(store.objects["state/crashloop/g/topic/0.json"]).window == (0, 34)
+
+
+async def test_a_partition_handed_over_during_the_wait_is_not_recorded() -> None:
+    """A message whose partition is released while it waits for its record is refused (Released), so it is
+    not handled by a member that no longer owns it."""
+    store = MemoryStore()
+    pending: dict[str, list[int]] = {"tp": [5]}
+    g = _guard(store, pending, ahead=2)
+    await g.load("tp", committed=5)
+    waiting = asyncio.ensure_future(g.record("tp", 5))
+    await asyncio.sleep(0)
+    await g.release("tp", committed=5)
+    with pytest.raises(Released):
+        await waiting

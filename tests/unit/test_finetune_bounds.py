@@ -10,7 +10,7 @@ import pytest
 
 from ocrbooth.cli import build_parser
 from ocrbooth.config import DEFAULT_BASE_MODELS, Settings, load_settings
-from ocrbooth.daemon.consumer import decode
+from ocrbooth.daemon.decode import decode
 from ocrbooth.errors import PoisonError
 from ocrbooth.handlers.finetune import FinetuneHandler
 from ocrbooth.models.dreambooth import validate_request

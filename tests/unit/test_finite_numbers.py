@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from ocrbooth.daemon.consumer import decode
+from ocrbooth.daemon.decode import decode
 from ocrbooth.errors import PoisonError
 from ocrbooth.schemas import ALL_MODELS, FinetuneRequest
 

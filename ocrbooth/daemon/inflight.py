@@ -1,0 +1,174 @@
+"""Messages in flight: one task per accepted message, whatever its handler.
+
+A message's task records it with the crash guard (before any handling, so a message that kills the process
+is known to the next owner), runs it through the dispatcher (decode, validate, slot, handle, publish), and
+marks its offset complete so that the commit loop can commit past it. A message the guard has judged a
+crash loop is dead-lettered without being handled; a suspect is handled alone (`mode="isolated"`, its offset
+recorded as isolated first). See `daemon/crashloop.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal
+
+from aiokafka import TopicPartition
+
+from ocrbooth.config import Settings
+from ocrbooth.daemon.backpressure import Backpressure
+from ocrbooth.daemon.commits import Committer
+from ocrbooth.daemon.crashloop import CrashGuard, Released
+from ocrbooth.daemon.decode import message_context
+from ocrbooth.daemon.dispatch import Dispatcher, Interrupted, Route
+from ocrbooth.daemon.offsets import OffsetTracker
+from ocrbooth.errors import OcrboothError
+from ocrbooth.logs import bind
+from ocrbooth.messages import MessageContext
+from ocrbooth.metrics import Metrics
+from ocrbooth.retry import Backoff, retry
+from ocrbooth.schemas import ErrorInfo
+
+log = logging.getLogger(__name__)
+
+Spawn = Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]
+Mode = Literal["normal", "isolated", "crash_loop"]
+
+
+class InFlight:
+    """The tasks of the accepted messages, and how many of each outcome there were."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        dispatcher: Dispatcher,
+        tracker: OffsetTracker[TopicPartition],
+        budgets: Backpressure,
+        committer: Committer,
+        spawn: Spawn,
+        guard: CrashGuard[TopicPartition] | None,
+    ) -> None:
+        self._s = settings
+        self._metrics = metrics
+        self._dispatcher = dispatcher
+        self._tracker = tracker
+        self._budgets = budgets
+        self._committer = committer
+        self._spawn = spawn
+        self.guard = guard
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.counts = {"succeeded": 0, "dead_lettered": 0, "failed_result": 0, "requeued": 0}
+        self._metric_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        metrics.in_flight.set_function(lambda: len(self.tasks))
+
+    def start(self, record: Any, route: Route, epoch: int, mode: Mode = "normal") -> None:
+        """Handle `record` (already started in the offset tracker with `epoch`) in a task of its own."""
+        task = self._spawn(
+            self._run(record, route, epoch, mode), f"handle {record.topic}/{record.partition}/{record.offset}"
+        )
+        self.tasks.add(task)  # removed by the task itself: a second done-callback per message costs more
+
+    async def drain(self, timeout_s: float) -> int:
+        """Wait for in-flight work; cancel what is left at the deadline. Returns how many were cancelled."""
+        tasks = set(self.tasks)
+        if not tasks:
+            return 0
+        _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+        return len(pending)
+
+    async def durably(self, op: Callable[[], Coroutine[Any, Any, None]], what: str) -> None:
+        """Run an S3 write of the daemon's own state until it succeeds; an outage pauses work meanwhile, and
+        shutdown interrupts the wait (Interrupted)."""
+        dispatcher = self._dispatcher
+
+        async def on_retry(exc: Exception, failures: int, delay: float) -> None:
+            down = await dispatcher.s3.confirm(str(exc))
+            log.warning("%s failed, retrying", what, extra={"error": str(exc), "attempt": failures, "s3_down": down})
+
+        await retry(
+            op,
+            retry_on=OcrboothError,
+            backoff=Backoff(self._s.retry.initial_backoff_ms, self._s.retry.max_backoff_ms),
+            on_retry=on_retry,
+            sleep=lambda delay: dispatcher.until_stopping(asyncio.sleep(delay)),
+        )
+
+    # ---- one message -----------------------------------------------------------------------------
+
+    def _topic_metrics(self, topic: str, outcome: str) -> tuple[Any, Any]:
+        """Labelled children, looked up once: `.labels()` costs more than the increment itself."""
+        key = (topic, outcome)
+        found = self._metric_children.get(key)
+        if found is None:
+            found = (self._metrics.handled.labels(topic, outcome), self._metrics.handle_seconds.labels(topic))
+            self._metric_children[key] = found
+        return found
+
+    async def _run(self, record: Any, route: Route, epoch: int, mode: Mode) -> None:
+        tp = TopicPartition(record.topic, record.partition)
+        ctx = message_context(record)
+        bind(topic=ctx.topic, partition=ctx.partition, offset=ctx.offset)  # this task's own log context
+        started = time.perf_counter()
+        outcome = "requeued"
+        try:
+            guard = self.guard
+            if mode != "normal":
+                outcome = await self._alone_or_refused(tp, record, route, ctx, mode)
+            elif guard is None or guard.covers(tp, record.offset) or await self._recorded(tp, record.offset):
+                outcome = await self._dispatcher.dispatch(record.value, route, ctx)
+        finally:
+            self.tasks.discard(asyncio.current_task())
+            self.counts[outcome] += 1
+            handled, seconds = self._topic_metrics(ctx.topic, outcome)
+            handled.inc()
+            seconds.observe(time.perf_counter() - started)
+            if outcome != "requeued" and self._tracker.complete(tp, record.offset, epoch):
+                self._committer.wanted.set()
+            self._budgets.freed.set()
+
+    async def _recorded(self, tp: TopicPartition, offset: int) -> bool:
+        """Wait until the crash guard's record covers `offset`; False when shutdown interrupted the wait or the
+        partition was handed over meanwhile (the message is left to the next owner)."""
+        guard = self.guard
+        assert guard is not None
+        try:
+            await self.durably(lambda: guard.record(tp, offset), "record in-flight offsets")
+        except (Interrupted, Released):
+            return False
+        return True
+
+    async def _alone_or_refused(
+        self, tp: TopicPartition, record: Any, route: Route, ctx: MessageContext, mode: Mode
+    ) -> str:
+        """A message the crash guard judged: dead-lettered without handling (a crash loop), or handled with
+        its offset recorded as isolated first (a suspect, alone in flight)."""
+        guard = self.guard
+        assert guard is not None
+        if mode == "crash_loop":
+            n = guard.deaths(tp, record.offset)
+            self._metrics.crash_loops.labels(tp.topic).inc()
+            error = ErrorInfo(
+                code="crash_loop",
+                message=f"the daemon died {n} times while handling this message; it is not handled again",
+            )
+            log.error("dead-lettering a message that keeps killing the daemon", extra={"deaths": n})
+            return await self._dispatcher.dead_letter(ctx, record.value, error)
+        if not await self._recorded(tp, record.offset):
+            return "requeued"
+        try:
+            await self.durably(lambda: guard.isolate(tp, record.offset), "record the isolated offset")
+        except Interrupted:
+            return "requeued"
+        outcome = await self._dispatcher.dispatch(record.value, route, ctx)
+        try:
+            await self.durably(lambda: guard.isolate(tp, None), "clear the isolated offset")
+        except Interrupted:
+            pass  # a stale isolated offset only costs one more lone run of a message that is done
+        return outcome
