@@ -3,8 +3,8 @@
 aiokafka calls the listener inside a rebalance, between fetches. On revoke: commit what is complete, record a
 clean hand-over in the crash-loop record, forget the partitions' offsets and budgets. On assignment: read the
 committed positions, and (crash-loop protection on) read what the previous owner left in flight before
-fetching and record the first window of offsets about to be handled, the partition staying paused until then;
-then re-apply pauses, which aiokafka forgets.
+fetching and record the first window of offsets from the committed one, the partition staying paused until
+then; then re-apply pauses, which aiokafka forgets.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from ocrbooth.errors import OcrboothError
 from ocrbooth.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-_POSITION_TIMEOUT_S = 5.0
 
 
 class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -96,20 +94,6 @@ class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
         self._metrics.assigned_partitions.set(len(assigned))
         log.info("partitions assigned", extra={"partitions": sorted(f"{t.topic}/{t.partition}" for t in assigned)})
 
-    async def _position(self, tp: TopicPartition) -> int | None:
-        """Where fetching will start (the committed offset, or where the reset policy puts a partition without
-        one); None if that is not known within a few seconds. aiokafka resets positions of paused partitions
-        too, so this does not wait for the partition to be resumed."""
-        client = self.client
-        if client is None:
-            return None
-        try:
-            async with asyncio.timeout(_POSITION_TIMEOUT_S):
-                position: int = await client.position(tp)
-        except (KafkaError, TimeoutError):
-            return None
-        return position
-
     async def release(self, partitions: Iterable[TopicPartition]) -> None:
         """Tell the crash guard these partitions are handed over cleanly (best effort: a failure only makes
         their in-flight messages suspects for the next owner)."""
@@ -128,10 +112,12 @@ class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
                 log.warning("could not record a clean hand-over", extra={"partition": str(tp), "error": str(exc)})
 
     async def _load_guard(self, guard: CrashGuard[TopicPartition], tp: TopicPartition) -> None:
-        position = await self._position(tp)
+        # Fetching resumes at the committed offset: the first window is written from there while the partition
+        # is paused for this read anyway. (Without a commit the start is the reset policy's, unknown here.)
+        committed = self._tracker.committed(tp)
         try:
             await self._inflight.durably(
-                lambda: guard.load(tp, self._tracker.committed(tp), position=position), "read the crash-loop record"
+                lambda: guard.load(tp, committed, position=committed), "read the crash-loop record"
             )
         except Interrupted:
             return
