@@ -1,4 +1,4 @@
-"""Runtime overhead: events/s through the daemon with a no-op handler against a plain aiokafka loop.
+"""Runtime overhead: events/s through the daemon with the echo handler against a plain aiokafka loop.
 
 Both sides run in this process, against the same embedded broker (Tansu, log in SeaweedFS by default),
 in the same run, alternating (ABBA order, so slow drift of the machine or the broker does not favour one
@@ -8,10 +8,12 @@ the clock starts.
 - plain: one group consumer (auto-commit off) in a loop of `getmany(max_records=B)`; each record is
   `json.loads`-ed and answered with one result JSON (acks=all); the batch's sends are awaited, then the
   batch's offsets are committed.
-- daemon: `Daemon.run_until_idle()` with the built-in `echo` handler (answers each DocumentRequest with
-  one OcrResult and does nothing else). Its real work per event is included: pydantic validation into
-  `DocumentRequest`, an `OcrResult` model encoded by the publisher with three headers, one task per
-  message, offset tracking, metrics.
+- daemon: `Daemon.run_until_idle()` with the built-in `echo` handler, which takes the path every handler
+  takes (the `ocr` one included): one task per message, crash-loop record, decode and validate, handle,
+  publish and wait for the acknowledgement, offset tracking, metrics. Its `handle()` yields to the event loop
+  once, as a handler awaiting its engine does, then answers with one OcrResult. Its real work per event is
+  included: pydantic validation into `DocumentRequest`, an `OcrResult` model encoded by the publisher with
+  three headers.
 
 Both sides use the same client settings (fetch sizes, acks=all, linger_ms, producer batch size, no idempotence,
 read_committed) and B = the daemon's `max_in_flight`, and both produce result values of the same JSON shape
@@ -22,7 +24,8 @@ collector is reset to the interpreter's defaults before every run, the daemon ap
 What is timed is the same on both sides: from the moment the first `getmany()` returns records to the
 moment the `commit()` that covers the last of the N offsets returns. A probe wraps those two aiokafka
 methods for the duration of a run (one attribute look-up and a clock read per call, for both sides alike),
-so group joins (Tansu: session_timeout/2), the daemon's 2 s idle grace and shutdown are outside the window.
+so group joins (Tansu: session_timeout/2), the daemon's reading of its crash-loop records at assignment, its 2 s
+idle grace and shutdown are outside the window.
 events/s = N / that time.
 """
 
@@ -31,16 +34,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import gc
 import json
 import logging
 import os
 import platform
+import pstats
 import statistics
 import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -49,6 +55,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.conn import AIOKafkaConnection
 from aiokafka.structs import OffsetAndMetadata
 
 from ocrbooth.config import Settings, load_settings
@@ -58,11 +65,11 @@ from ocrbooth.dev.embedded import EmbeddedStack, ensure_topics
 
 log = logging.getLogger("bench.runtime_overhead")
 
-TARGET_RATIO = 0.85  # issue 13: the daemon keeps at least 85% of the plain loop's rate
+TARGET_RATIO = 0.85  # the issue: the daemon keeps at least 85% of the plain loop's rate
 Side = Literal["plain", "daemon"]
 SIDES: tuple[Side, Side] = ("plain", "daemon")
 
-# Production-like settings for a no-op handler; the daemon reads them from the environment as it would in a pod.
+# Production-like settings for a handler that does no work; the daemon reads them from the environment as in a pod.
 # OCRBOOTH_MAX_IN_FLIGHT comes from --max-in-flight and is also the plain loop's getmany(max_records=...).
 DAEMON_ENV: dict[str, str] = {
     "OCRBOOTH_HANDLERS": "echo",
@@ -95,6 +102,23 @@ class Probe:
         self.positions: dict[TopicPartition, int] = {}
         self.commits = 0
         self.done = asyncio.Event()
+        self.requests: Counter[str] = Counter()
+        """Kafka requests this process sent inside the timed window, by type (the round trips each side makes)."""
+        self.gc_s = 0.0
+        """Time spent in the cycle collector inside the timed window."""
+        self.gc_collections = 0
+        self._gc_started = 0.0
+
+    @property
+    def timing(self) -> bool:
+        return self.first_fetch is not None and self.last_commit is None
+
+    def _gc(self, phase: str, info: Mapping[str, Any]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self.timing:
+            self.gc_s += time.perf_counter() - self._gc_started
+            self.gc_collections += 1
 
     @property
     def committed(self) -> int:
@@ -141,13 +165,24 @@ class Probe:
             await commit(consumer, offsets)
             probe._committed(offsets)
 
+        send: Callable[..., Any] = AIOKafkaConnection.send
+
+        def counted_send(connection: AIOKafkaConnection, request: Any, *args: Any, **kwargs: Any) -> Any:
+            if probe.timing:
+                probe.requests[type(request).__name__.removesuffix("Request")] += 1
+            return send(connection, request, *args, **kwargs)
+
         AIOKafkaConsumer.getmany = timed_getmany
         AIOKafkaConsumer.commit = timed_commit
+        AIOKafkaConnection.send = counted_send
+        gc.callbacks.append(self._gc)
         try:
             yield self
         finally:
             AIOKafkaConsumer.getmany = getmany
             AIOKafkaConsumer.commit = commit
+            AIOKafkaConnection.send = send
+            gc.callbacks.remove(self._gc)
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -180,6 +215,10 @@ class RunResult:
     commits: int
     cpu_us_per_event: float
     """CPU time of the benchmark process in the timed window, per event (the broker runs in other processes)."""
+    gc_ms: float
+    """Time in the cycle collector inside the timed window."""
+    requests: dict[str, int]
+    """Kafka requests sent inside the timed window, by type: the round trips behind the events."""
     wall_s: float
     """The whole run including group join and, for the daemon, startup, idle grace and shutdown."""
 
@@ -328,9 +367,9 @@ def settings_for(
 
 
 async def one_run(
-    stack: EmbeddedStack, side: Side, index: int, args: argparse.Namespace
+    stack: EmbeddedStack, side: Side, index: int, args: argparse.Namespace, profiler: cProfile.Profile | None = None
 ) -> tuple[RunResult, dict[str, str]]:
-    """Fresh topics and group, N input events produced, then one timed run of `side`."""
+    """Fresh topics and group, N input events produced, then one timed run of `side` (under `profiler`, if any)."""
     events: int = args.events
     topics = RunTopics.fresh(side, index)
     settings, env = settings_for(stack.env(), topics, args.max_in_flight, args.overrides)
@@ -347,7 +386,13 @@ async def one_run(
             # the same process settings, so the comparison measures the runtime, not the collector.
             tune_gc(gen0_threshold=settings.gc_gen0_threshold, freeze=settings.gc_freeze)
         body = plain_loop(settings, topics, probe) if side == "plain" else daemon_run(settings, probe)
-        await asyncio.wait_for(body, _RUN_TIMEOUT_S)
+        if profiler is not None:
+            profiler.enable()
+        try:
+            await asyncio.wait_for(body, _RUN_TIMEOUT_S)
+        finally:
+            if profiler is not None:
+                profiler.disable()
     wall = time.perf_counter() - started
     elapsed = probe.elapsed_s
     result = RunResult(
@@ -358,19 +403,106 @@ async def one_run(
         events_per_s=round(events / elapsed, 1),
         commits=probe.commits,
         cpu_us_per_event=round(probe.cpu_s / events * 1e6, 1),
+        gc_ms=round(probe.gc_s * 1000, 1),
+        requests=dict(sorted(probe.requests.items())),
         wall_s=round(wall, 2),
     )
     log.info(
-        "%s run %d: %.0f events/s (%.2f s timed, %.0f us CPU/event, %d commits, %.1f s wall)",
+        "%s run %d: %.0f events/s (%.2f s timed, %.0f us CPU/event, %.0f ms GC, %d commits, requests %s, %.1f s wall)",
         side,
         index,
         result.events_per_s,
         elapsed,
         result.cpu_us_per_event,
+        result.gc_ms,
         probe.commits,
+        result.requests,
         wall,
     )
     return result, env
+
+
+# ---------------------------------------------------------------------------------------------- profile
+
+# Where a daemon run's CPU goes: (label, file suffix, function) whose inclusive time is reported.
+_STAGES: tuple[tuple[str, str, str], ...] = (
+    ("fetch loop: fetch, accept, start tasks", "ocrbooth/daemon/consumer.py", "fetch_loop"),
+    ("message tasks (everything below)", "ocrbooth/daemon/inflight.py", "_run"),
+    ("  decode (pydantic)", "ocrbooth/daemon/decode.py", "decode"),
+    ("  handler (echo)", "ocrbooth/handlers/echo.py", "handle"),
+    ("  publish: encode, append, wait for the ack", "ocrbooth/daemon/publisher.py", "publish"),
+    ("    aiokafka producer.send", "aiokafka/producer/producer.py", "send"),
+    ("commit loop", "ocrbooth/daemon/commits.py", "loop"),
+    ("aiokafka sender (produce requests, acks)", "aiokafka/producer/sender.py", "_sender_routine"),
+    ("aiokafka fetcher", "aiokafka/consumer/fetcher.py", "_fetch_requests_routine"),
+    ("crash guard", "ocrbooth/daemon/crashloop.py", "_write"),
+)
+
+
+def profile_summary(profiler: cProfile.Profile, events: int) -> dict[str, Any]:
+    """Inclusive CPU share of each stage of one profiled daemon run, the costliest functions by own time, and
+    event-loop work per event. cProfile slows Python code several times, so shares are indicative."""
+    stats = pstats.Stats(profiler)
+    entries: dict[tuple[str, int, str], tuple[int, int, float, float, Any]] = stats.stats  # type: ignore[attr-defined]
+    total = sum(tt for _, _, tt, _, _ in entries.values())
+    idle = sum(tt for (_, _, name), (_, _, tt, _, _) in entries.items() if "poll" in name and "epoll" in name)
+    busy = total - idle
+
+    def inclusive(suffix: str, function: str) -> float:
+        return sum(
+            ct for (file, _, name), (_, _, _, ct, _) in entries.items() if file.endswith(suffix) and name == function
+        )
+
+    def calls(suffix: str, function: str) -> int:
+        return sum(
+            nc for (file, _, name), (_, nc, _, _, _) in entries.items() if file.endswith(suffix) and name == function
+        )
+
+    by_library: Counter[str] = Counter()
+    for (file, _, name), (_, _, tt, _, _) in entries.items():
+        if "poll" in name and "epoll" in name:
+            continue
+        by_library[_library(file, name)] += tt
+    own = sorted(
+        (
+            (tt, f"{Path(file).parent.name}/{Path(file).name}:{name}")
+            for (file, _, name), (_, _, tt, _, _) in entries.items()
+        ),
+        reverse=True,
+    )
+    return {
+        "note": "one extra daemon run under cProfile, not timed; shares are of the CPU it profiled (idle excluded)",
+        "profiled_cpu_s": round(busy, 3),
+        "idle_in_epoll_s": round(idle, 3),
+        "stage_share": {label: round(inclusive(suffix, fn) / busy, 3) for label, suffix, fn in _STAGES},
+        "own_time_share_by_library": {lib: round(tt / busy, 3) for lib, tt in by_library.most_common()},
+        "own_time_share_top": {label: round(tt / busy, 3) for tt, label in [o for o in own if "poll" not in o[1]][:15]},
+        "per_event": {
+            "event_loop_callbacks": round(calls("asyncio/events.py", "_run") / events, 2),
+            "tasks_created": round(calls("asyncio/base_events.py", "create_task") / events, 2),
+        },
+    }
+
+
+def _library(file: str, name: str) -> str:
+    """Which library a profiled function belongs to; C functions are named by what they are."""
+    if file == "~":
+        for marker, library in (("pydantic", "pydantic (C)"), ("_asyncio", "asyncio"), ("_contextvars", "asyncio")):
+            if marker in name:
+                return library
+        return "builtins"
+    for marker, library in (
+        ("/asyncio/", "asyncio"),
+        ("/aiokafka/", "aiokafka"),
+        ("/pydantic/", "pydantic"),
+        ("/prometheus_client/", "prometheus_client"),
+        ("/structlog/", "structlog"),
+        ("/ocrbooth/", "ocrbooth"),
+        ("/json/", "json"),
+    ):
+        if marker in file:
+            return library
+    return "other"
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -383,6 +515,8 @@ class Report:
     machine: dict[str, Any]
     config: dict[str, Any]
     runs: list[RunResult] = field(default_factory=list)
+    profile: dict[str, Any] | None = None
+    """Where a daemon run's CPU goes (--profile)."""
 
     def median(self, side: Side) -> float:
         return statistics.median(r.events_per_s for r in self.runs if r.side == side)
@@ -403,9 +537,20 @@ class Report:
             "runs": [asdict(r) for r in self.runs],
             "median_events_per_s": {side: round(self.median(side), 1) for side in SIDES},
             "median_cpu_us_per_event": {side: round(self.median_cpu(side), 1) for side in SIDES},
+            # CPU time of this process over the timed window's wall time: near 1, a side is limited by its own CPU.
+            "median_busy_fraction": {
+                side: round(
+                    statistics.median(r.cpu_us_per_event * r.events_per_s / 1e6 for r in self.runs if r.side == side), 2
+                )
+                for side in SIDES
+            },
+            "median_gc_ms": {
+                side: round(statistics.median(r.gc_ms for r in self.runs if r.side == side), 1) for side in SIDES
+            },
             "ratio_daemon_to_plain": round(self.ratio, 3),
             "target_ratio": TARGET_RATIO,
             "passed": self.ratio >= TARGET_RATIO,
+            **({"daemon_profile": self.profile} if self.profile is not None else {}),
         }
 
     def table(self) -> str:
@@ -480,7 +625,7 @@ def plot(report: Report, path: Path) -> None:
     ax.set_ylim(0, max(r.events_per_s for r in report.runs) * 1.3)
     m, c = report.machine, report.config
     ax.set_title(
-        f"ocrbooth runtime overhead (no-op handler): daemon/plain = {report.ratio:.2f}\n"
+        f"ocrbooth runtime overhead (echo handler, one task per message): daemon/plain = {report.ratio:.2f}\n"
         f"{c['events']:,} events x {c['runs_per_side']} runs per side, {c['partitions']} partitions, "
         f"Tansu {m['storage']} storage, {m['nproc']} CPUs, Python {m['python']}"
         + ("\nboth sides with " + ", ".join(f"{k}={v}" for k, v in c["overrides"].items()) if c["overrides"] else ""),
@@ -509,6 +654,10 @@ async def bench(args: argparse.Namespace, data_dir: Path) -> Report:
                 result, env = await one_run(stack, side, index, args)
                 report.runs.append(result)
         report.machine["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+        if args.profile:
+            profiler = cProfile.Profile()
+            await one_run(stack, "daemon", args.runs, args, profiler)
+            report.profile = profile_summary(profiler, args.events)
         # The tuning the daemon ran with; addresses, credentials and per-run names are left out.
         tuning = {k: v for k, v in env.items() if k in DAEMON_ENV or k in _TUNING_ENV or k in args.overrides}
         defaults, _ = settings_for(stack.env(), RunTopics.fresh("daemon", -1), args.max_in_flight, {})
@@ -518,7 +667,8 @@ async def bench(args: argparse.Namespace, data_dir: Path) -> Report:
             "partitions": args.partitions,
             "event_bytes": len(request_value(0)),
             "order": "ABBA (plain first in even rounds, daemon first in odd rounds)",
-            "handler": "echo (one OcrResult per DocumentRequest, no other work)",
+            "handler": "echo: one task per message like every handler; handle() yields to the loop once, then "
+            "returns one OcrResult per DocumentRequest",
             "timed_window": "first getmany() returning records -> commit() covering all N offsets returns",
             "daemon_env": tuning,
             "overrides": dict(args.overrides),
@@ -562,6 +712,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a daemon setting for both sides (repeatable), e.g. OCRBOOTH_GC_FREEZE=false",
     )
     parser.add_argument("--name", default="runtime_overhead", help="file name of the JSON and PNG, without suffix")
+    parser.add_argument(
+        "--profile", action="store_true", help="one more daemon run under cProfile: where its CPU goes, in the JSON"
+    )
     args = parser.parse_args(argv)
     args.overrides = {}
     for item in args.set:

@@ -48,9 +48,9 @@ class Backpressure:
 
     # ---- budgets ---------------------------------------------------------------------------------
 
-    def take(self, handler: AnyHandler) -> None:
-        """One more message of `handler` accepted."""
-        self._taken[handler.name] += 1
+    def take(self, handler: AnyHandler, n: int = 1) -> None:
+        """`n` more messages of `handler` accepted."""
+        self._taken[handler.name] += n
 
     def give_back(self, tp: TopicPartition, n: int) -> None:
         """`n` messages of `tp` no longer count (covered by a commit, or their partition revoked)."""

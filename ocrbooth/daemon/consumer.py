@@ -159,9 +159,12 @@ class Consumer:
         handler = route.handler
         budgets = self.budgets
         owned = self.tracker.has(tp) and tp not in budgets.loading
+        # Nothing below runs a handler, so its room cannot grow or its busy() change during this loop.
+        room = budgets.room(handler) if owned and not handler.busy() else 0
         accepted = 0
         guard = self.guard
-        for i, record in enumerate(records):
+        start = self.tracker.start
+        for record in records:
             verdict = "ok" if guard is None else guard.verdict(tp, record.offset)
             if verdict == "suspect" and owned and self._held is None:
                 # In flight when a daemon died: held here and handled alone once nothing else is in flight; the
@@ -170,18 +173,18 @@ class Consumer:
                 if tp in client.assignment():
                     client.seek(tp, record.offset + 1)
                 break
-            if not owned or budgets.blocked(handler) or verdict == "suspect" or self._held is not None:
+            if accepted >= room or verdict == "suspect" or self._held is not None:
                 # Not accepted: rewind so these records are fetched again once there is room (or once the
                 # suspect being isolated is done).
                 if tp in client.assignment():
                     client.seek(tp, record.offset)
-                log.debug("rewound %s to %d (%d records not accepted)", tp, record.offset, len(records) - i)
+                log.debug("rewound %s to %d (%d records not accepted)", tp, record.offset, len(records) - accepted)
                 break
-            epoch = self.tracker.start(tp, record.offset)
-            budgets.take(handler)
             accepted += 1
-            self.inflight.start(record, route, epoch, "crash_loop" if verdict == "crash_loop" else "normal")
+            epoch = start(tp, record.offset)
+            self.inflight.start(tp, record, route, epoch, "crash_loop" if verdict == "crash_loop" else "normal")
         if accepted:
+            budgets.take(handler, accepted)
             self._metrics.consumed.labels(tp.topic).inc(accepted)
 
     async def _handle_held(self) -> None:
@@ -206,7 +209,7 @@ class Consumer:
         epoch = self.tracker.start(tp, record.offset)
         self.budgets.take(route.handler)
         self._metrics.consumed.labels(tp.topic).inc()
-        self.inflight.start(record, route, epoch, "isolated")
+        self.inflight.start(tp, record, route, epoch, "isolated")
         while self.inflight.tasks:
             await self.budgets.idle_poll(everything=True)
         self._held = None

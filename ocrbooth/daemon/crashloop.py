@@ -225,8 +225,14 @@ class CrashGuard(Generic[TP]):
         part = self._parts[tp]
         while offset >= part.recorded_to:
             await asyncio.shield(self._next_write(tp, part))
-            if self._parts.get(tp) is not part:
+            current = self._parts.get(tp)
+            if current is None:
                 raise Released(f"{self._name(tp)} was handed over before offset {offset} was recorded")
+            if current is not part:
+                # Taken over again (a new assignment read the record anew): record the offset in the new state.
+                part = current
+                if self.covers(tp, offset):
+                    return
 
     def _next_write(self, tp: TP, part: _PartitionState) -> asyncio.Future[None]:
         """The write that will cover every offset noted so far: the one waiting to start, or a new one."""

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 # RetryableError codes that mean "S3 did not answer", as opposed to one request being slow.
 OUTAGE_CODES = frozenset({"storage_unavailable"})
 _MAX_ERROR_CHARS = 2_000
+_ID_FIELDS = ("request_id", "document_id", "job_id")  # the ids of an event that its log lines carry
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +91,12 @@ class Dispatcher:
                 await self._publisher.dead_letter(ctx, value, ErrorInfo(code=exc.code, message=exc.message))
                 return "dead_lettered"
             fields = event.__dict__  # not getattr: pydantic raises (expensively) for fields a model lacks
-            bind(**{k: v for k in ("request_id", "document_id", "job_id") if isinstance(v := fields.get(k), str)})
+            ids: dict[str, str] = {}
+            for key in _ID_FIELDS:
+                field = fields.get(key)
+                if isinstance(field, str):
+                    ids[key] = field
+            bind(**ids)
             return await self._handle(value, route.handler, event, ctx)
         except (FatalError, asyncio.CancelledError):
             raise

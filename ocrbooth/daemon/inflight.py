@@ -64,10 +64,10 @@ class InFlight:
         self._metric_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         metrics.in_flight.set_function(lambda: len(self.tasks))
 
-    def start(self, record: Any, route: Route, epoch: int, mode: Mode = "normal") -> None:
-        """Handle `record` (already started in the offset tracker with `epoch`) in a task of its own."""
+    def start(self, tp: TopicPartition, record: Any, route: Route, epoch: int, mode: Mode = "normal") -> None:
+        """Handle `record` of `tp` (already started in the offset tracker with `epoch`) in a task of its own."""
         task = self._spawn(
-            self._run(record, route, epoch, mode), f"handle {record.topic}/{record.partition}/{record.offset}"
+            self._run(tp, record, route, epoch, mode), f"handle {record.topic}/{record.partition}/{record.offset}"
         )
         self.tasks.add(task)  # removed by the task itself: a second done-callback per message costs more
 
@@ -111,8 +111,7 @@ class InFlight:
             self._metric_children[key] = found
         return found
 
-    async def _run(self, record: Any, route: Route, epoch: int, mode: Mode) -> None:
-        tp = TopicPartition(record.topic, record.partition)
+    async def _run(self, tp: TopicPartition, record: Any, route: Route, epoch: int, mode: Mode) -> None:
         ctx = message_context(record)
         bind(topic=ctx.topic, partition=ctx.partition, offset=ctx.offset)  # this task's own log context
         started = time.perf_counter()

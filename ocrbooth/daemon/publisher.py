@@ -9,9 +9,8 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
@@ -45,8 +44,9 @@ _MAX_ERROR_CHARS = 2_000  # an error message inside a dead letter or failed resu
 _MIN_LETTER_MESSAGE_CHARS = 200  # the last-resort dead letter's error message
 
 
-@dataclass(frozen=True, slots=True)
-class _Record:
+class _Record(NamedTuple):
+    """One encoded record (a named tuple: one is made per output, and a frozen dataclass costs more to build)."""
+
     topic: str
     key: bytes | None
     value: bytes

@@ -3,8 +3,8 @@
 aiokafka calls the listener inside a rebalance, between fetches. On revoke: commit what is complete, record a
 clean hand-over in the crash-loop record, forget the partitions' offsets and budgets. On assignment: read the
 committed positions, and (crash-loop protection on) read what the previous owner left in flight before
-fetching and record the first window of offsets about to be handled, the partition staying paused until then;
-then re-apply pauses, which aiokafka forgets.
+fetching and record the first window of offsets from the committed one, the partition staying paused until
+then; then re-apply pauses, which aiokafka forgets.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from ocrbooth.errors import OcrboothError
 from ocrbooth.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-_POSITION_TIMEOUT_S = 5.0
 
 
 class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -53,6 +51,8 @@ class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
         self.client: AIOKafkaConsumer | None = None
         """The group consumer, once started; None again once closing."""
         self.assigned_once = False
+        self._loads: dict[TopicPartition, object] = {}
+        """The latest crash-loop record read started per partition."""
 
     @property
     def _guard(self) -> CrashGuard[TopicPartition] | None:
@@ -64,6 +64,7 @@ class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.release(revoked)
         for tp in revoked:
             self._budgets.give_back(tp, self._tracker.tracked_in(tp))
+            self._loads.pop(tp, None)
         self._tracker.revoke(revoked)
         self._budgets.revoked(revoked)
         self._committer.forget(revoked)
@@ -89,26 +90,13 @@ class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
             # Read what the previous owner left in flight before fetching; paused until then.
             for tp in new:
                 self._budgets.loading.add(tp)
-                self._spawn(self._load_guard(guard, tp), f"crash guard {tp.topic}/{tp.partition}")
+                self._loads[tp] = load = object()
+                self._spawn(self._load_guard(guard, tp, load), f"crash guard {tp.topic}/{tp.partition}")
         self._budgets.assigned()
         self.assigned_once = True
         self._metrics.rebalances.inc()
         self._metrics.assigned_partitions.set(len(assigned))
         log.info("partitions assigned", extra={"partitions": sorted(f"{t.topic}/{t.partition}" for t in assigned)})
-
-    async def _position(self, tp: TopicPartition) -> int | None:
-        """Where fetching will start (the committed offset, or where the reset policy puts a partition without
-        one); None if that is not known within a few seconds. aiokafka resets positions of paused partitions
-        too, so this does not wait for the partition to be resumed."""
-        client = self.client
-        if client is None:
-            return None
-        try:
-            async with asyncio.timeout(_POSITION_TIMEOUT_S):
-                position: int = await client.position(tp)
-        except (KafkaError, TimeoutError):
-            return None
-        return position
 
     async def release(self, partitions: Iterable[TopicPartition]) -> None:
         """Tell the crash guard these partitions are handed over cleanly (best effort: a failure only makes
@@ -127,11 +115,14 @@ class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
                 guard.forget(tp)
                 log.warning("could not record a clean hand-over", extra={"partition": str(tp), "error": str(exc)})
 
-    async def _load_guard(self, guard: CrashGuard[TopicPartition], tp: TopicPartition) -> None:
-        position = await self._position(tp)
+    async def _load_guard(self, guard: CrashGuard[TopicPartition], tp: TopicPartition, load: object) -> None:
+        # Fetching resumes at the committed offset: the first window is written from there while the partition
+        # is paused for this read anyway. Without a commit the start is the reset policy's, not known here (asking
+        # aiokafka with position() at this point made a member that took partitions over stall in the e2e tests).
+        committed = self._tracker.committed(tp)
         try:
             await self._inflight.durably(
-                lambda: guard.load(tp, self._tracker.committed(tp), position=position), "read the crash-loop record"
+                lambda: guard.load(tp, committed, position=committed), "read the crash-loop record"
             )
         except Interrupted:
             return
@@ -140,5 +131,8 @@ class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
             guard.forget(tp)
         finally:
             self._budgets.freed.set()
-        if self._tracker.has(tp):
+        # Only the latest assignment's read may resume the partition: a read left over from an assignment that
+        # was revoked meanwhile must not resume it while the new one is still reading.
+        if self._tracker.has(tp) and self._loads.get(tp) is load:
+            del self._loads[tp]
             self._budgets.loading.discard(tp)

@@ -212,3 +212,18 @@ async def test_a_partition_handed_over_during_the_wait_is_not_recorded() -> None
     await g.release("tp", committed=5)
     with pytest.raises(Released):
         await waiting
+
+
+async def test_a_partition_taken_over_again_during_the_wait_is_recorded_in_the_new_state() -> None:
+    """A message waiting for its record while its partition's record is read anew (a new assignment of the same
+    partition) is recorded in the new state and goes on, instead of being dropped."""
+    store = MemoryStore()
+    pending: dict[str, list[int]] = {"tp": [5]}
+    g = _guard(store, pending, ahead=2)
+    await g.load("tp", committed=5)
+    waiting = asyncio.ensure_future(g.record("tp", 5))
+    await asyncio.sleep(0)
+    await g.load("tp", committed=5)
+    await asyncio.wait_for(waiting, 1)
+    assert g.covers("tp", 5)
+    assert Ledger.decode(store.objects["state/crashloop/g/topic/0.json"]).window == (5, 8)
