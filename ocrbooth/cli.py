@@ -150,13 +150,14 @@ def _fields_summary(exc: ValidationError) -> str:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from ocrbooth.config import load_settings
+    from ocrbooth.daemon import eventloop
     from ocrbooth.daemon.app import Daemon
     from ocrbooth.logs import configure_logging
 
     settings = load_settings(args.config)
     configure_logging(settings.log.level, settings.log.format)
     daemon = Daemon(settings)
-    return asyncio.run(daemon.run(until_idle=args.until_idle))
+    return eventloop.run(daemon.run(until_idle=args.until_idle), settings.event_loop)
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:

@@ -396,6 +396,10 @@ class Settings(BaseSettings):
     again (see `daemon/gctune.py`)."""
     gc_freeze: bool = True
     """Move everything that exists after startup (modules, loaded models) out of the collector's sight."""
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    """The asyncio event loop the daemon runs on: `uvloop` (libuv, the loop uvicorn uses; about a third less
+    CPU per message on the daemon's path, `bench/runtime_overhead.py`), the standard library's `asyncio`, or
+    `auto`: uvloop where it is installed (it is a dependency on Linux and macOS), else asyncio."""
     fatal_exit_code: int = Field(default=70, ge=1, le=255)
     """Exit status after a fatal error (EX_SOFTWARE), so the orchestrator restarts the pod."""
 

@@ -7,6 +7,7 @@ renders every record, adding the fields bound with structlog's contextvars modul
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import sys
@@ -24,10 +25,22 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 # Set on a LogRecord once another handler's Formatter has run; not fields of ours.
 _FORMATTER_ATTRS = ("message", "asctime")
 
+_MESSAGE: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("ocrbooth_message", default=None)
+"""The fields of the message this task handles: one variable set once or twice per message, where structlog's
+`bind_contextvars` sets one variable per field (it runs for every message, thousands a second)."""
+
 
 def current_context() -> dict[str, Any]:
     """The fields bound in this task now."""
-    return get_contextvars()
+    message = _MESSAGE.get()
+    return {**message, **get_contextvars()} if message else get_contextvars()
+
+
+def bind_message(**fields: Any) -> None:
+    """Add fields of the message being handled (its coordinates, its ids) to every record this task logs from
+    here on, and to the tasks it starts. Fields bound with `bind`/`log_context` win over these."""
+    message = _MESSAGE.get()
+    _MESSAGE.set({**message, **fields} if message else fields)
 
 
 def log_context(**fields: Any) -> contextlib.AbstractContextManager[None]:
@@ -58,6 +71,14 @@ def bind(**fields: Any) -> None:
     bind_contextvars(**fields)
 
 
+def _merge_message(_logger: WrappedLogger, _name: str, event: EventDict) -> EventDict:
+    message = _MESSAGE.get()
+    if message:
+        for key, value in message.items():
+            event.setdefault(key, value)
+    return event
+
+
 def _drop_formatter_attrs(_logger: WrappedLogger, _name: str, event: EventDict) -> EventDict:
     for attr in _FORMATTER_ATTRS:
         event.pop(attr, None)
@@ -84,6 +105,7 @@ def _formatter(use_json: bool) -> structlog.stdlib.ProcessorFormatter:
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         merge_contextvars,
+        _merge_message,
         structlog.stdlib.ExtraAdder(),  # after the context: an `extra=` field wins over a bound one
         _drop_formatter_attrs,
     ]

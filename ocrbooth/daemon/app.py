@@ -72,7 +72,7 @@ class Daemon:
                 ahead=settings.max_in_flight,
             )
         self.consumer = Consumer(
-            settings, self.metrics, routes, self.spawn, self.dispatcher, self.dependencies, tracker, guard
+            settings, self.metrics, routes, self.spawn, self.dispatcher, self.dependencies, tracker, guard, self.fatal
         )
         broadcast = {
             topic: Route(handler, model)

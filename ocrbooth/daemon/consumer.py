@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -47,7 +47,10 @@ class Consumer:
         dependencies: Dependencies,
         tracker: OffsetTracker[TopicPartition],
         guard: CrashGuard[TopicPartition] | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
     ) -> None:
+        """`on_fatal`: called with a FatalError raised while handling a message (GPU or driver broken); by
+        default it is raised again from the event loop's exception handler."""
         self._s = settings
         self._metrics = metrics
         self._routes = dict(routes)
@@ -57,7 +60,9 @@ class Consumer:
         self.guard = guard
         self.budgets = Backpressure(settings, metrics, self._routes, dependencies)
         self.committer = Committer(settings, metrics, tracker, self.budgets)
-        self.inflight = InFlight(settings, metrics, dispatcher, tracker, self.budgets, self.committer, spawn, guard)
+        self.inflight = InFlight(
+            settings, metrics, dispatcher, tracker, self.budgets, self.committer, spawn, guard, on_fatal or _unhandled
+        )
         self.listener = RebalanceListener(
             metrics, tracker, self.budgets, self.committer, self.inflight, spawn, self._forget_held
         )
@@ -197,7 +202,7 @@ class Consumer:
         if tp not in client.assignment() or not self.tracker.has(tp) or not self._fetching:
             self._held = None
             return
-        if self.inflight.tasks:
+        if self.inflight:
             await self.budgets.idle_poll(everything=True)
             return
         route = self._routes[tp.topic]
@@ -210,7 +215,7 @@ class Consumer:
         self.budgets.take(route.handler)
         self._metrics.consumed.labels(tp.topic).inc()
         self.inflight.start(tp, record, route, epoch, "isolated")
-        while self.inflight.tasks:
+        while self.inflight:
             await self.budgets.idle_poll(everything=True)
         self._held = None
 
@@ -226,7 +231,7 @@ class Consumer:
         if (
             client is None
             or not self.listener.assigned_once
-            or self.inflight.tasks
+            or self.inflight
             or self.tracker.tracked
             or self.budgets.loading
         ):
@@ -236,3 +241,7 @@ class Consumer:
             if hw is None or hw > (self.tracker.committed(tp) or 0):
                 return False
         return True
+
+
+def _unhandled(exc: BaseException) -> None:
+    asyncio.get_running_loop().call_exception_handler({"message": "fatal error in a message's task", "exception": exc})

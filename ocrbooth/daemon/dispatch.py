@@ -16,16 +16,17 @@ import logging
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pydantic import BaseModel
 
 from ocrbooth.config import Settings
 from ocrbooth.daemon.decode import decode
 from ocrbooth.daemon.outage import Dependency
-from ocrbooth.daemon.publisher import Publisher
+from ocrbooth.daemon.publisher import Acks, Publisher
 from ocrbooth.errors import FatalError, PoisonError, RequeueError, RetryableError
 from ocrbooth.handlers.base import AnyHandler
-from ocrbooth.logs import bind
+from ocrbooth.logs import bind_message
 from ocrbooth.messages import MessageContext, OutputEvent, clip
 from ocrbooth.metrics import Metrics
 from ocrbooth.retry import Backoff
@@ -45,6 +46,17 @@ class Route:
 
     handler: AnyHandler
     model: type[BaseModel]
+
+
+class Pending(NamedTuple):
+    """A message whose outputs are with the producer: only the broker's acknowledgement is left (a named
+    tuple: one is made per message, and a frozen dataclass costs more to build)."""
+
+    acks: Acks
+    value: bytes | None
+    handler: AnyHandler
+    event: BaseModel
+    ctx: MessageContext
 
 
 class Interrupted(Exception):
@@ -78,8 +90,15 @@ class Dispatcher:
         return sem
 
     async def dispatch(self, value: bytes | None, route: Route, ctx: MessageContext) -> str:
-        """Handle one message; return its outcome (succeeded, failed_result, dead_lettered, requeued). A bug
-        anywhere below still ends in a dead letter, never in silence.
+        """Handle one message to its end; return its outcome (succeeded, failed_result, dead_lettered, requeued).
+        A bug anywhere below still ends in a dead letter, never in silence."""
+        result = await self.run_until_sent(value, route, ctx)
+        return result if isinstance(result, str) else await self.settle(result)
+
+    async def run_until_sent(self, value: bytes | None, route: Route, ctx: MessageContext) -> str | Pending:
+        """`dispatch` up to the handler's outputs being handed to the producer: the outcome, or a Pending whose
+        acknowledgement is all that is left (`settle` finishes it, or `Publisher.settled_ok` from a callback:
+        the runtime does not resume a task just to learn that the broker said yes).
 
         The message's ids join the log context of the calling task for the rest of it: the runtime gives
         every message a task of its own (`daemon/inflight.py`)."""
@@ -96,16 +115,41 @@ class Dispatcher:
                 field = fields.get(key)
                 if isinstance(field, str):
                     ids[key] = field
-            bind(**ids)
+            if ids:
+                bind_message(**ids)
             return await self._handle(value, route.handler, event, ctx)
         except (FatalError, asyncio.CancelledError):
             raise
         except Exception as exc:
-            log.exception("dispatching a message failed")
-            error = ErrorInfo(code="internal_error", message=f"{type(exc).__name__}: {exc}")  # the publisher clips it
-            return await self.dead_letter(ctx, value, error)
+            return await self._internal_error(ctx, value, exc)
 
-    async def _handle(self, value: bytes | None, handler: AnyHandler, event: BaseModel, ctx: MessageContext) -> str:
+    def settled_ok(self, pending: Pending) -> bool:
+        """From an acknowledgement callback: True (counted) when every output went through; else `settle` it."""
+        return self._publisher.settled_ok(pending.acks)
+
+    async def settle(self, pending: Pending) -> str:
+        """Wait for a Pending's acknowledgement (the publisher retries broker trouble); its outcome. Outputs the
+        broker refuses for good fail the message as a refusal at `append` would."""
+        try:
+            try:
+                await self._publisher.settle(pending.acks)
+            except PoisonError as exc:
+                error = ErrorInfo(code=exc.code, message=_short(exc.message))
+                return await self._fail(pending.value, pending.handler, pending.event, pending.ctx, error)
+            return "succeeded"
+        except (FatalError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            return await self._internal_error(pending.ctx, pending.value, exc)
+
+    async def _internal_error(self, ctx: MessageContext, value: bytes | None, exc: Exception) -> str:
+        log.exception("dispatching a message failed")
+        error = ErrorInfo(code="internal_error", message=f"{type(exc).__name__}: {exc}")  # the publisher clips it
+        return await self.dead_letter(ctx, value, error)
+
+    async def _handle(
+        self, value: bytes | None, handler: AnyHandler, event: BaseModel, ctx: MessageContext
+    ) -> str | Pending:
         """Validate, take a slot, handle with retries; the outcome."""
         try:
             handler.validate(event)
@@ -117,23 +161,24 @@ class Dispatcher:
         slot = self.slot(handler)
         try:
             if slot is None:
-                error = await self._run(handler, event, ctx)
+                result = await self._run(handler, event, ctx)
             else:
                 await self._acquire(slot)
                 try:
-                    error = await self._run(handler, event, ctx)
+                    result = await self._run(handler, event, ctx)
                 finally:
                     slot.release()
         except (Interrupted, RequeueError) as exc:
             # Interrupted by shutdown: leave it uncommitted; the next owner of the partition handles it again.
             log.info("left uncommitted for redelivery", extra={"reason": str(exc)})
             return "requeued"
-        if error is None:
-            return "succeeded"
-        return await self._fail(value, handler, event, ctx, error)
+        if isinstance(result, Acks):
+            return "succeeded" if result.settled else Pending(result, value, handler, event, ctx)
+        return await self._fail(value, handler, event, ctx, result)
 
-    async def _run(self, handler: AnyHandler, event: BaseModel, ctx: MessageContext) -> ErrorInfo | None:
-        """Handle and publish with retries; None on success, else why the message failed."""
+    async def _run(self, handler: AnyHandler, event: BaseModel, ctx: MessageContext) -> Acks | ErrorInfo:
+        """Handle and hand the outputs to the producer, with retries; their acknowledgements, else why the message
+        failed. The handler's slot is free again once the outputs are sent, before the broker acknowledges."""
         r = self._s.retry
         backoff: Backoff | None = None  # made at the first failure: almost every message succeeds at once
         outage_started: float | None = None
@@ -142,8 +187,7 @@ class Dispatcher:
             attempt = 1 if backoff is None else backoff.failures + 1
             try:
                 outputs = await handler.handle(event, _with_attempt(ctx, attempt))
-                await self._publisher.publish(outputs, ctx)
-                return None
+                return await self._publisher.append(outputs, ctx)
             except (FatalError, RequeueError):
                 raise
             except RetryableError as exc:

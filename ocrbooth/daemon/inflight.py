@@ -10,6 +10,7 @@ recorded as isolated first). See `daemon/crashloop.py`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -22,10 +23,10 @@ from ocrbooth.daemon.backpressure import Backpressure
 from ocrbooth.daemon.commits import Committer
 from ocrbooth.daemon.crashloop import CrashGuard, Released
 from ocrbooth.daemon.decode import message_context
-from ocrbooth.daemon.dispatch import Dispatcher, Interrupted, Route
+from ocrbooth.daemon.dispatch import Dispatcher, Interrupted, Pending, Route
 from ocrbooth.daemon.offsets import OffsetTracker
-from ocrbooth.errors import OcrboothError
-from ocrbooth.logs import bind
+from ocrbooth.errors import FatalError, OcrboothError
+from ocrbooth.logs import bind_message
 from ocrbooth.messages import MessageContext
 from ocrbooth.metrics import Metrics
 from ocrbooth.retry import Backoff, retry
@@ -38,7 +39,11 @@ Mode = Literal["normal", "isolated", "crash_loop"]
 
 
 class InFlight:
-    """The tasks of the accepted messages, and how many of each outcome there were."""
+    """The accepted messages not yet finished, and how many of each outcome there were.
+
+    A message is in flight from `start` to its outcome: in its task, then (most messages) only as an
+    acknowledgement callback once its outputs are with the producer, so that the broker's "yes" finishes it
+    without resuming the task (`Dispatcher.run_until_sent`)."""
 
     def __init__(
         self,
@@ -50,6 +55,7 @@ class InFlight:
         committer: Committer,
         spawn: Spawn,
         guard: CrashGuard[TopicPartition] | None,
+        on_fatal: Callable[[BaseException], None],
     ) -> None:
         self._s = settings
         self._metrics = metrics
@@ -58,30 +64,44 @@ class InFlight:
         self._budgets = budgets
         self._committer = committer
         self._spawn = spawn
+        self._on_fatal = on_fatal
         self.guard = guard
         self.tasks: set[asyncio.Task[None]] = set()
+        """The messages' own tasks (a strong reference each: the loop keeps only weak ones)."""
+        self._awaiting_acks = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.counts = {"succeeded": 0, "dead_lettered": 0, "failed_result": 0, "requeued": 0}
         self._metric_children: dict[tuple[str, str], tuple[Any, Any]] = {}
-        metrics.in_flight.set_function(lambda: len(self.tasks))
+        metrics.in_flight.set_function(self.__len__)
+
+    def __len__(self) -> int:
+        """Messages started and not finished."""
+        return len(self.tasks) + self._awaiting_acks
 
     def start(self, tp: TopicPartition, record: Any, route: Route, epoch: int, mode: Mode = "normal") -> None:
-        """Handle `record` of `tp` (already started in the offset tracker with `epoch`) in a task of its own."""
-        task = self._spawn(
-            self._run(tp, record, route, epoch, mode), f"handle {record.topic}/{record.partition}/{record.offset}"
-        )
-        self.tasks.add(task)  # removed by the task itself: a second done-callback per message costs more
+        """Handle `record` of `tp` (already started in the offset tracker with `epoch`) in a task of its own.
+
+        Not through the daemon's `spawn`: a message's task catches everything itself (a FatalError goes to
+        `on_fatal`), so it needs neither spawn's done-callback nor a name, which cost a loop callback and a string
+        per message."""
+        self._track(asyncio.get_running_loop().create_task(self._run(tp, record, route, epoch, mode)))
 
     async def drain(self, timeout_s: float) -> int:
-        """Wait for in-flight work; cancel what is left at the deadline. Returns how many were cancelled."""
-        tasks = set(self.tasks)
-        if not tasks:
+        """Wait for in-flight work; cancel the tasks left at the deadline. Returns how many messages were left."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
             return 0
-        _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+        except TimeoutError:
+            pass
+        left = len(self)
+        pending = set(self.tasks)
         for task in pending:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
-        return len(pending)
+        return left
 
     async def durably(self, op: Callable[[], Coroutine[Any, Any, None]], what: str) -> None:
         """Run an S3 write of the daemon's own state until it succeeds; an outage pauses work meanwhile, and
@@ -111,9 +131,19 @@ class InFlight:
             self._metric_children[key] = found
         return found
 
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self.tasks.add(task)
+        self._idle.clear()
+
+    def _untrack(self, task: asyncio.Task[None] | None) -> None:
+        if task is not None:
+            self.tasks.discard(task)
+        if not self.tasks and not self._awaiting_acks:
+            self._idle.set()
+
     async def _run(self, tp: TopicPartition, record: Any, route: Route, epoch: int, mode: Mode) -> None:
         ctx = message_context(record)
-        bind(topic=ctx.topic, partition=ctx.partition, offset=ctx.offset)  # this task's own log context
+        bind_message(topic=ctx.topic, partition=ctx.partition, offset=ctx.offset)  # this task's own log context
         started = time.perf_counter()
         outcome = "requeued"
         try:
@@ -121,16 +151,58 @@ class InFlight:
             if mode != "normal":
                 outcome = await self._alone_or_refused(tp, record, route, ctx, mode)
             elif guard is None or guard.covers(tp, record.offset) or await self._recorded(tp, record.offset):
-                outcome = await self._dispatcher.dispatch(record.value, route, ctx)
+                result = await self._dispatcher.run_until_sent(record.value, route, ctx)
+                if isinstance(result, str):
+                    outcome = result
+                else:
+                    # Only the acknowledgement is left: its callback finishes the message.
+                    self._awaiting_acks += 1
+                    result.acks.when_done(
+                        functools.partial(self._acknowledged, tp, record.offset, epoch, started, result)
+                    )
+                    outcome = ""
+        except FatalError as exc:
+            self._on_fatal(exc)
+        except Exception:  # the dispatcher answers for every message failure; this is a bug of the runtime's own
+            log.exception("a message's task failed; the message is left for redelivery")
         finally:
-            self.tasks.discard(asyncio.current_task())
-            self.counts[outcome] += 1
-            handled, seconds = self._topic_metrics(ctx.topic, outcome)
-            handled.inc()
-            seconds.observe(time.perf_counter() - started)
-            if outcome != "requeued" and self._tracker.complete(tp, record.offset, epoch):
-                self._committer.wanted.set()
-            self._budgets.freed.set()
+            self._untrack(asyncio.current_task())
+            if outcome:
+                self._finish(tp, record.offset, epoch, ctx.topic, started, outcome)
+
+    def _acknowledged(
+        self, tp: TopicPartition, offset: int, epoch: int, started: float, pending: Pending, _: object
+    ) -> None:
+        """The broker answered for every output of a message: finish it, or settle what failed in a task."""
+        self._awaiting_acks -= 1
+        if self._dispatcher.settled_ok(pending):
+            if not self.tasks and not self._awaiting_acks:
+                self._idle.set()
+            self._finish(tp, offset, epoch, pending.ctx.topic, started, "succeeded")
+            return
+        self._track(asyncio.get_running_loop().create_task(self._settle(tp, offset, epoch, started, pending)))
+
+    async def _settle(self, tp: TopicPartition, offset: int, epoch: int, started: float, pending: Pending) -> None:
+        """An output failed at the broker: the dispatcher retries it or fails the message."""
+        outcome = "requeued"
+        try:
+            outcome = await self._dispatcher.settle(pending)
+        except FatalError as exc:
+            self._on_fatal(exc)
+        except Exception:
+            log.exception("settling a message's outputs failed; the message is left for redelivery")
+        finally:
+            self._untrack(asyncio.current_task())
+            self._finish(tp, offset, epoch, pending.ctx.topic, started, outcome)
+
+    def _finish(self, tp: TopicPartition, offset: int, epoch: int, topic: str, started: float, outcome: str) -> None:
+        self.counts[outcome] += 1
+        handled, seconds = self._topic_metrics(topic, outcome)
+        handled.inc()
+        seconds.observe(time.perf_counter() - started)
+        if outcome != "requeued" and self._tracker.complete(tp, offset, epoch):
+            self._committer.wanted.set()
+        self._budgets.freed.set()
 
     async def _recorded(self, tp: TopicPartition, offset: int) -> bool:
         """Wait until the crash guard's record covers `offset`; False when shutdown interrupted the wait or the

@@ -8,7 +8,7 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -98,6 +98,12 @@ class Publisher:
 
     async def publish(self, events: Sequence[OutputEvent], ctx: MessageContext) -> None:
         """Encode, offload oversize values, send, and wait for every acknowledgement."""
+        await self.settle(await self.append(events, ctx))
+
+    async def append(self, events: Sequence[OutputEvent], ctx: MessageContext) -> Acks:
+        """Encode, offload oversize values and hand the records to the producer; the acknowledgements they wait
+        for (`settle` waits for them, or `Acks.when_done` calls back). Raises PoisonError for an output that can
+        never be sent (too large, refused)."""
         records = []
         offloaded_uri: str | None = None
         for index, event in enumerate(events):
@@ -113,7 +119,45 @@ class Publisher:
             else:
                 record = _Record(event.topic, self._key(event), value, self._headers(event.value, ctx))
             records.append(record)
-        await self._send(records)
+        producer = self._live_producer()
+        started = time.perf_counter()
+        try:
+            futures = await self._append(producer, records)
+        except _RETRIED as exc:
+            # The producer refused the records outright (its buffer, the broker's metadata): the retrying path.
+            elapsed = await self._send_retrying(producer, records, exc)
+            self._record_acked(records, elapsed)
+            return Acks(records, (), started)
+        return Acks(records, futures, started)
+
+    async def settle(self, acks: Acks) -> None:
+        """Wait until the broker has acknowledged every record of `acks`. Broker trouble is retried without limit
+        (the records are sent again); a refusal no retry can fix raises PoisonError."""
+        if acks.settled:
+            return
+        try:
+            futures = acks.futures
+            if len(futures) == 1:
+                await futures[0]
+            elif futures:
+                await asyncio.gather(*futures)
+            elapsed = time.perf_counter() - acks.started
+        except _NOT_RETRIABLE as exc:
+            raise self._rejected(acks.records, exc) from exc
+        except _RETRIED as exc:
+            elapsed = await self._send_retrying(self._live_producer(), acks.records, exc)
+        acks.settled = True
+        self._record_acked(acks.records, elapsed)
+
+    def settled_ok(self, acks: Acks) -> bool:
+        """For `Acks.when_done`'s callback: True (and the acknowledgement counted) when every record went through;
+        False when one failed, and `settle` must retry or refuse."""
+        for future in acks.futures:
+            if future.cancelled() or future.exception() is not None:
+                return False
+        acks.settled = True
+        self._record_acked(acks.records, time.perf_counter() - acks.started)
+        return True
 
     async def dead_letter(self, ctx: MessageContext, value: bytes | None, error: ErrorInfo) -> None:
         """Publish a DeadLetter for an input message. Never fails for the message's sake: the key, value,
@@ -226,13 +270,20 @@ class Publisher:
     async def _send(self, records: Sequence[_Record]) -> None:
         """Send until acknowledged. Broker trouble is retried without limit: losing the broker is not the
         message's fault, and shutdown's drain deadline is what ends the wait."""
-        producer = self._producer
-        if producer is None:
-            raise FatalError("publisher is not started")
+        producer = self._live_producer()
         try:
             elapsed = await self._send_once(producer, records)
         except _RETRIED as exc:
             elapsed = await self._send_retrying(producer, records, exc)
+        self._record_acked(records, elapsed)
+
+    def _live_producer(self) -> AIOKafkaProducer:
+        producer = self._producer
+        if producer is None:
+            raise FatalError("publisher is not started")
+        return producer
+
+    def _record_acked(self, records: Sequence[_Record], elapsed: float) -> None:
         if self._broker is not None and self._broker.down:
             self._broker.mark_up()
         if len(records) == 1:
@@ -246,26 +297,37 @@ class Publisher:
             acked.inc(n)
             observe_many(seconds, elapsed, n)
 
-    async def _send_once(self, producer: AIOKafkaProducer, records: Sequence[_Record]) -> float:
-        """Append the records to the producer's batches, then wait for their acknowledgements; the seconds it took."""
-        started = time.perf_counter()
+    def _rejected(self, records: Sequence[_Record], exc: Exception) -> PoisonError:
+        for rec in records:
+            self._children(rec.topic)[1].inc()
+        return PoisonError(f"the broker refused the output: {exc!r}", code="output_rejected")
+
+    async def _append(self, producer: AIOKafkaProducer, records: Sequence[_Record]) -> list[asyncio.Future[Any]]:
+        """Append the records to the producer's batches; their acknowledgement futures."""
+        gate = self._appending
+        futures = []
         try:
-            gate = self._appending
-            futures = []
             for rec in records:
                 await gate.enter()
                 try:
                     futures.append(await producer.send(rec.topic, value=rec.value, key=rec.key, headers=rec.headers))
                 finally:
                     gate.leave()
+        except _NOT_RETRIABLE as exc:
+            raise self._rejected(records, exc) from exc
+        return futures
+
+    async def _send_once(self, producer: AIOKafkaProducer, records: Sequence[_Record]) -> float:
+        """Append the records to the producer's batches, then wait for their acknowledgements; the seconds it took."""
+        started = time.perf_counter()
+        futures = await self._append(producer, records)
+        try:
             if len(futures) == 1:
                 await futures[0]
             else:
                 await asyncio.gather(*futures)
         except _NOT_RETRIABLE as exc:
-            for rec in records:
-                self._children(rec.topic)[1].inc()
-            raise PoisonError(f"the broker refused the output: {exc!r}", code="output_rejected") from exc
+            raise self._rejected(records, exc) from exc
         return time.perf_counter() - started
 
     async def _send_retrying(self, producer: AIOKafkaProducer, records: Sequence[_Record], first: Exception) -> float:
@@ -298,6 +360,39 @@ class Publisher:
             found = (produced.labels(topic, "acked"), produced.labels(topic, "error"), m.publish_seconds.labels(topic))
             self._topic_children[topic] = found
         return found
+
+
+class Acks:
+    """The acknowledgements one `Publisher.append` waits for."""
+
+    __slots__ = ("futures", "records", "settled", "started")
+
+    def __init__(self, records: Sequence[_Record], futures: Sequence[asyncio.Future[Any]], started: float) -> None:
+        self.records = records
+        self.futures = futures
+        self.started = started
+        self.settled = not futures
+        """True once counted as acknowledged (or refused); `settle` then returns at once."""
+
+    def when_done(self, callback: Callable[[object], None]) -> None:
+        """Call `callback` (from the event loop, with an argument to ignore) once every future is done, whether
+        or not it succeeded; soon when there is nothing to wait for."""
+        futures = self.futures
+        if len(futures) == 1:
+            futures[0].add_done_callback(callback)
+            return
+        if not futures:
+            asyncio.get_running_loop().call_soon(callback, None)
+            return
+        left = [len(futures)]
+
+        def one_done(_: object) -> None:
+            left[0] -= 1
+            if not left[0]:
+                callback(None)
+
+        for future in futures:
+            future.add_done_callback(one_done)
 
 
 class _AppendGate:

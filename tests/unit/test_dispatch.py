@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from ocrbooth.config import Settings
 from ocrbooth.daemon.dispatch import Dispatcher, Route
 from ocrbooth.daemon.outage import Dependencies
+from ocrbooth.daemon.publisher import Acks
 from ocrbooth.errors import FatalError, PoisonError, RetryableError
 from ocrbooth.handlers.base import Handler
 from ocrbooth.messages import MessageContext, OutputEvent
@@ -28,9 +29,16 @@ class FakePublisher:
         self.refuse = False
 
     async def publish(self, events: Sequence[OutputEvent], ctx: MessageContext) -> None:
+        await self.append(events, ctx)
+
+    async def append(self, events: Sequence[OutputEvent], ctx: MessageContext) -> Acks:
         if self.refuse:
             raise PoisonError("too large", code="output_too_large")
         self.published.extend(events)
+        return Acks((), (), 0.0)  # acknowledged at once
+
+    async def settle(self, acks: Acks) -> None:
+        pass
 
     async def dead_letter(self, ctx: MessageContext, value: bytes | None, error: ErrorInfo) -> None:
         self.letters.append(error)

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+import uvloop
 
 from ocrbooth.errors import ConfigError, PoisonError, RetryableError
 from ocrbooth.models.ocr import render_pool
@@ -116,3 +117,21 @@ async def test_workers_that_keep_failing_to_start_make_the_pool_not_ready(
     running.max_worker_bytes = CAP_BYTES
     await wait_until(lambda: running.ready and running.workers == 2, 30, message="pool did not recover")
     assert await running.run(int, "1") == 1
+
+
+def test_large_arguments_and_results_cross_on_uvloop() -> None:
+    """On uvloop (the daemon's default loop) a socket the loop has watched stays non-blocking (libuv sets it so);
+    multi-megabyte arguments and results must still cross whole, call after call."""
+    size = 32 * 1024 * 1024
+
+    async def scenario() -> None:
+        running = RenderPool("uvloop", 1, task_timeout_s=60, max_worker_bytes=CAP_BYTES)
+        await running.start()
+        try:
+            for _ in range(3):
+                assert len(await running.run(bytes, size)) == size
+                assert await running.run(len, b"x" * size) == size
+        finally:
+            await running.close()
+
+    uvloop.run(scenario())

@@ -207,7 +207,7 @@ class RenderPool:
         try:
             async with asyncio.timeout(self.task_timeout_s):
                 await readable
-                loop.remove_reader(fd)
+                _stop_watching(loop, fd)
                 # Off the loop: a multi-megabyte page must not stall it, nor a worker that stops mid-send.
                 worker.reading = loop.run_in_executor(None, worker.conn.recv)
                 worker.reading.add_done_callback(_retrieve)
@@ -343,7 +343,7 @@ class RenderPool:
 
     def _on_hello(self, worker: _Worker) -> None:
         assert self._loop is not None
-        self._loop.remove_reader(worker.conn.fileno())
+        _stop_watching(self._loop, worker.conn.fileno())
         try:
             message = worker.conn.recv()  # a few bytes, already in the socket
         except (EOFError, OSError):
@@ -447,3 +447,11 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def _stop_watching(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """Stop watching a worker's socket and make it blocking again for `Connection.send/recv`: uvloop (libuv's
+    poll handle) switches a watched descriptor to non-blocking and leaves it so, and a multi-megabyte message
+    then fails half-way with BlockingIOError as if the worker had died. asyncio's own loop changes nothing."""
+    loop.remove_reader(fd)
+    os.set_blocking(fd, True)

@@ -1,0 +1,162 @@
+"""A message whose outputs are with the producer is finished by the broker's acknowledgement, not by its task:
+the real Publisher and InFlight over a scripted producer (no broker)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import namedtuple
+from typing import Any
+
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
+from prometheus_client import CollectorRegistry
+
+from ocrbooth.config import Settings
+from ocrbooth.daemon.backpressure import Backpressure
+from ocrbooth.daemon.commits import Committer
+from ocrbooth.daemon.dispatch import Dispatcher, Route
+from ocrbooth.daemon.inflight import InFlight
+from ocrbooth.daemon.offsets import OffsetTracker
+from ocrbooth.daemon.outage import Dependencies
+from ocrbooth.daemon.publisher import Publisher
+from ocrbooth.handlers.echo import EchoHandler
+from ocrbooth.metrics import Metrics
+from ocrbooth.schemas import DocumentRequest
+from tests.support.daemon import request_event
+
+Record = namedtuple("Record", "topic partition offset key value timestamp headers")
+
+
+class ScriptedProducer:
+    """`send` hands out futures the test resolves; `answers` (a list of exceptions or None) decides how the
+    futures of later sends end when `answer()` is called."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+        self.pending: list[asyncio.Future[Any]] = []
+
+    async def send(self, topic: str, value: bytes, key: bytes | None = None, headers: Any = None) -> Any:
+        self.sent.append((topic, value))
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append(future)
+        return future
+
+    def answer(self, error: BaseException | None = None) -> None:
+        pending, self.pending = self.pending, []
+        for future in pending:
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+
+class Runtime:
+    def __init__(self) -> None:
+        self.settings = settings = Settings(
+            retry={"max_attempts": 3, "initial_backoff_ms": 1, "max_backoff_ms": 2},  # type: ignore[arg-type]
+        )
+        self.metrics = metrics = Metrics(CollectorRegistry())
+        self.producer = ScriptedProducer()
+        self.publisher = Publisher(settings, metrics, storage=None)  # type: ignore[arg-type]
+        self.publisher._producer = self.producer
+        deps = Dependencies(metrics.dependency_up)
+        dispatcher = Dispatcher(settings, metrics, self.publisher, deps.add("s3", None), asyncio.Event())
+        handler = EchoHandler(settings)
+        self.topic = settings.topics.ocr_requests
+        self.route = Route(handler, DocumentRequest)
+        routes = {self.topic: self.route}
+        self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+        budgets = Backpressure(settings, metrics, routes, deps)
+        committer = Committer(settings, metrics, self.tracker, budgets)
+        self.fatal: list[BaseException] = []
+        self.inflight = InFlight(
+            settings, metrics, dispatcher, self.tracker, budgets, committer, _no_spawn, None, self.fatal.append
+        )
+        self.tp = TopicPartition(self.topic, 0)
+        self.tracker.assign([self.tp])
+
+    def start(self, offset: int) -> None:
+        record = Record(self.topic, 0, offset, b"k", request_event(offset), 0, [])
+        self.inflight.start(self.tp, record, self.route, self.tracker.start(self.tp, offset))
+
+    def acked(self) -> float | None:
+        return self.metrics.registry.get_sample_value(
+            "ocrbooth_produced_messages_total", {"topic": self.settings.topics.ocr_results, "outcome": "acked"}
+        )
+
+
+def _no_spawn(coro: Any, name: str) -> asyncio.Task[None]:
+    raise AssertionError("message tasks are not spawned through the daemon")
+
+
+async def _until(predicate: Any) -> None:
+    """Let the loop run until `predicate()` holds (at most about 5 s)."""
+    for _ in range(5_000):
+        if predicate():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("condition not reached")
+
+
+async def test_a_message_finishes_when_the_broker_acknowledges_it() -> None:
+    """The task ends once the result is with the producer; the message stays in flight, uncompleted, until the
+    acknowledgement, which completes its offset and counts it."""
+    rt = Runtime()
+    for offset in range(3):
+        rt.start(offset)
+    await _until(lambda: len(rt.producer.sent) == 3)
+    await asyncio.sleep(0.01)
+    assert not rt.inflight.tasks  # no task waits for the broker
+    assert len(rt.inflight) == 3
+    assert rt.inflight.counts["succeeded"] == 0
+    assert rt.tracker.commit_plan() == {}
+    rt.producer.answer()
+    await _until(lambda: rt.inflight.counts["succeeded"] == 3)
+    assert len(rt.inflight) == 0
+    assert rt.tracker.commit_plan() == {rt.tp: 3}
+    assert rt.acked() == 3
+    assert await rt.inflight.drain(1) == 0
+
+
+async def test_drain_waits_for_acknowledgements() -> None:
+    rt = Runtime()
+    rt.start(0)
+    await _until(lambda: rt.producer.sent)
+    drain = asyncio.create_task(rt.inflight.drain(5))
+    await asyncio.sleep(0.02)
+    assert not drain.done()
+    rt.producer.answer()
+    assert await drain == 0
+    assert rt.inflight.counts["succeeded"] == 1
+
+
+async def test_a_failed_acknowledgement_is_sent_again() -> None:
+    """Broker trouble at acknowledgement time: the output is sent again (by a task, with backoff) and the message
+    succeeds once that send is acknowledged."""
+    rt = Runtime()
+    rt.start(0)
+    await _until(lambda: rt.producer.sent)
+    rt.producer.answer(KafkaConnectionError("broker went away"))
+    await _until(lambda: len(rt.producer.sent) == 2)
+    assert rt.inflight.counts["succeeded"] == 0
+    rt.producer.answer()
+    await _until(lambda: rt.inflight.counts["succeeded"] == 1)
+    assert rt.tracker.commit_plan() == {rt.tp: 1}
+    assert rt.producer.sent[0] == rt.producer.sent[1]
+
+
+async def test_an_output_the_broker_refuses_fails_the_message() -> None:
+    """A refusal no retry fixes (the record too large for the broker) ends in the handler's failed result,
+    and the offset moves on."""
+    rt = Runtime()
+    rt.start(0)
+    await _until(lambda: rt.producer.sent)
+    rt.producer.answer(MessageSizeTooLargeError())
+    await _until(lambda: len(rt.producer.sent) == 2)  # the failed result
+    rt.producer.answer()
+    await _until(lambda: rt.inflight.counts["failed_result"] == 1)
+    failed = rt.producer.sent[1][1]
+    assert b'"status":"failed"' in failed
+    assert b"output_rejected" in failed
+    assert rt.tracker.commit_plan() == {rt.tp: 1}
+    assert not rt.fatal
