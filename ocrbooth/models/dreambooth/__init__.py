@@ -2,10 +2,10 @@
 
 This package's `__init__` stays light (no torch): the daemon imports `validate_request`, `TrainJob` and
 `protocol` from here before it launches anything. The trainer is `train.py` (setup -> main -> fit); its parts:
-`module.py` (the LightningModule and its CUDA-graph step), `callbacks.py` (progress, checkpoints, SIGTERM),
-`export.py` (checkpoint upload, the trained pipeline), `protocol.py` (the stdout events), `job.py` (the resolved
-job), `data.py` (instance images and example order), `prior.py` (class images, made or reused),
-`checkpoints.py` (checkpoint folders, rotation, RNG), `generate.py` (sampling from a trained pipeline).
+`module.py` (the LightningModule), `step_graphs.py` (its micro-step as CUDA graphs), `callbacks.py` (progress,
+checkpoints, SIGTERM), `export.py` (checkpoint upload, the trained pipeline), `protocol.py` (the stdout events),
+`job.py` (the resolved job), `data.py` (instance images and example order), `prior.py` (class images, made or
+reused), `checkpoints.py` (checkpoint folders, rotation, RNG), `generate.py` (sampling from a trained pipeline).
 
 JOB.json, written by the daemon, is `TrainJob`'s JSON: ``{"request": {FinetuneRequest}, "attempt": 2}``. A bare
 FinetuneRequest object with an optional top-level ``"attempt"`` is accepted too (handy by hand).

@@ -3,9 +3,10 @@
 Shaped like litgpt's recipes: `setup()` parses and validates the job and resolves every input (instance images,
 base model, the checkpoint to resume from) before any GPU work; `main()` builds the pieces (class images, latents,
 the LightningModule, the Trainer) and `fit()` runs the loop. The parts live beside this file: `module.py` (the
-LightningModule and its fast step), `callbacks.py` (progress, checkpoints, stop), `export.py` (checkpoint upload,
-the trained pipeline), `protocol.py` (the JSON-line events the daemon reads), `prior.py` (class images). The
-package docstring (`ocrbooth.models.dreambooth`) documents JOB.json, the exit codes and the S3 layout.
+LightningModule and the choice of its fast step), `step_graphs.py` (that step as CUDA graphs), `callbacks.py`
+(progress, checkpoints, stop), `export.py` (checkpoint upload, the trained pipeline), `protocol.py` (the JSON-line
+events the daemon reads), `prior.py` (class images). The package docstring (`ocrbooth.models.dreambooth`)
+documents JOB.json, the exit codes and the S3 layout.
 
 Resuming is exact: the example order is a function of (seed, position) (`data.StepSampler`), the noise of every
 micro-batch comes from a generator seeded by (seed, micro-batch, rank), and a checkpoint holds weights, optimizer,

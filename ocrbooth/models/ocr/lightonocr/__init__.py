@@ -1,6 +1,7 @@
 """LightOnOCR as an inference engine with continuous batching (vLLM v1's shape, on transformers' modules).
 
-- `engine.py`: `LightOnOcrEngine` (load, size, serve) and `EngineCore` (the step loop on its own thread);
+- `engine.py`: `LightOnOcrEngine` (load, size, serve) and its settings (`EngineConfig`, `Capacity`);
+- `core.py`: `EngineCore`, the step loop on its own thread (schedule → execute → update_from_output);
 - `scheduler.py`: pure policy: which pages enter free slots at each step, within the prefill and KV budgets;
 - `runner.py`: the only code touching the GPU: batched vision encoding and prefill on a second stream,
   decode steps as CUDA graphs, asynchronous snapshots;
@@ -19,15 +20,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ocrbooth.models.ocr.lightonocr.core import EngineCore
     from ocrbooth.models.ocr.lightonocr.detokenize import PageGeneration
-    from ocrbooth.models.ocr.lightonocr.engine import DEFAULT_MODEL, EngineConfig, EngineCore, LightOnOcrEngine
+    from ocrbooth.models.ocr.lightonocr.engine import DEFAULT_MODEL, EngineConfig, LightOnOcrEngine
     from ocrbooth.models.ocr.lightonocr.repetition import RepetitionGuard
 
 _WHERE = {
     "PageGeneration": "detokenize",
     "DEFAULT_MODEL": "engine",
     "EngineConfig": "engine",
-    "EngineCore": "engine",
+    "EngineCore": "core",
     "LightOnOcrEngine": "engine",
     "RepetitionGuard": "repetition",
 }
