@@ -9,10 +9,10 @@ micro-batch: one launch instead of thousands, and no compilation. Gradient clipp
 eagerly after the replay, on the real optimizer and LR scheduler (what checkpoints save). Nothing in a step waits
 on the GPU: the loss is summed on the device and read every `progress_every_steps`.
 
-`StepOptions` chooses the step: `graph` (opt-in: `OCRBOOTH_FINETUNE_CUDA_GRAPHS`, not yet run on a GPU),
-`compile` (torch.compile of forward + loss, the earlier option; its compilation costs minutes) or neither
-(eager, the default). The CPU always runs the eager step, for bitwise-reproducible resumes. A capture or
-compilation that fails falls back to the eager step with a warning.
+`StepOptions` chooses the step: `graph` (opt-in: `OCRBOOTH_FINETUNE_CUDA_GRAPHS`; it fails its GPU test: the
+weights do not move), `compile` (torch.compile of forward + loss, the earlier option; its compilation costs
+minutes) or neither (eager, the default). The CPU always runs the eager step, for bitwise-reproducible
+resumes. A capture or compilation that fails falls back to the eager step with a warning.
 """
 
 from __future__ import annotations
