@@ -46,11 +46,10 @@ class Consumer:
         dispatcher: Dispatcher,
         dependencies: Dependencies,
         tracker: OffsetTracker[TopicPartition],
-        guard: CrashGuard[TopicPartition] | None = None,
-        on_fatal: Callable[[BaseException], None] | None = None,
+        guard: CrashGuard[TopicPartition] | None,
+        on_fatal: Callable[[BaseException], None],
     ) -> None:
-        """`on_fatal`: called with a FatalError raised while handling a message (GPU or driver broken); by
-        default it is raised again from the event loop's exception handler."""
+        """`on_fatal`: called with a FatalError raised while handling a message (GPU or driver broken)."""
         self._s = settings
         self._metrics = metrics
         self._routes = dict(routes)
@@ -61,7 +60,7 @@ class Consumer:
         self.budgets = Backpressure(settings, metrics, self._routes, dependencies)
         self.committer = Committer(settings, metrics, tracker, self.budgets)
         self.inflight = InFlight(
-            settings, metrics, dispatcher, tracker, self.budgets, self.committer, spawn, guard, on_fatal or _unhandled
+            settings, metrics, dispatcher, tracker, self.budgets, self.committer, spawn, guard, on_fatal
         )
         self.listener = RebalanceListener(
             metrics, tracker, self.budgets, self.committer, self.inflight, spawn, self._forget_held
@@ -241,7 +240,3 @@ class Consumer:
             if hw is None or hw > (self.tracker.committed(tp) or 0):
                 return False
         return True
-
-
-def _unhandled(exc: BaseException) -> None:
-    asyncio.get_running_loop().call_exception_handler({"message": "fatal error in a message's task", "exception": exc})

@@ -138,7 +138,7 @@ class InFlight:
     def _untrack(self, task: asyncio.Task[None] | None) -> None:
         if task is not None:
             self.tasks.discard(task)
-        if not self.tasks and not self._awaiting_acks:
+        if not len(self):
             self._idle.set()
 
     async def _run(self, tp: TopicPartition, record: Any, route: Route, epoch: int, mode: Mode) -> None:
@@ -176,8 +176,7 @@ class InFlight:
         """The broker answered for every output of a message: finish it, or settle what failed in a task."""
         self._awaiting_acks -= 1
         if self._dispatcher.settled_ok(pending):
-            if not self.tasks and not self._awaiting_acks:
-                self._idle.set()
+            self._untrack(None)
             self._finish(tp, offset, epoch, pending.ctx.topic, started, "succeeded")
             return
         self._track(asyncio.get_running_loop().create_task(self._settle(tp, offset, epoch, started, pending)))

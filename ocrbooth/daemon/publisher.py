@@ -376,13 +376,10 @@ class Acks:
 
     def when_done(self, callback: Callable[[object], None]) -> None:
         """Call `callback` (from the event loop, with an argument to ignore) once every future is done, whether
-        or not it succeeded; soon when there is nothing to wait for."""
+        or not it succeeded. Only for unsettled Acks: settled ones have nothing to wait for."""
         futures = self.futures
         if len(futures) == 1:
             futures[0].add_done_callback(callback)
-            return
-        if not futures:
-            asyncio.get_running_loop().call_soon(callback, None)
             return
         left = [len(futures)]
 
