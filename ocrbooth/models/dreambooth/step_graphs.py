@@ -35,7 +35,13 @@ class StepGraphs:
     them, in the graph's pool, where they stay); under gradient accumulation `accumulate` is captured after
     it, with the gradients present, so that backward adds to them in place. Clipping and the optimizer step
     are not captured: they run eagerly on the gradients after the last micro-batch's replay, so the optimizer
-    state and LR schedule are the ordinary ones that checkpoints save and restore."""
+    state and LR schedule are the ordinary ones that checkpoints save and restore.
+
+    The gradient tensors the graphs write are held here too (`grads`) and put back on the parameters after
+    every replay: Lightning's `Trainer` calls `zero_grad()` (set to None) between `on_fit_start`, where the
+    graphs are captured, and the first training step, and again before validation. Without this the optimizer
+    saw no gradient and skipped every parameter (the weights never moved), while the graphs went on writing
+    into memory the parameters no longer referenced."""
 
     def __init__(self, module: DreamBoothModule, autocast: Callable[[], AbstractContextManager[Any]]) -> None:
         self.module = module
@@ -80,7 +86,8 @@ class StepGraphs:
             self.accumulate = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.accumulate, pool=self.first.pool()):
                 self._micro_step()
-        missing = [i for i, p in enumerate(self.params) if p.grad is None]
+        self.grads: list[torch.Tensor | None] = [p.grad for p in self.params]
+        missing = [i for i, g in enumerate(self.grads) if g is None]
         if missing:
             log.info("%d trainable tensors get no gradient from the step", len(missing))
         m.loss_sum.zero_()  # the warm-up's losses
@@ -90,7 +97,15 @@ class StepGraphs:
         self.index.copy_(index, non_blocking=True)
         self.module.draw_noise(micro_batch, out=(self.sample_noise, self.noise, self.timesteps))
         (self.first if first or self.accumulate is None else self.accumulate).replay()
+        self._bind_grads()
         return self.loss
+
+    def _bind_grads(self) -> None:
+        """Put the graphs' gradient tensors back on the parameters if anything (a `zero_grad()`) removed them."""
+        if all(p.grad is g for p, g in zip(self.params, self.grads, strict=True)):
+            return
+        for p, g in zip(self.params, self.grads, strict=True):
+            p.grad = g
 
 
 __all__ = ["StepGraphs"]
