@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ocrbooth import __version__
 from ocrbooth.errors import ConfigError, OcrboothError
+from ocrbooth.localfs import ensure_writable_dir
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
@@ -117,10 +118,7 @@ def _output_dir(text: str) -> Path:
 def _make_output_dir(path: Path, option: str) -> None:
     """Create an output directory before any work, so an unwritable one costs nothing."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".ocrbooth-write-probe-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
+        ensure_writable_dir(path)
     except OSError as exc:
         raise CommandError(
             f"cannot write to {option} {path}: {exc.strerror or exc}; choose a writable directory"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shlex
 import signal
 import threading
@@ -16,6 +15,7 @@ from ocrbooth.dev.embedded import EmbeddedStack
 from ocrbooth.dev.errors import EmbeddedStackError
 from ocrbooth.dev.ports import HOST, _port_is_free
 from ocrbooth.dev.topics import default_topics
+from ocrbooth.localfs import ensure_writable_dir
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +80,7 @@ def _check_dev_data_dir(data_dir: Path) -> None:
     """Create `data_dir` and prove it writable before any child starts (weed's own error would be a log line
     in a file inside that very directory)."""
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        probe = data_dir / f".ocrbooth-write-probe-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
+        ensure_writable_dir(data_dir)
     except OSError as exc:
         raise EmbeddedStackError(
             f"cannot use {data_dir} as the data directory: {exc.strerror or exc}; pass a writable --data-dir"

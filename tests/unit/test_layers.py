@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("daemon",),
     ("handlers",),
     ("models",),
-    ("config", "storage", "metrics", "retry", "messages", "logs"),
+    ("config", "storage", "metrics", "retry", "messages", "logs", "localfs"),
     ("schemas",),
     ("errors", "constants", "__init__"),
 ]
