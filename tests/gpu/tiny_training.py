@@ -24,14 +24,11 @@ def train_tiny(
     lr_scheduler: str = "constant",
     lr_warmup_steps: int = 0,
     max_grad_norm: float = 1.0,
-    bf16_reduced_precision_reduction: bool = True,
 ) -> dict[str, Any]:
     """`steps` optimizer steps of DreamBoothModule (bf16-mixed, seed 3, 3 instance + 3 class images of 64 px,
     prior preservation) with the step `options` (a `StepOptions`). Returns the per-step losses (the mean of
     each step's micro-batches), the step kind the module chose, Lightning's global step, the learning rate
-    after each step, and the trainable weights flattened before and after. `bf16_reduced_precision_reduction`
-    False makes cuBLAS accumulate bf16 products' split-K partial sums in full precision: the same training with
-    other, equally valid rounding."""
+    after each step, and the trainable weights flattened before and after."""
     import pytorch_lightning as pl
 
     from ocrbooth.models.dreambooth.data import LatentPairs
@@ -114,15 +111,9 @@ def train_tiny(
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
     )
-    matmul = torch.backends.cuda.matmul
-    saved = matmul.allow_bf16_reduced_precision_reduction
-    matmul.allow_bf16_reduced_precision_reduction = bf16_reduced_precision_reduction
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trainer.fit(module)
-    finally:
-        matmul.allow_bf16_reduced_precision_reduction = saved
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module)
     per_micro = [float(x) for x in losses]
     n = accumulation
     return {

@@ -14,7 +14,7 @@ PLAIN = {"device_type": "cuda", "world_size": 1, "grad_scaler": False, "gradient
 
 
 def test_one_gpu_with_bf16_gets_the_graph_step_when_asked() -> None:
-    assert choose_step(StepOptions(), **PLAIN)[0] == "eager"  # opt-in until measured on a GPU
+    assert choose_step(StepOptions(), **PLAIN)[0] == "graph"  # the default on one GPU
     assert choose_step(StepOptions(graph=True), **PLAIN)[0] == "graph"
 
 

@@ -9,10 +9,10 @@ micro-batch: one launch instead of thousands, and no compilation. Gradient clipp
 eagerly after the replay, on the real optimizer and LR scheduler (what checkpoints save). Nothing in a step waits
 on the GPU: the loss is summed on the device and read every `progress_every_steps`.
 
-`StepOptions` chooses the step: `graph` (opt-in: `OCRBOOTH_FINETUNE_CUDA_GRAPHS`; it fails its GPU test: the
-weights do not move), `compile` (torch.compile of forward + loss, the earlier option; its compilation costs
-minutes) or neither (eager, the default). The CPU always runs the eager step, for bitwise-reproducible
-resumes. A capture or compilation that fails falls back to the eager step with a warning.
+`StepOptions` chooses the step: `graph` (the default on one GPU: `OCRBOOTH_FINETUNE_CUDA_GRAPHS`), `compile`
+(torch.compile of forward + loss, the earlier option; its compilation costs minutes) or neither (eager). The
+CPU always runs the eager step, for bitwise-reproducible resumes. A capture or compilation that fails falls
+back to the eager step with a warning.
 """
 
 from __future__ import annotations
@@ -151,9 +151,8 @@ class LoopConfig:
 class StepOptions:
     """How the step runs on a GPU (the CPU always runs it eagerly, for bitwise-reproducible resumes)."""
 
-    graph: bool = False
-    """Capture the micro-batch's forward + backward into CUDA graphs and replay them (`StepGraphs`); opt-in
-    until it has been measured on a GPU."""
+    graph: bool = True
+    """Capture the micro-batch's forward + backward into CUDA graphs and replay them (`StepGraphs`)."""
     compile: bool = False
     """torch.compile the forward + loss (UNet, and the text encoder when trained) instead; no graphs then."""
     compile_mode: CompileMode = "default"
