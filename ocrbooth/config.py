@@ -297,9 +297,10 @@ class FinetuneSettings(_Section):
     """GPUs per job; above one, Lightning's DDP."""
     cuda_graphs: bool = True
     """On one GPU, capture the training micro-step (forward + backward) and the class-image UNet step in CUDA
-    graphs and replay them: no per-kernel launch cost and no compilation (on an H100 2.1-3.4x the steps/s of a
-    typical training loop at 0.79x its peak memory; bench/README.md). Never used under DDP, fp16's grad scaler
-    or gradient checkpointing; a capture error falls back to eager with a warning; false runs the eager step."""
+    graphs and replay them: no per-kernel launch cost and no compilation (on an H100 2.15x and 2.83x the
+    steps/s of a typical training loop, text encoder trained and frozen, at 0.79x its peak memory;
+    bench/README.md). Never used under DDP, fp16's grad scaler or gradient checkpointing; a capture error falls
+    back to eager with a warning; false runs the eager step."""
     compile: bool = False
     """torch.compile the training step and the class-image UNet on GPUs instead of CUDA graphs. Off by default:
     measured on an H200, compiling SD 1.5's UNet + text encoder took 188 s and saved 26 ms a step against the
