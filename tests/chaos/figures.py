@@ -10,10 +10,12 @@ the table instead.
 from __future__ import annotations
 
 import re
+import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 BEGIN = "<!-- chaos-table:begin (written by tests/chaos; OCRBOOTH_UPDATE_README=1 pytest tests/chaos) -->"
@@ -51,6 +53,32 @@ class Figures:
     wall_s: float
     wall_bound_s: int
     dead_lettered: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of_tally(
+        cls,
+        scenario: str,
+        counted: Any,
+        *,
+        sent: int,
+        duplicate_bound: int,
+        started: float,
+        wall_bound_s: int,
+        dead_lettered: dict[str, int] | None = None,
+    ) -> Figures:
+        """From `common.tally`'s counts of the results, the scenario's bounds and its `time.monotonic()` start."""
+        return cls(
+            scenario=scenario,
+            sent=sent,
+            answered=counted.answered,
+            lost=counted.lost,
+            duplicated=counted.duplicated,
+            duplicate_bound=duplicate_bound,
+            failed=counted.failed,
+            wall_s=time.monotonic() - started,
+            wall_bound_s=wall_bound_s,
+            dead_lettered=dead_lettered or {},
+        )
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:

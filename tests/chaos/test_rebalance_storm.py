@@ -104,15 +104,12 @@ async def test_rebalance_storm_with_three_replicas_loses_nothing(
     letters = await dead_lettered(bootstrap, topics.dlq)
     counted = tally((f"req-{i}" for i in range(N)), results)
     chaos_report(
-        Figures(
-            scenario="rebalance_storm",
+        Figures.of_tally(
+            "rebalance_storm",
+            counted,
             sent=N,
-            answered=counted.answered,
-            lost=counted.lost,
-            duplicated=counted.duplicated,
             duplicate_bound=DUPLICATE_BOUND,
-            failed=counted.failed,
-            wall_s=time.monotonic() - started,
+            started=started,
             wall_bound_s=WALL_BOUND_S,
             dead_lettered=codes_of(letters.values()),
         )

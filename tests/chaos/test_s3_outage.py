@@ -112,17 +112,7 @@ async def test_sixty_second_s3_outage_fails_no_request(
     counted = tally((f"req-{i}" for i in range(N)), results)
     failures = [json.loads(r.value) for r in results if json.loads(r.value)["status"] == "failed"]
     chaos_report(
-        Figures(
-            scenario="s3_outage",
-            sent=N,
-            answered=counted.answered,
-            lost=counted.lost,
-            duplicated=counted.duplicated,
-            duplicate_bound=0,
-            failed=counted.failed,
-            wall_s=time.monotonic() - started,
-            wall_bound_s=WALL_BOUND_S,
-        )
+        Figures.of_tally("s3_outage", counted, sent=N, duplicate_bound=0, started=started, wall_bound_s=WALL_BOUND_S)
     )
     assert 503 in readyz, f"/readyz never went not-ready during the outage: {sorted(set(readyz))}"
     assert 0 in gauge, f'ocrbooth_dependency_up{{dependency="s3"}} never read 0 during the outage: {set(gauge)}'

@@ -62,15 +62,12 @@ async def test_ten_sigkills_during_a_stream_lose_nothing(
     letters = await dead_lettered(bootstrap, topics.dlq)
     counted = tally((f"req-{i}" for i in range(N)), results)
     chaos_report(
-        Figures(
-            scenario="sigkill",
+        Figures.of_tally(
+            "sigkill",
+            counted,
             sent=N,
-            answered=counted.answered,
-            lost=counted.lost,
-            duplicated=counted.duplicated,
             duplicate_bound=KILLS * MAX_IN_FLIGHT,
-            failed=counted.failed,
-            wall_s=time.monotonic() - started,
+            started=started,
             wall_bound_s=WALL_BOUND_S,
             dead_lettered=codes_of(letters.values()),
         )
