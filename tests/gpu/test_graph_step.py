@@ -37,16 +37,14 @@ WEIGHT_TOL = 0.05
 # accumulation 2 the graphed step's weights end 6.15 % of `moved` from the eager step's, although its losses
 # stay within 2.3e-4 of eager's at every step (mean relative 4.9e-5) and the eager step repeats itself bitwise
 # (an eager rerun, also one with cuBLAS's bf16 split-K sums in full precision, ended 0.0 away). So the graph
-# computes something slightly differently, and deterministically; what, is not found yet. Marked strict: the
-# day it passes, the mark must go.
-_TE_TRAINED_GAP = pytest.mark.xfail(
-    strict=True, reason="deterministic 6.15 % weight gap to the eager step with the text encoder trained (see above)"
-)
+# computes something slightly differently, and deterministically; what, is not found yet. That case reports an
+# expected failure for the weights alone, and only up to this gap: every other check still fails it.
+KNOWN_TE_TRAINED_GAP = 0.0616
 
 
 @pytest.mark.parametrize(
     ("train_text_encoder", "accumulation"),
-    [pytest.param(True, 2, id="te-trained-accum-2", marks=_TE_TRAINED_GAP), pytest.param(False, 1, id="te-frozen")],
+    [pytest.param(True, 2, id="te-trained-accum-2"), pytest.param(False, 1, id="te-frozen")],
 )
 def test_graph_step_losses_and_weights_track_the_eager_step(
     train_text_encoder: bool, accumulation: int, tmp_path: Path
@@ -104,7 +102,10 @@ def test_graph_step_losses_and_weights_track_the_eager_step(
     ]
     assert not bad, f"steps {bad[:5]} outside tolerance: {report}"
     assert report["mean_rel_deviation"] <= MEAN_REL_TOL, report
-    assert report["weights_gap_relative"] <= WEIGHT_TOL, report
+    gap = report["weights_gap_relative"]
+    if train_text_encoder and WEIGHT_TOL < gap <= KNOWN_TE_TRAINED_GAP:
+        pytest.xfail(f"the known deterministic weight gap with the text encoder trained: {gap:.4f} (see above)")
+    assert gap <= WEIGHT_TOL, report
 
 
 def test_graphed_class_image_unet_samples_like_the_eager_one(tmp_path: Path) -> None:
