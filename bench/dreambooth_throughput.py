@@ -333,19 +333,6 @@ def _summarise(prof: Any, label: str, steps: int, wall_s: float, rows: int = 16)
     }
 
 
-def _profile_call(fn: Any, label: str, steps: int) -> dict[str, Any]:
-    """`_summarise` of one call of `fn` (a batch of class images: `steps` UNet steps and the VAE decode)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    _sync()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        started = time.perf_counter()
-        fn()
-        _sync()
-        wall = time.perf_counter() - started
-    return _summarise(prof, label, steps, wall)
-
-
 def bench_reference(train_text_encoder: bool, steps: int, warmup: int, *, profile_steps: int = 0) -> dict[str, Any]:
     """A typical DreamBooth script's step: VAE encode every step, text encoder every step, fp32 weights under
     bf16 autocast, AdamW, gradient clipping, the loss read for the progress bar."""
@@ -412,6 +399,8 @@ def bench_reference(train_text_encoder: bool, steps: int, warmup: int, *, profil
 
 
 def _profile_steps(fn: Any, label: str, steps: int) -> dict[str, Any]:
+    """`_summarise` of one call of `fn` that runs `steps` steps (training steps, or a batch of class images:
+    its UNet steps and the VAE decode)."""
     from torch.profiler import ProfilerActivity, profile
 
     _sync()
@@ -489,7 +478,7 @@ def bench_class_images_stock(batch: int, steps: int, rounds: int = 2, profile: b
         "peak_memory_gib": _peak()[0],
     }
     if profile:
-        row["profile"] = _profile_call(lambda: call(7919), f"stock pipeline, batch {batch}, per UNet step", steps)
+        row["profile"] = _profile_steps(lambda: call(7919), f"stock pipeline, batch {batch}, per UNet step", steps)
     try:
         row |= _image_flops(pipe, steps)
     except Exception as exc:  # the count is a nicety: never lose the row for it
@@ -565,7 +554,7 @@ def bench_class_images_ours(
         "peak_reserved_gib": _peak()[1],
     }
     if profile:
-        row["profile"] = _profile_call(
+        row["profile"] = _profile_steps(
             lambda: sampler.sample(CLASS_PROMPT, list(range(size)), **kwargs),
             f"ours, batch {size}, per UNet step",
             steps,
@@ -712,7 +701,7 @@ def run(
         if stock:
             rows["speedup"] = {
                 k: rows[k]["images_per_s"] / stock
-                for k in ("ours_batch_4", "ours", "ours_batch_4_nchw", "ours_nchw")
+                for k in ("ours_batch_4", "ours", "ours_batch_4_channels_last", "ours_compiled")
                 if "images_per_s" in rows[k]
             }
             if "tflop_per_image" in rows["stock"]:
