@@ -23,6 +23,8 @@ Sections (one process, one GPU; the JSON is rewritten after each, so a run cut s
    the measured matmul rate. `fraction` = measured pages/s over floor pages/s.
 6. `profile`: where the time goes: a decode chunk's time per step at given slot counts and contexts (graph
    replays over synthetic slots), a prefill batch's time per page alone, and the engine's own step log.
+7. `overlap`: the first fixed length at each batch size once per `prefill_overlap` mode (a second stream,
+   the same with decoding at the highest priority, or serial), on the same engine.
 
 Usage (device):  PYTHONPATH=. python3 bench/ocr_throughput.py --out bench/results/ocr_throughput.json
 Plot (anywhere): PYTHONPATH=. python bench/ocr_throughput.py --plot-only bench/results/ocr_throughput.json
@@ -59,6 +61,14 @@ def main() -> int:
     parser.add_argument("--stream-deadline-s", type=float, default=1800, help="stream: stop waiting after this")
     parser.add_argument("--sections", default="ceilings,attention,wave,fixed,profile,stream")
     parser.add_argument("--workdir", type=Path, help="where the random model is saved (default: a temp dir)")
+    parser.add_argument(
+        "--prefill-overlap", default="stream", help="the engine's prefill_overlap for every section but `overlap`"
+    )
+    parser.add_argument(
+        "--overlap-modes",
+        default="stream,priority,serial",
+        help="section `overlap`: the fixed-length runs (first of --new-tokens) once per prefill_overlap mode",
+    )
     args = parser.parse_args()
     if args.plot_only:
         plot(json.loads(args.plot_only.read_text()), args.png or args.plot_only.with_suffix(".png"))
@@ -122,12 +132,13 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     lengths = ints(args.new_tokens)
 
     from ocrbooth.models.ocr.lightonocr import EngineConfig, LightOnOcrEngine, RepetitionGuard
+    from ocrbooth.models.ocr.lightonocr.tuning import describe
 
     engine = LightOnOcrEngine(
         str(path),
         repetition=RepetitionGuard(enabled=False),
         eos_token_ids=(),
-        config=EngineConfig(max_new_tokens=4096, preprocess_threads=8),
+        config=EngineConfig(max_new_tokens=4096, preprocess_threads=8, prefill_overlap=args.prefill_overlap),
     )
     engine.load()
     cap = engine.capacity
@@ -143,8 +154,11 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         "memory_allocated_gib": torch.cuda.memory_allocated() / 2**30,
         "tuning": {
             "decode_kernel": str(engine.runner.tuning.decode_kernel),
-            "vision_backends": [b.name for b in engine.runner.tuning.vision_backends or ()],
-            "prefill_backends": [b.name for b in engine.runner.tuning.prefill_backends or ()],
+            "vision_attention": describe(engine.runner.tuning.vision),
+            "prefill_attention": describe(engine.runner.tuning.prefill),
+            "vision_backends": [b.name for b in engine.runner.tuning.vision.backends or ()],
+            "prefill_backends": [b.name for b in engine.runner.tuning.prefill.backends or ()],
+            "varlen_kernel": repr(engine.runner.varlen_kernel) if engine.runner.varlen_kernel is not None else None,
             "measured": engine.runner.tuning.measured,
         },
     }
@@ -159,6 +173,17 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         lambda: stream(engine, images, args.stream_pages, args.outstanding, model, ceil, args.stream_deadline_s),
     )
     section("fixed", lambda: fixed_lengths(engine, images["portrait"], lengths, ints(args.batches), model, ceil))
+
+    def overlap() -> dict[str, Any]:
+        """The same fixed-length runs with prefill sharing the GPU each way (one engine, switched while idle)."""
+        out = {}
+        for mode in args.overlap_modes.split(","):
+            engine.runner.set_prefill_overlap(mode)
+            out[mode] = fixed_lengths(engine, images["portrait"], lengths[:1], ints(args.batches), model, ceil)
+        engine.runner.set_prefill_overlap(args.prefill_overlap)
+        return out
+
+    section("overlap", overlap)
     result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     runner = engine.runner
     runner._graphs.clear()  # the old engine needs the memory back

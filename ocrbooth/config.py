@@ -213,6 +213,10 @@ class OcrSettings(_Section):
     """LightOnOCR: decode steps between the host's looks at the GPU (a finished page waits at most this)."""
     preprocess_threads: int = Field(default=4, ge=1, le=64)
     """LightOnOCR: threads resizing and normalizing pages ahead of the GPU."""
+    prefill_overlap: Literal["stream", "priority", "serial"] = "stream"
+    """LightOnOCR: how admitted pages' vision encoding and prefill share the GPU with decoding: on a second CUDA
+    stream (`stream`), the same with decoding's stream at the highest priority (`priority`), or between decode
+    chunks on one stream (`serial`)."""
     render_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     """Longest a page may take to render in its worker; the worker is then killed and replaced, and the
     document fails with render_timeout."""

@@ -78,6 +78,7 @@ def lightonocr_config(cfg: OcrSettings) -> EngineConfig:
         steps_per_sync=cfg.decode_steps_per_sync,
         max_new_tokens=cfg.max_new_tokens_cap,
         preprocess_threads=cfg.preprocess_threads,
+        prefill_overlap=cfg.prefill_overlap,
     )
 
 

@@ -76,6 +76,21 @@ def test_continuous_batch_matches_single_pages(tiny_dir: Path, dtype: str) -> No
                 assert g.token_probs == pytest.approx(a.token_probs, abs=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["priority", "serial"])
+def test_prefill_overlap_modes_give_the_same_tokens(tiny_dir: Path, mode: str) -> None:
+    """Prefill on a prioritised pair of streams or between decode chunks changes when work runs, never what
+    a page gets: through 2 slots (pages join mid-decode) the ids and probabilities equal the default mode's
+    on the same engine (another engine may tune other kernels, whose bfloat16 roundings differ)."""
+    engine = load(tiny_dir, config=EngineConfig(kv_cache_tokens=65_536, max_new_tokens=1024, max_slots=2))
+    batch = pages()
+    expected = engine.generate(batch)
+    engine.runner.set_prefill_overlap(mode)
+    got = engine.generate(batch)
+    assert [g.token_ids for g in got] == [g.token_ids for g in expected], first_difference(got, expected)
+    for g, e in zip(got, expected, strict=True):
+        assert g.token_probs == pytest.approx(e.token_probs, abs=1e-3)
+
+
 def _fits(kernel: DecodeKernel, dtype: torch.dtype, dim: int = 128) -> bool:
     """K and V tiles of every stage in shared memory (float32 tiles of the deepest configurations do not fit;
     the engine's tuning skips what fails to compile, and runs bfloat16 on CUDA by default)."""
@@ -147,3 +162,42 @@ def test_kv_cache_is_sized_from_free_memory(tiny_dir: Path) -> None:
     assert ok.error_code is None
     assert ok.token_count == 8
     assert too_large.error_code == "page_too_large"
+
+
+@pytest.mark.parametrize(
+    ("segments", "heads", "kv_heads", "dim", "causal"),
+    [
+        ([9240, 4000, 777], 16, 16, 64, False),  # the vision encoder: a full page's patches and smaller images
+        ([2329, 500, 33], 16, 8, 128, True),  # the decoder's prefill: grouped-query heads, causal prompts
+    ],
+    ids=["vision", "prefill"],
+)
+def test_flash_attn_4_varlen_matches_attention_per_segment(
+    segments: list[int], heads: int, kv_heads: int, dim: int, *, causal: bool
+) -> None:
+    """The optional variable-length kernel (flash-attn-4), called as the engine calls it over a flat batch of
+    segments, equals float32 attention within each segment (relative error under 1e-2 in bfloat16)."""
+    from ocrbooth.models.ocr.lightonocr.varlen import cumulative_lengths
+    from ocrbooth.models.ocr.lightonocr.varlen import load as load_varlen
+
+    device = torch.device("cuda")
+    kernel = load_varlen(device)
+    if kernel is None:
+        pytest.skip("flash-attn-4 is not installed or does not load on this card")
+    torch.manual_seed(0)
+    total = sum(segments)
+    q = torch.randn(total, heads, dim, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(total, kv_heads, dim, device=device, dtype=torch.bfloat16) for _ in range(2))
+    cu = cumulative_lengths(segments, device)
+    got = kernel(q, k, v, cu_seqlens=cu, max_seqlen=max(segments), causal=causal, scale=dim**-0.5).float()
+    assert got.shape == q.shape
+    start = 0
+    for length in segments:
+        qs, ks, vs = (t[start : start + length].float().transpose(0, 1)[None] for t in (q, k, v))
+        ks, vs = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (ks, vs))
+        want = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)[0].transpose(0, 1)
+        part = got[start : start + length]
+        assert torch.isfinite(part).all()
+        error = float((part - want).norm() / want.norm())
+        assert error < 1e-2, (length, error)
+        start += length

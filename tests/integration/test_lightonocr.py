@@ -3,6 +3,7 @@ continuous batching gives every page the tokens it gets alone, whenever it joins
 
 from __future__ import annotations
 
+import itertools
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from ocrbooth.errors import ConfigError  # noqa: E402
 from ocrbooth.models.ocr.confidence import summarize  # noqa: E402
 from ocrbooth.models.ocr.engine import PageInput, StepStats  # noqa: E402
 from ocrbooth.models.ocr.lightonocr import EngineConfig, LightOnOcrEngine, PageGeneration, RepetitionGuard  # noqa: E402
+from ocrbooth.models.ocr.lightonocr.tuning import AttentionChoice  # noqa: E402
+from ocrbooth.models.ocr.lightonocr.varlen import VarlenAttention  # noqa: E402
 from ocrbooth.testing.tiny_lightonocr import build_tiny_lightonocr  # noqa: E402
 
 LOOP = {"\n": "a", "a": "b", "b": "c", "c": "a"}  # a model rigged to print "abcabc..." forever
@@ -107,6 +110,106 @@ def test_vision_encoder_batches_images_without_mixing_them(engine: LightOnOcrEng
         together = engine.runner.encode_images(preps)
     for a, b in zip(alone, together, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def segmentwise_varlen(calls: list[tuple[int, bool]]) -> VarlenAttention:
+    """A variable-length kernel in plain torch with flash-attn-4's signature (flat [tokens, heads, dim], K/V
+    heads not repeated, cumulative lengths), standing in for the package on the CPU; records each call's
+    segment count and causality."""
+
+    def varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):  # type: ignore[no-untyped-def]
+        assert torch.equal(cu_seqlens_q, cu_seqlens_k)
+        assert cu_seqlens_q.dtype == torch.int32
+        bounds = cu_seqlens_q.tolist()
+        assert max_seqlen_q == max_seqlen_k == max(b - a for a, b in itertools.pairwise(bounds))
+        calls.append((len(bounds) - 1, causal))
+        groups = q.shape[1] // k.shape[1]
+        outs = []
+        for start, end in itertools.pairwise(bounds):
+            qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
+            ks, vs = (t.repeat_interleave(groups, dim=1) for t in (ks, vs))
+            out = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=softmax_scale)
+            outs.append(out[0].transpose(0, 1))
+        return torch.cat(outs), None
+
+    return VarlenAttention(varlen, "cpu-reference")
+
+
+def test_varlen_attention_path_gives_the_per_segment_path_results(engine: LightOnOcrEngine) -> None:
+    """With a variable-length kernel chosen for the vision encoder and the prefill, the engine hands it the
+    whole batch in one call per layer (K/V heads as they are, causal for the prompts only) and gets the same
+    image features and tokens as SDPA per segment: what the GPU test then checks flash-attn-4 against."""
+    pages = mixed_pages()[:3]
+    preps = [engine.preprocess(p) for p in pages]
+    runner = engine.runner
+    with torch.no_grad():
+        features = runner.encode_images(preps)
+    expected = [g.token_ids for g in engine.generate(pages)]
+    calls: list[tuple[int, bool]] = []
+    saved = runner.tuning.vision, runner.tuning.prefill, runner.varlen_kernel
+    try:
+        runner.varlen_kernel = segmentwise_varlen(calls)
+        runner.tuning.vision = runner.tuning.prefill = AttentionChoice(varlen=True)
+        with torch.no_grad():
+            varlen_features = runner.encode_images(preps)
+        for a, b in zip(features, varlen_features, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        vision_layers = engine.network.config.vision_config.num_hidden_layers
+        assert calls == [(3, False)] * vision_layers
+        got = [g.token_ids for g in engine.generate(pages)]
+    finally:
+        runner.tuning.vision, runner.tuning.prefill, runner.varlen_kernel = saved
+    assert got == expected
+    decoder_layers = engine.network.config.text_config.num_hidden_layers
+    prompts = sum(segments for segments, causal in calls if causal)  # however the core batched them
+    assert prompts == len(pages) * decoder_layers
+
+
+def test_a_varlen_kernel_that_refuses_an_input_falls_back_to_sdpa(
+    engine: LightOnOcrEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A measured attention choice that fails on a later input is dropped with a warning and the batch runs on
+    PyTorch's default; out of memory and CUDA errors are not a kernel's refusal and go up."""
+    pages = mixed_pages()[:2]
+    expected = [g.token_ids for g in engine.generate(pages)]
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ValueError("head dimension not supported")
+
+    runner = engine.runner
+    saved = runner.tuning.vision, runner.tuning.prefill, runner.varlen_kernel
+    try:
+        runner.varlen_kernel = VarlenAttention(refuse, "refusing")
+        runner.tuning.vision = runner.tuning.prefill = AttentionChoice(varlen=True)
+        with caplog.at_level("WARNING"):
+            got = [g.token_ids for g in engine.generate(pages)]
+        assert runner.tuning.vision == runner.tuning.prefill == AttentionChoice()
+    finally:
+        runner.tuning.vision, runner.tuning.prefill, runner.varlen_kernel = saved
+    assert got == expected
+    assert sum("attention (FLASH_ATTN_4_VARLEN) failed" in r.getMessage() for r in caplog.records) == 2
+    chosen = AttentionChoice(varlen=True)
+    for exc in (torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("CUDA error: illegal address")):
+        with pytest.raises(type(exc)):
+            runner._fall_back("vision", chosen, exc)
+    with pytest.raises(ValueError, match="bad page"):  # nothing measured to drop: the input itself is at fault
+        runner._fall_back("vision", AttentionChoice(), ValueError("bad page"))
+
+
+def test_prefill_overlap_is_checked_and_switchable_while_idle(engine: LightOnOcrEngine) -> None:
+    """The setting names one of the three modes; a CPU engine takes any of them (it has no streams) and
+    decodes the same."""
+    with pytest.raises(ConfigError, match="prefill_overlap must be one of stream, priority, serial"):
+        EngineConfig(prefill_overlap="parallel")
+    with pytest.raises(ValueError, match="prefill overlap must be one of"):
+        engine.runner.set_prefill_overlap("parallel")
+    pages = mixed_pages()[:2]
+    expected = [g.token_ids for g in engine.generate(pages)]
+    try:
+        engine.runner.set_prefill_overlap("serial")
+        assert [g.token_ids for g in engine.generate(pages)] == expected
+    finally:
+        engine.runner.set_prefill_overlap("stream")
 
 
 def test_pages_admitted_mid_decode_get_their_solo_tokens(engine: LightOnOcrEngine) -> None:

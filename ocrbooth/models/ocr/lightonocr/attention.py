@@ -7,7 +7,8 @@ registered with transformers for the decoder and the vision encoder.
   its reduction order depends on its own length only, never on its batch-mates. Idle slots read nothing.
   Elsewhere a gather + SDPA reference does the same arithmetic.
 - Prefill (many pages in one flat sequence): causal attention within each page's segment, by SDPA per
-  segment (no mask, so the flash kernel runs).
+  segment (no mask, so the flash kernel runs), or by one variable-length flash-attention call over all
+  segments where the engine measured that faster (varlen.py, an optional package).
 - Vision encoder (many images in one flat sequence): the same per image, non-causal. Pixtral would otherwise
   build a dense block-diagonal mask that grows with the square of the batch's patches.
 
@@ -25,6 +26,8 @@ from typing import Any, Final
 
 import torch
 import torch.nn.functional as F
+
+from ocrbooth.models.ocr.lightonocr.varlen import VarlenAttention
 
 DECODER_ATTENTION: Final = "ocrbooth_paged"  # registered names of the attention functions
 VISION_ATTENTION: Final = "ocrbooth_varlen_vision"
@@ -76,6 +79,11 @@ class ForwardContext:
     """decode on the Triton path: its launch configuration."""
     sdpa_backends: tuple[Any, ...] | None = None
     """prefill/vision: SDPA backends in priority order (None: PyTorch's default order)."""
+    varlen: VarlenAttention | None = None
+    """prefill/vision: one variable-length flash-attention call over all segments instead of SDPA per
+    segment (the engine's measured choice, varlen.py)."""
+    cu_seqlens: torch.Tensor | None = None
+    """prefill/vision with `varlen`: cumulative segment lengths on the device (int32)."""
     cache: PagedKVCache | None = None
     """decode: the cache the attention reads."""
 
@@ -151,7 +159,7 @@ def decoder_attention(
         return _sdpa_fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if ctx.mode == "prefill":
         assert ctx.segments is not None
-        return _segments(query, key, value, ctx.segments, causal=True, scale=scale, backends=ctx.sdpa_backends), None
+        return _segments(query, key, value, ctx, causal=True, scale=scale), None
     layer = int(getattr(module, "layer_idx"))  # noqa: B009  # transformers' attention modules carry it
     cache = ctx.cache
     assert cache is not None
@@ -184,27 +192,34 @@ def vision_attention(
     if ctx is None or ctx.mode != "vision" or ctx.segments is None:
         return _sdpa_fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = _segments(query, key, value, ctx.segments, causal=False, scale=scale, backends=ctx.sdpa_backends)
-    return out, None
+    return _segments(query, key, value, ctx, causal=False, scale=scale), None
 
 
 def _segments(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    segments: list[int],
-    *,
-    causal: bool,
-    scale: float,
-    backends: tuple[Any, ...] | None = None,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: ForwardContext, *, causal: bool, scale: float
 ) -> torch.Tensor:
-    """Attention within each segment of a flat [1, heads, tokens, dim] sequence; [1, tokens, heads, dim].
-    `backends`: SDPA backends in priority order (the engine's measured choice), else PyTorch's default."""
-    if backends is not None:
+    """Attention within each of `ctx.segments` of a flat [1, heads, tokens, dim] sequence; [1, tokens, heads,
+    dim]. One variable-length call when the context carries one, else SDPA per segment with the context's
+    backends in priority order (the engine's measured choice) or PyTorch's default."""
+    assert ctx.segments is not None
+    if ctx.varlen is not None:
+        assert ctx.cu_seqlens is not None
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, dim] views
+        out = ctx.varlen(q, k, v, cu_seqlens=ctx.cu_seqlens, max_seqlen=max(ctx.segments), causal=causal, scale=scale)
+        return out[None]
+    if ctx.sdpa_backends is not None:
         from torch.nn.attention import sdpa_kernel
 
-        with sdpa_kernel(list(backends), set_priority=True):
-            return _segments(query, key, value, segments, causal=causal, scale=scale)
+        with sdpa_kernel(list(ctx.sdpa_backends), set_priority=True):
+            return _segments_sdpa(query, key, value, ctx.segments, causal=causal, scale=scale)
+    return _segments_sdpa(query, key, value, ctx.segments, causal=causal, scale=scale)
+
+
+def _segments_sdpa(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: list[int], *, causal: bool, scale: float
+) -> torch.Tensor:
+    """SDPA per segment of a flat [1, heads, tokens, dim] sequence (K/V heads repeated for grouped-query
+    attention); [1, tokens, heads, dim]."""
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)

@@ -139,8 +139,10 @@ class EngineCore:
 
     def _run(self) -> None:
         try:
-            while self._step():
-                pass
+            while True:
+                with self._runner.serving():
+                    if not self._step():
+                        break
         except Exception as exc:  # a broken device or an engine bug: every page fails, later submits too
             log.exception("LightOnOCR engine core failed")
             fatal = exc if isinstance(exc, FatalError) else FatalError(f"LightOnOCR engine failed: {exc!r}")

@@ -23,7 +23,7 @@ from ocrbooth.models.ocr.lightonocr.detokenize import Detokenizer, PageGeneratio
 from ocrbooth.models.ocr.lightonocr.inputs import PreparedPage, PromptBuilder
 from ocrbooth.models.ocr.lightonocr.kv_cache import kv_budget_bytes
 from ocrbooth.models.ocr.lightonocr.repetition import RepetitionGuard
-from ocrbooth.models.ocr.lightonocr.runner import ModelRunner, RunnerConfig
+from ocrbooth.models.ocr.lightonocr.runner import PREFILL_OVERLAP, ModelRunner, RunnerConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ class EngineConfig:
     autotune: bool = True
     """On CUDA, time the decode kernel's launch configurations and the attention backends at load (a few
     seconds) and use the fastest; off: the defaults."""
+    prefill_overlap: str = "stream"
+    """How prefill shares the GPU with decoding (runner.PREFILL_OVERLAP): "stream", "priority" or "serial"."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -72,6 +74,9 @@ class EngineConfig:
         for name in ("max_prefill_tokens", "steps_per_sync", "max_new_tokens", "prefetch_pages", "preprocess_threads"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefill_overlap not in PREFILL_OVERLAP:
+            modes = ", ".join(PREFILL_OVERLAP)
+            problems.append(f"prefill_overlap must be one of {modes}, got {self.prefill_overlap!r}")
         if problems:
             raise ConfigError("invalid LightOnOCR engine settings: " + "; ".join(problems))
 
@@ -162,6 +167,7 @@ class LightOnOcrEngine:
         self._detokenizer = Detokenizer(processor.tokenizer)
         eos = self._eos_override if self._eos_override is not None else _eos_ids(net, processor)
         runner = ModelRunner(net, device=self.device, dtype=self.dtype)
+        runner.set_prefill_overlap(self.config.prefill_overlap)
         try:
             if self.config.autotune:
                 self._tune(runner)

@@ -41,7 +41,9 @@ from ocrbooth.models.ocr.lightonocr.attention import (
 from ocrbooth.models.ocr.lightonocr.inputs import PreparedPage
 from ocrbooth.models.ocr.lightonocr.kv_cache import TRASH_BLOCK, KVCacheSpec
 from ocrbooth.models.ocr.lightonocr.repetition import RepetitionGuard, RepetitionTracker
-from ocrbooth.models.ocr.lightonocr.tuning import Tuning, tune_decode_kernel, tune_sdpa
+from ocrbooth.models.ocr.lightonocr.tuning import AttentionChoice, Tuning, describe, tune_decode_kernel, tune_sdpa
+from ocrbooth.models.ocr.lightonocr.varlen import VarlenAttention, cumulative_lengths
+from ocrbooth.models.ocr.lightonocr.varlen import load as load_varlen
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,10 @@ log = logging.getLogger(__name__)
 RUNNING, STOP, LENGTH, REPETITION = 0, 1, 2, 3
 FINISH: Final = ("error", "stop", "length", "repetition")
 _MIN_GRAPH_ROWS: Final = 8
+PREFILL_OVERLAP: Final = ("stream", "priority", "serial")
+"""Prefill against decoding: "stream" a second CUDA stream of equal priority; "priority" the same with the
+decode loop's stream at the highest priority, so its kernels take SMs first as they free up; "serial"
+queued on the decode stream between chunks (no sharing of SMs, decoding waits)."""
 
 
 @dataclass(slots=True)
@@ -160,15 +166,36 @@ class ModelRunner:
         self.cache: PagedKVCache | None = None
         self.state: DecodeState | None = None
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._prefill_stream: Any = torch.cuda.Stream(device) if self.cuda else None  # type: ignore[no-untyped-call]
+        self._prefill_stream: Any = None
+        self._decode_stream: Any = None
+        self.set_prefill_overlap("stream")
         self._pending: deque[Snapshot] = deque()
         self._chunk = 0
         self._active_from: dict[int, int] = {}  # slot -> first snapshot that reflects its page
         self._slot_request: dict[int, int] = {}
         self.tuning = Tuning()
+        self.varlen_kernel: VarlenAttention | None = None  # the optional flash-attn-4 kernel, loaded by tune()
         register()
         net.model.language_model.set_attn_implementation(DECODER_ATTENTION)
         net.model.vision_encoder.set_attn_implementation(VISION_ATTENTION)
+
+    def set_prefill_overlap(self, mode: str) -> None:
+        """Where prefill batches run against the decode loop (`PREFILL_OVERLAP`); change it only while idle."""
+        if mode not in PREFILL_OVERLAP:
+            raise ValueError(f"prefill overlap must be one of {PREFILL_OVERLAP}, got {mode!r}")
+        self.prefill_overlap = mode
+        if not self.cuda:
+            return
+        new_stream: Any = torch.cuda.Stream
+        self._prefill_stream = None if mode == "serial" else new_stream(self.device, priority=0)
+        # A lower number is a higher priority; out-of-range values map to the highest the device has.
+        self._decode_stream = new_stream(self.device, priority=-100) if mode == "priority" else None
+
+    def serving(self) -> contextlib.AbstractContextManager[Any]:
+        """The stream the decode loop runs on, for one engine step (the engine core's thread enters it)."""
+        if self._decode_stream is None:
+            return contextlib.nullcontext()
+        return torch.cuda.stream(self._decode_stream)
 
     @staticmethod
     def load(source: str, *, device: torch.device, dtype: torch.dtype) -> Any:
@@ -202,30 +229,34 @@ class ModelRunner:
                 context=prompt_tokens + 512,  # a page some way into its output
             )
             tuning.measured["decode_kv_gb_s"] = rates
+        self.varlen_kernel = load_varlen(self.device)
         vision_heads = int(vision.num_attention_heads)
-        tuning.vision_backends, tuning.measured["vision_sdpa_ms"] = tune_sdpa(
+        tuning.vision, tuning.measured["vision_sdpa_ms"] = tune_sdpa(
             device=self.device,
             dtype=self.dtype,
             heads=vision_heads,
             tokens=patches,
             head_dim=int(vision.hidden_size) // vision_heads,
             causal=False,
+            varlen=self.varlen_kernel,
         )
-        tuning.prefill_backends, tuning.measured["prefill_sdpa_ms"] = tune_sdpa(
+        tuning.prefill, tuning.measured["prefill_sdpa_ms"] = tune_sdpa(
             device=self.device,
             dtype=self.dtype,
             heads=int(text.num_attention_heads),
+            kv_heads=self.kv_heads,
             tokens=prompt_tokens,
             head_dim=self.head_dim,
             causal=True,
+            varlen=self.varlen_kernel,
         )
         self.tuning = tuning
         torch.cuda.empty_cache()  # the synthetic caches and inputs are gone: give their memory back for sizing
         log.info(
             "LightOnOCR tuning: decode kernel %s, vision attention %s, prefill attention %s; measured %s",
             tuning.decode_kernel,
-            tuning.vision_backends[0].name if tuning.vision_backends else "default",
-            tuning.prefill_backends[0].name if tuning.prefill_backends else "default",
+            describe(tuning.vision),
+            describe(tuning.prefill),
             tuning.measured,
         )
 
@@ -309,7 +340,8 @@ class ModelRunner:
             positions = torch.arange(n)
             table = torch.tensor(item.blocks, dtype=torch.long)
             rows.append(table[positions // block_size] * block_size + positions % block_size)
-        stream = torch.cuda.stream(self._prefill_stream) if self.cuda else contextlib.nullcontext()
+        side = self._prefill_stream is not None
+        stream = torch.cuda.stream(self._prefill_stream) if side else contextlib.nullcontext()
         with stream, torch.inference_mode():  # uploads too: nothing here may queue behind the decode chunks
             write_index = _to_device(torch.cat(rows), self.device)
             self._prefill_forward([item.page for item in items], write_index=write_index)
@@ -323,11 +355,8 @@ class ModelRunner:
         net = self.net
         try:
             features = self.encode_images(pages)
-        except RuntimeError as exc:  # a measured backend refusing an input shape it was not timed on
-            if self.tuning.vision_backends is None or "CUDA error" in str(exc):
-                raise
-            log.warning("vision attention backend failed (%s); using PyTorch's default order", exc)
-            self.tuning.vision_backends = None
+        except Exception as exc:  # a measured choice refusing an input shape it was not timed on
+            self.tuning.vision = self._fall_back("vision", self.tuning.vision, exc)
             features = self.encode_images(pages)
         embeds = []
         for page, feats in zip(pages, features, strict=True):
@@ -337,22 +366,47 @@ class ModelRunner:
             embed.index_copy_(0, _to_device(page.image_positions, self.device), feats.to(embed.dtype))
             embeds.append(embed)
         segments = [page.prompt_length - 1 for page in pages]
-        positions = torch.cat([torch.arange(n) for n in segments])
-        ctx = ForwardContext(
-            "prefill",
+        inputs_embeds = torch.cat(embeds)[None]
+        position_ids = _to_device(torch.cat([torch.arange(n) for n in segments]), self.device)[None]
+
+        def prefill() -> None:
+            with forward_context(self._attention_context("prefill", self.tuning.prefill, segments, write_index)):
+                net.model.language_model(
+                    inputs_embeds=inputs_embeds,
+                    attention_mask={"full_attention": None},  # a dict skips transformers' mask building
+                    position_ids=position_ids,
+                    past_key_values=self.cache,
+                    use_cache=True,
+                )
+
+        try:
+            prefill()
+        except Exception as exc:  # as for vision above; a rerun rewrites the same cache rows
+            self.tuning.prefill = self._fall_back("prefill", self.tuning.prefill, exc)
+            prefill()
+
+    def _attention_context(
+        self, mode: str, choice: AttentionChoice, segments: list[int], write_index: torch.Tensor | None = None
+    ) -> ForwardContext:
+        varlen = self.varlen_kernel if choice.varlen else None
+        return ForwardContext(
+            mode,
             segments=segments,
             write_index=write_index,
-            cache=self.cache,
-            sdpa_backends=self.tuning.prefill_backends,
+            cache=self.cache if mode == "prefill" else None,
+            sdpa_backends=choice.backends,
+            varlen=varlen,
+            cu_seqlens=cumulative_lengths(segments, self.device) if varlen is not None else None,
         )
-        with forward_context(ctx):
-            net.model.language_model(
-                inputs_embeds=torch.cat(embeds)[None],
-                attention_mask={"full_attention": None},  # a dict skips transformers' mask building
-                position_ids=_to_device(positions, self.device)[None],
-                past_key_values=self.cache,
-                use_cache=True,
-            )
+
+    @staticmethod
+    def _fall_back(what: str, choice: AttentionChoice, exc: Exception) -> AttentionChoice:
+        """The default attention after the measured `choice` failed on an input. Out of memory is the batch's
+        size, not the kernel (the core splits the batch), and a CUDA error poisons the context: both go up."""
+        if choice == AttentionChoice() or isinstance(exc, torch.OutOfMemoryError) or "CUDA error" in str(exc):
+            raise exc
+        log.warning("%s attention (%s) failed (%s); using PyTorch's default order", what, describe(choice), exc)
+        return AttentionChoice()
 
     def encode_images(self, pages: list[PreparedPage]) -> list[torch.Tensor]:
         """Image features of each page ([image tokens, hidden]), the whole batch as one flat sequence."""
@@ -372,9 +426,7 @@ class ModelRunner:
             positions.append(torch.stack([hpos.flatten(), wpos.flatten()], dim=-1))
         embeds = vision.ln_pre(torch.cat(grids)[None])
         position_embeddings = vision.patch_positional_embedding(embeds, torch.cat(positions))
-        ctx = ForwardContext(
-            "vision", segments=[int(g.shape[0]) for g in grids], sdpa_backends=self.tuning.vision_backends
-        )
+        ctx = self._attention_context("vision", self.tuning.vision, [int(g.shape[0]) for g in grids])
         with forward_context(ctx):
             hidden = vision.transformer(embeds, attention_mask=None, position_embeddings=position_embeddings)
         sizes = [page.image_size for page in pages]

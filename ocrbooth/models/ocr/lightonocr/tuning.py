@@ -2,8 +2,9 @@
 
 - the Triton decode kernel's launch configuration (positions per tile, warps, tiles in flight), timed on a
   synthetic paged cache of the engine's slot count at a full page's context;
-- the SDPA backend for the vision encoder (non-causal, head dim 64, ~9,000 patches a page) and for the
-  decoder's prefill (causal, head dim 128), among flash, cuDNN and memory-efficient attention.
+- the attention for the vision encoder (non-causal, head dim 64, ~9,000 patches a page) and for the
+  decoder's prefill (causal, head dim 128): flash, cuDNN or memory-efficient SDPA per segment, or, where the
+  optional flash-attn-4 package loads, one variable-length call over all segments (varlen.py).
 
 Each candidate's output is checked before its time counts (decode: against the gather + SDPA reference;
 SDPA: against flash), so a configuration that computes something else is never chosen; a candidate that fails
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ocrbooth.models.ocr.lightonocr.attention import DecodeKernel, paged_decode_reference, paged_decode_triton
+from ocrbooth.models.ocr.lightonocr.varlen import VarlenAttention, cumulative_lengths
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ DECODE_CANDIDATES: Final = (
     DecodeKernel(64, 8, 3, pipelined=True),
 )
 SDPA_CANDIDATES: Final = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
+VARLEN_NAME: Final = "FLASH_ATTN_4_VARLEN"  # the optional package's kernel in timings and logs
 _FALLBACKS: Final = (
     SDPBackend.FLASH_ATTENTION,
     SDPBackend.EFFICIENT_ATTENTION,
@@ -46,15 +49,33 @@ _TOLERANCE: Final = 2e-2  # bf16 outputs of the same attention in another order 
 _RELATIVE_TOLERANCE: Final = 1e-2  # bf16 kernel against the float32 reference (the GPU test's bound)
 
 
+@dataclass(frozen=True, slots=True)
+class AttentionChoice:
+    """What runs the prefill's or the vision encoder's attention."""
+
+    backends: tuple[SDPBackend, ...] | None = None
+    """SDPA backends in priority order, per segment (None: PyTorch's default order)."""
+    varlen: bool = False
+    """One variable-length flash-attention call over all segments instead (varlen.py), measured faster."""
+
+
 @dataclass(slots=True)
 class Tuning:
     """What the engine uses, and what was measured to choose it (for logs and benchmarks)."""
 
     decode_kernel: DecodeKernel = field(default_factory=DecodeKernel)
-    vision_backends: tuple[SDPBackend, ...] | None = None
-    """SDPA backends in priority order for the vision encoder (None: PyTorch's default order)."""
-    prefill_backends: tuple[SDPBackend, ...] | None = None
+    vision: AttentionChoice = field(default_factory=AttentionChoice)
+    """The vision encoder's attention (per image)."""
+    prefill: AttentionChoice = field(default_factory=AttentionChoice)
+    """The decoder prefill's attention (per page, causal)."""
     measured: dict[str, Any] = field(default_factory=dict)
+
+
+def describe(choice: AttentionChoice) -> str:
+    """How a choice reads in logs and benchmark results."""
+    if choice.varlen:
+        return VARLEN_NAME
+    return choice.backends[0].name if choice.backends else "default"
 
 
 def priority(backend: SDPBackend) -> tuple[SDPBackend, ...]:
@@ -143,18 +164,25 @@ def tune_sdpa(
     tokens: int,
     head_dim: int,
     causal: bool,
+    kv_heads: int | None = None,
+    varlen: VarlenAttention | None = None,
     candidates: Sequence[SDPBackend] = SDPA_CANDIDATES,
-) -> tuple[tuple[SDPBackend, ...] | None, dict[str, float]]:
-    """The fastest correct backend for one segment of `tokens` (the layout the encoder hands over: heads
-    transposed out of [tokens, heads, dim]); milliseconds per candidate."""
+) -> tuple[AttentionChoice, dict[str, float]]:
+    """The fastest correct way to attend within one segment of `tokens` (the layout the model hands over:
+    heads transposed out of [tokens, heads, dim]; K/V with `kv_heads`, repeated for SDPA as the engine does):
+    each SDPA backend, and `varlen` where given; milliseconds per candidate."""
     generator = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (
-        torch.randn(1, tokens, heads, head_dim, device=device, dtype=dtype, generator=generator).transpose(1, 2)
-        for _ in range(3)
-    )
+    kv_heads = kv_heads or heads
+
+    def layout(n: int) -> torch.Tensor:
+        return torch.randn(1, tokens, n, head_dim, device=device, dtype=dtype, generator=generator).transpose(1, 2)
+
+    q, k, v = layout(heads), layout(kv_heads), layout(kv_heads)
+    k_rep, v_rep = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
+    scale = head_dim**-0.5
 
     def attend() -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=causal, scale=scale)
 
     timings: dict[str, float] = {}
     reference: torch.Tensor | None = None
@@ -177,4 +205,23 @@ def tune_sdpa(
             timings[backend.name] = ms
             if ms < best_ms:
                 best, best_ms = backend, ms
-    return (priority(best) if best is not None else None), timings
+        use_varlen = False
+        if varlen is not None and reference is not None:
+            cu_seqlens = cumulative_lengths([tokens], device)
+            flat = [t[0].transpose(0, 1) for t in (q, k, v)]
+
+            def attend_varlen() -> torch.Tensor:
+                return varlen(*flat, cu_seqlens=cu_seqlens, max_seqlen=tokens, causal=causal, scale=scale)
+
+            try:  # the first call compiles the kernel (seconds): outside the timing
+                got = attend_varlen().float()
+                error = float((got - reference[0].transpose(0, 1)).abs().max())
+                if not error <= _TOLERANCE:  # NaN too
+                    log.warning("%s differs from SDPA by %.3g; not used", varlen, error)
+                else:
+                    ms = _median_ms(attend_varlen, repeats=5, warmup=1)
+                    timings[VARLEN_NAME] = ms
+                    use_varlen = ms < best_ms
+            except Exception as exc:  # a shape or card this build cannot compile for
+                log.info("%s skipped: %s", varlen, str(exc).splitlines()[0][:200])
+    return AttentionChoice(priority(best) if best is not None else None, use_varlen), timings
