@@ -340,9 +340,9 @@ class ModelRunner:
             positions = torch.arange(n)
             table = torch.tensor(item.blocks, dtype=torch.long)
             rows.append(table[positions // block_size] * block_size + positions % block_size)
-        side = self._prefill_stream is not None
-        stream = torch.cuda.stream(self._prefill_stream) if side else contextlib.nullcontext()
-        with stream, torch.inference_mode():  # uploads too: nothing here may queue behind the decode chunks
+        side = self._prefill_stream
+        stream = torch.cuda.stream(side) if side is not None else contextlib.nullcontext()  # none: "serial"
+        with stream, torch.inference_mode():  # uploads too: on a side stream nothing waits for decode chunks
             write_index = _to_device(torch.cat(rows), self.device)
             self._prefill_forward([item.page for item in items], write_index=write_index)
             event = None
