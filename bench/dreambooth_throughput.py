@@ -36,6 +36,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from bench.gpu_profile import profile_call, summarise
+
 RESOLUTION = 512
 LATENT = RESOLUTION // 8
 HIDDEN = 768
@@ -236,7 +238,7 @@ def bench_ours(
                 _sync()
                 profiler[0].__exit__(None, None, None)
                 label = f"ocrbooth {mode} TE {'trained' if train_text_encoder else 'frozen'}"
-                profile.update(_summarise(profiler[0], label, profile_steps, time.perf_counter() - marks["end"]))
+                profile.update(summarise(profiler[0], label, profile_steps, time.perf_counter() - marks["end"]))
 
     _reset_peak()
     trainer = pl.Trainer(
@@ -298,39 +300,6 @@ def _step_flops(module: Any) -> float:
     for p in module.trainable_parameters():
         p.grad = None
     return float(counter.get_total_flops())
-
-
-def _summarise(prof: Any, label: str, steps: int, wall_s: float, rows: int = 16) -> dict[str, Any]:
-    """Per step: wall time, time the GPU spent in kernels (and copies), kernel and graph launches; the top
-    kernels by GPU time and the top host-side ops by CPU time."""
-    from torch.autograd import DeviceType
-
-    events = prof.key_averages()
-    on_gpu = [e for e in events if e.device_type == DeviceType.CUDA]
-    kernel_ms = sum(e.self_device_time_total for e in on_gpu) / 1e3
-    launches = sum(e.count for e in events if "LaunchKernel" in e.key)
-    graph_launches = sum(e.count for e in events if "GraphLaunch" in e.key)
-    top = sorted(on_gpu, key=lambda e: e.self_device_time_total, reverse=True)[:rows]
-    cpu_top = sorted(
-        (e for e in events if e.device_type == DeviceType.CPU), key=lambda e: e.self_cpu_time_total, reverse=True
-    )[:10]
-    return {
-        "label": label,
-        "steps": steps,
-        "wall_ms_per_step": round(wall_s * 1e3 / steps, 2),
-        "gpu_kernel_ms_per_step": round(kernel_ms / steps, 2),
-        "gpu_busy_fraction": round(kernel_ms / 1e3 / wall_s, 3),
-        "kernel_launches_per_step": round(launches / steps, 1),
-        "graph_launches_per_step": round(graph_launches / steps, 2),
-        "top_gpu_kernels": [
-            {"name": e.key[:100], "ms_per_step": round(e.self_device_time_total / 1e3 / steps, 3), "calls": e.count}
-            for e in top
-        ],
-        "top_cpu_ops": [
-            {"name": e.key[:100], "ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 3), "calls": e.count}
-            for e in cpu_top
-        ],
-    }
 
 
 def bench_reference(train_text_encoder: bool, steps: int, warmup: int, *, profile_steps: int = 0) -> dict[str, Any]:
@@ -399,17 +368,9 @@ def bench_reference(train_text_encoder: bool, steps: int, warmup: int, *, profil
 
 
 def _profile_steps(fn: Any, label: str, steps: int) -> dict[str, Any]:
-    """`_summarise` of one call of `fn` that runs `steps` steps (training steps, or a batch of class images:
-    its UNet steps and the VAE decode)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    _sync()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        started = time.perf_counter()
-        fn()
-        _sync()
-        wall = time.perf_counter() - started
-    return _summarise(prof, label, steps, wall)
+    """The profile of one call of `fn` that runs `steps` steps (training steps, or a batch of class images: its
+    UNet steps and the VAE decode)."""
+    return profile_call(fn, label, steps, _sync)
 
 
 def _pipeline(device: Any) -> Any:

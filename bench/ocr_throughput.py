@@ -22,7 +22,8 @@ Sections (one process, one GPU; the JSON is rewritten after each, so a run cut s
    (at the engine's concurrency), at the measured copy bandwidth, plus vision-encoder and prefill FLOPs at
    the measured matmul rate. `fraction` = measured pages/s over floor pages/s.
 6. `profile`: where the time goes: a decode chunk's time per step at given slot counts and contexts (graph
-   replays over synthetic slots), a prefill batch's time per page alone, and the engine's own step log.
+   replays over synthetic slots), a prefill batch's time per page alone and its kernels (torch.profiler),
+   and the engine's own step log.
 7. `overlap`: the first fixed length at each batch size once per `prefill_overlap` mode (a second stream,
    the same with decoding at the highest priority, or serial), on the same engine.
 
@@ -543,6 +544,7 @@ def profile(engine: Any, image: Any) -> dict[str, Any]:
     """Decode chunk time per step over synthetic slots at a given context, and prefill time per page alone."""
     import torch
 
+    from bench.gpu_profile import profile_call
     from ocrbooth.models.ocr.engine import PageInput
     from ocrbooth.models.ocr.lightonocr.kv_cache import BlockAllocator
     from ocrbooth.models.ocr.lightonocr.runner import Prefill, PrefillItem
@@ -598,6 +600,12 @@ def profile(engine: Any, image: Any) -> dict[str, Any]:
         vision_s = timed_cuda(lambda: runner.encode_images(pages4), repeats=3, warmup=1)
     out["vision_ms_per_page"] = vision_s / 4 * 1e3  # the encoder alone, batches of 4 pages, tuned backend
     print(f"profile vision alone: {out['vision_ms_per_page']:.1f} ms/page", flush=True)
+    # Where an admission's time goes: kernels of a 4-page prefill (vision + decoder) and the host's ops.
+    items4 = [PrefillItem(i, i, tuple(range(1, 40)), 1, prepared) for i in range(4)]
+    out["prefill_kernels"] = profile_call(
+        lambda: runner.launch_prefill(items4), "prefill of 4 pages, per page", 4, torch.cuda.synchronize
+    )
+    print(f"profile prefill kernels: {out['prefill_kernels']['gpu_kernel_ms_per_step']} ms/page", flush=True)
     return out
 
 
