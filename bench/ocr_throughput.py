@@ -576,6 +576,16 @@ def profile(engine: Any, image: Any) -> dict[str, Any]:
         while runner.chunks_in_flight:
             runner.collect()
         ms = start.elapsed_time(end) / (8 * steps)
+        if rows == 256:  # the kernels of a decode step at the most slots (graph replays show their kernels)
+
+            def chunk(n: int = len(items)) -> None:
+                runner.launch_chunk(n, steps)
+                torch.cuda.synchronize()
+                while runner.chunks_in_flight:
+                    runner.collect()
+
+            label = f"decode, {len(items)} slots, per step"
+            out["decode_kernels"] = profile_call(chunk, label, steps, torch.cuda.synchronize)
         context = prepared.prompt_length + 4 * steps
         kv = len(items) * context * engine.network.config.text_config.num_hidden_layers * 2 * 8 * 128 * 2
         out["decode"].append({"slots": len(items), "context": context, "ms_per_step": ms, "kv_gb_s": kv / ms / 1e6})
