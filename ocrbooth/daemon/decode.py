@@ -69,21 +69,20 @@ def decode(value: bytes | None, model: type[BaseModel], *, max_bytes: int) -> Ba
 
 def message_context(record: Any) -> MessageContext:
     """Where a record came from. Null header values stay None; nothing in a record can make this raise."""
-    headers: list[tuple[str, bytes | None]] = []
-    for header in record.headers or ():
-        try:
-            key, raw = header
-            headers.append((str(key), None if raw is None else bytes(raw)))
-        except (TypeError, ValueError):
-            log.warning("unreadable record header dropped", extra={"header_type": type(header).__name__})
+    raw_headers = record.headers
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+    if raw_headers:
+        kept: list[tuple[str, bytes | None]] = []
+        for header in raw_headers:
+            try:
+                key, raw = header
+                kept.append((str(key), None if raw is None else bytes(raw)))
+            except (TypeError, ValueError):
+                log.warning("unreadable record header dropped", extra={"header_type": type(header).__name__})
+        headers = tuple(kept)
     key = record.key
     return MessageContext(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        key=None if key is None else bytes(key),
-        timestamp_ms=record.timestamp,
-        headers=tuple(headers),
+        record.topic, record.partition, record.offset, None if key is None else bytes(key), record.timestamp, headers
     )
 
 
