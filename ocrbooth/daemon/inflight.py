@@ -85,7 +85,23 @@ class InFlight:
         Not through the daemon's `spawn`: a message's task catches everything itself (a FatalError goes to
         `on_fatal`), so it needs neither spawn's done-callback nor a name, which cost a loop callback and a string
         per message."""
-        self._track(asyncio.get_running_loop().create_task(self._run(tp, record, route, epoch, mode)))
+        self._track(asyncio.get_running_loop().create_task(self._run(tp, record, route, epoch, mode, False)))
+
+    def start_many(
+        self, tp: TopicPartition, records: list[Any], route: Route, epoch: int, crash_loops: set[int]
+    ) -> None:
+        """`start` for one fetch's accepted records of `tp` (ascending, already started in the offset tracker with
+        `epoch`): those whose offsets are in `crash_loops` are dead-lettered, the others handled. The crash guard
+        is asked once for the whole run: a recorded window that covers its last offset covers every one."""
+        guard = self.guard
+        covered = guard is None or guard.covers(tp, records[-1].offset)
+        create_task = asyncio.get_running_loop().create_task
+        run = self._run
+        tasks = self.tasks
+        for record in records:
+            mode: Mode = "crash_loop" if crash_loops and record.offset in crash_loops else "normal"
+            tasks.add(create_task(run(tp, record, route, epoch, mode, covered)))
+        self._idle.clear()
 
     async def drain(self, timeout_s: float) -> int:
         """Wait for in-flight work; cancel the tasks left at the deadline. Returns how many messages were left."""
@@ -141,7 +157,9 @@ class InFlight:
         if not len(self):
             self._idle.set()
 
-    async def _run(self, tp: TopicPartition, record: Any, route: Route, epoch: int, mode: Mode) -> None:
+    async def _run(self, tp: TopicPartition, record: Any, route: Route, epoch: int, mode: Mode, covered: bool) -> None:
+        """One message, to its outputs being with the producer (or to its outcome). `covered`: the crash guard's
+        recorded window is known to cover its offset."""
         ctx = message_context(record)
         bind_message(topic=ctx.topic, partition=ctx.partition, offset=ctx.offset)  # this task's own log context
         started = time.perf_counter()
@@ -150,7 +168,7 @@ class InFlight:
             guard = self.guard
             if mode != "normal":
                 outcome = await self._alone_or_refused(tp, record, route, ctx, mode)
-            elif guard is None or guard.covers(tp, record.offset) or await self._recorded(tp, record.offset):
+            elif covered or guard is None or guard.covers(tp, record.offset) or await self._recorded(tp, record.offset):
                 result = await self._dispatcher.run_until_sent(record.value, route, ctx)
                 if isinstance(result, str):
                     outcome = result
