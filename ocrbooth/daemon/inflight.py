@@ -139,12 +139,12 @@ class InFlight:
     # ---- one message -----------------------------------------------------------------------------
 
     def _topic_metrics(self, topic: str, outcome: str) -> tuple[Any, Any]:
-        """Labelled children, looked up once: `.labels()` costs more than the increment itself."""
-        key = (topic, outcome)
-        found = self._metric_children.get(key)
-        if found is None:
-            found = (self._metrics.handled.labels(topic, outcome), self._metrics.handle_seconds.labels(topic))
-            self._metric_children[key] = found
+        """Labelled children, looked up once (`_finish` reads the cache itself first): `.labels()` costs more than
+        the increment itself."""
+        found = self._metric_children[(topic, outcome)] = (
+            self._metrics.handled.labels(topic, outcome),
+            self._metrics.handle_seconds.labels(topic),
+        )
         return found
 
     def _track(self, task: asyncio.Task[None]) -> None:
@@ -154,7 +154,7 @@ class InFlight:
     def _untrack(self, task: asyncio.Task[None] | None) -> None:
         if task is not None:
             self.tasks.discard(task)
-        if not len(self):
+        if not self.tasks and not self._awaiting_acks:
             self._idle.set()
 
     async def _run(self, tp: TopicPartition, record: Any, route: Route, epoch: int, mode: Mode, covered: bool) -> None:
@@ -214,7 +214,8 @@ class InFlight:
 
     def _finish(self, tp: TopicPartition, offset: int, epoch: int, topic: str, started: float, outcome: str) -> None:
         self.counts[outcome] += 1
-        handled, seconds = self._topic_metrics(topic, outcome)
+        children = self._metric_children.get((topic, outcome))
+        handled, seconds = children if children is not None else self._topic_metrics(topic, outcome)
         handled.inc()
         seconds.observe(time.perf_counter() - started)
         if outcome != "requeued" and self._tracker.complete(tp, offset, epoch):
