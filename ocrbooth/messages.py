@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from pydantic import BaseModel
@@ -26,9 +25,9 @@ class MessageContext(NamedTuple):
         return f"{self.topic}/{self.partition}/{self.offset}"
 
 
-@dataclass(frozen=True, slots=True)
-class OutputEvent:
-    """One record to publish; `value` is a schema model, encoded once by the publisher."""
+class OutputEvent(NamedTuple):
+    """One record to publish; `value` is a schema model, encoded once by the publisher. (A named tuple, as
+    MessageContext: handlers make one per output.)"""
 
     topic: str
     key: str | None
