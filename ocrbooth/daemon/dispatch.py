@@ -99,7 +99,7 @@ class Dispatcher:
 
     async def run_until_sent(self, value: bytes | None, route: Route, ctx: MessageContext) -> str | Pending:
         """`dispatch` up to the handler's outputs being handed to the producer: the outcome, or a Pending whose
-        acknowledgement is all that is left (`settle` finishes it, or `Publisher.settled_ok` from a callback:
+        acknowledgement is all that is left (`settle` finishes it, or `Publisher.acknowledged` from a callback:
         the runtime does not resume a task just to learn that the broker said yes).
 
         Decode, validate, take a slot, handle with retries, in one coroutine (each level of coroutines costs
@@ -155,9 +155,10 @@ class Dispatcher:
         except Exception as exc:
             return await self._internal_error(ctx, value, exc)
 
-    def settled_ok(self, pending: Pending) -> bool:
-        """From an acknowledgement callback: True (counted) when every output went through; else `settle` it."""
-        return self._publisher.settled_ok(pending.acks)
+    def acknowledged(self, batch: Sequence[Pending], now: float) -> list[bool]:
+        """For Pendings acknowledged together (by `now`, a perf_counter reading): per Pending, True (counted) when
+        every output went through, else False (`settle` it)."""
+        return self._publisher.acknowledged([pending.acks for pending in batch], now)
 
     async def settle(self, pending: Pending) -> str:
         """Wait for a Pending's acknowledgement (the publisher retries broker trouble); its outcome. Outputs the

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 Spawn = Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]
 Mode = Literal["normal", "isolated", "crash_loop"]
+_Acked = tuple[TopicPartition, int, int, float, Pending]
+"""An acknowledged message waiting for `_finish_acked`: partition, offset, epoch, start time, its Pending."""
 
 
 class InFlight:
@@ -73,6 +75,8 @@ class InFlight:
         self._idle.set()
         self.counts = {"succeeded": 0, "dead_lettered": 0, "failed_result": 0, "requeued": 0}
         self._metric_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._acked: list[_Acked] = []
+        """Messages acknowledged since the last `_finish_acked`, which is scheduled when the first arrives."""
         metrics.in_flight.set_function(self.__len__)
 
     def __len__(self) -> int:
@@ -176,7 +180,7 @@ class InFlight:
                     # Only the acknowledgement is left: its callback finishes the message.
                     self._awaiting_acks += 1
                     result.acks.when_done(
-                        functools.partial(self._acknowledged, tp, record.offset, epoch, started, result)
+                        functools.partial(self._acknowledged, (tp, record.offset, epoch, started, result))
                     )
                     outcome = ""
         except FatalError as exc:
@@ -188,16 +192,49 @@ class InFlight:
             if outcome:
                 self._finish(tp, record.offset, epoch, ctx.topic, started, outcome)
 
-    def _acknowledged(
-        self, tp: TopicPartition, offset: int, epoch: int, started: float, pending: Pending, _: object
-    ) -> None:
-        """The broker answered for every output of a message: finish it, or settle what failed in a task."""
-        self._awaiting_acks -= 1
-        if self._dispatcher.settled_ok(pending):
-            self._untrack(None)
-            self._finish(tp, offset, epoch, pending.ctx.topic, started, "succeeded")
-            return
-        self._track(asyncio.get_running_loop().create_task(self._settle(tp, offset, epoch, started, pending)))
+    def _acknowledged(self, entry: _Acked, _: object) -> None:
+        """The broker answered for every output of a message. Answers arrive together (one produce response
+        answers a whole batch of outputs): the message is queued, and the queue is finished in one pass at the next
+        turn of the event loop (`_finish_acked`), its bookkeeping shared."""
+        acked = self._acked
+        acked.append(entry)
+        if len(acked) == 1:
+            asyncio.get_running_loop().call_soon(self._finish_acked)
+
+    def _finish_acked(self) -> None:
+        """Finish the queued acknowledged messages: each one's publish and handle latency, offset completion and
+        outcome, as `_finish` does one by one; counts, counters and wake-ups once per topic or pass. A message whose
+        output failed at the broker is settled in a task of its own (`_settle`)."""
+        batch, self._acked = self._acked, []
+        self._awaiting_acks -= len(batch)
+        now = time.perf_counter()
+        oks = self._dispatcher.acknowledged([entry[4] for entry in batch], now)
+        complete = self._tracker.complete
+        succeeded: dict[str, int] = {}
+        advanced = False
+        topic = ""
+        seconds: Any = None
+        for entry, ok in zip(batch, oks, strict=True):
+            tp, offset, epoch, started, _ = entry
+            if not ok:
+                self._track(asyncio.get_running_loop().create_task(self._settle(*entry)))
+                continue
+            if tp.topic != topic:
+                topic = tp.topic
+                succeeded.setdefault(topic, 0)
+                children = self._metric_children.get((topic, "succeeded"))
+                seconds = (children if children is not None else self._topic_metrics(topic, "succeeded"))[1]
+            succeeded[topic] += 1
+            seconds.observe(now - started)
+            if complete(tp, offset, epoch):
+                advanced = True
+        for topic, n in succeeded.items():
+            self.counts["succeeded"] += n
+            self._metric_children[(topic, "succeeded")][0].inc(n)
+        if advanced:
+            self._committer.wanted.set()
+        self._budgets.freed.set()
+        self._untrack(None)
 
     async def _settle(self, tp: TopicPartition, offset: int, epoch: int, started: float, pending: Pending) -> None:
         """An output failed at the broker: the dispatcher retries it or fails the message."""

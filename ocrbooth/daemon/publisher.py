@@ -149,15 +149,37 @@ class Publisher:
         acks.settled = True
         self._record_acked(acks.records, elapsed)
 
-    def settled_ok(self, acks: Acks) -> bool:
-        """For `Acks.when_done`'s callback: True (and the acknowledgement counted) when every record went through;
-        False when one failed, and `settle` must retry or refuse."""
-        for future in acks.futures:
-            if future.cancelled() or future.exception() is not None:
-                return False
-        acks.settled = True
-        self._record_acked(acks.records, time.perf_counter() - acks.started)
-        return True
+    def acknowledged(self, batch: Sequence[Acks], now: float) -> list[bool]:
+        """For acknowledgements that arrived together (each `Acks.when_done` called back, by `now`, a perf_counter
+        reading): per Acks, True (and its records counted as acknowledged) when every record went through; False
+        when one failed, and `settle` must retry or refuse. Counted once per topic, observed once per record."""
+        results = []
+        acked: dict[str, int] = {}
+        topic = ""
+        seconds: Any = None
+        for acks in batch:
+            ok = True
+            for future in acks.futures:
+                if future.cancelled() or future.exception() is not None:
+                    ok = False
+                    break
+            results.append(ok)
+            if not ok:
+                continue
+            acks.settled = True
+            elapsed = now - acks.started
+            for rec in acks.records:
+                if rec.topic != topic:
+                    topic = rec.topic
+                    seconds = self._children(topic)[2]
+                acked[topic] = acked.get(topic, 0) + 1
+                seconds.observe(elapsed)
+        if acked:
+            if self._broker is not None and self._broker.down:
+                self._broker.mark_up()
+            for topic, n in acked.items():
+                self._children(topic)[0].inc(n)
+        return results
 
     async def dead_letter(self, ctx: MessageContext, value: bytes | None, error: ErrorInfo) -> None:
         """Publish a DeadLetter for an input message. Never fails for the message's sake: the key, value,

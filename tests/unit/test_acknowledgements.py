@@ -180,3 +180,35 @@ async def test_messages_of_a_fetch_past_the_recorded_window_wait_for_its_write()
     rt.producer.answer()
     await _until(lambda: rt.inflight.counts["succeeded"] == 6)
     assert rt.tracker.commit_plan() == {rt.tp: 6}
+
+
+async def test_acknowledgements_that_arrive_together_are_finished_together() -> None:
+    """One produce response answers many outputs at once: the acknowledged messages are finished in one pass
+    (offsets completed, counted and observed once each, exactly as one by one), while the one whose output failed
+    in the same response is sent again on its own and finished once that send is acknowledged."""
+    rt = Runtime()
+    for offset in range(5):
+        rt.start(offset)
+    await _until(lambda: len(rt.producer.sent) == 5)
+    answers, rt.producer.pending = rt.producer.pending, []
+    for offset, future in enumerate(answers):
+        if offset == 2:
+            future.set_exception(KafkaConnectionError("broker went away"))
+        else:
+            future.set_result(None)
+    await _until(lambda: rt.inflight.counts["succeeded"] == 4)
+    assert rt.tracker.commit_plan() == {rt.tp: 2}  # 2 is not finished: nothing past it commits
+    assert rt.acked() == 4
+    await _until(lambda: len(rt.producer.sent) == 6)  # 2's output, sent again
+    rt.producer.answer()
+    await _until(lambda: rt.inflight.counts["succeeded"] == 5)
+    assert rt.tracker.commit_plan() == {rt.tp: 5}
+    assert rt.acked() == 5
+    sample = rt.metrics.registry.get_sample_value
+    topic, results = rt.topic, rt.settings.topics.ocr_results
+    assert sample("ocrbooth_handled_messages_total", {"topic": topic, "outcome": "succeeded"}) == 5
+    assert sample("ocrbooth_handle_duration_seconds_count", {"topic": topic}) == 5
+    assert sample("ocrbooth_publish_duration_seconds_count", {"topic": results}) == 5
+    assert sample("ocrbooth_produced_messages_total", {"topic": results, "outcome": "error"}) == 1
+    assert len(rt.inflight) == 0
+    assert await rt.inflight.drain(1) == 0
