@@ -46,14 +46,17 @@ class EchoHandler(Handler[DocumentRequest]):
             pad = int(event.metadata.get("echo.pad_bytes", "0"))
             if pad:
                 pages.append(PageResult(page_number=1, width_px=0, height_px=0, text="x" * pad, finish_reason="stop"))
-        result = OcrResult(
-            request_id=event.request_id,
-            document_id=event.document_id,
-            status="succeeded",
-            engine="echo",
-            pages=pages,
-            timings_ms=_NO_TIMINGS,
-            metadata=event.metadata,
+        # model_validate: the constructor's validation, without BaseModel.__init__'s keyword path (0.8 us a result).
+        result = OcrResult.model_validate(
+            {
+                "request_id": event.request_id,
+                "document_id": event.document_id,
+                "status": "succeeded",
+                "engine": "echo",
+                "pages": pages,
+                "timings_ms": _NO_TIMINGS,
+                "metadata": event.metadata,
+            }
         )
         return [OutputEvent(self.settings.topics.ocr_results, event.document_id, result)]
 
