@@ -434,7 +434,8 @@ _STAGES: tuple[tuple[str, str, str], ...] = (
     ("  handler (echo)", "ocrbooth/handlers/echo.py", "handle"),
     ("  publish: encode, append to the producer", "ocrbooth/daemon/publisher.py", "append"),
     ("    aiokafka producer.send", "aiokafka/producer/producer.py", "send"),
-    ("acknowledgement callbacks: finish messages", "ocrbooth/daemon/inflight.py", "_acknowledged"),
+    ("acknowledgement callbacks: queue the message", "ocrbooth/daemon/inflight.py", "_acknowledged"),
+    ("acknowledged messages finished together", "ocrbooth/daemon/inflight.py", "_finish_acked"),
     ("commit loop", "ocrbooth/daemon/commits.py", "loop"),
     ("aiokafka sender (produce requests, acks)", "aiokafka/producer/sender.py", "_sender_routine"),
     ("aiokafka fetcher", "aiokafka/consumer/fetcher.py", "_fetch_requests_routine"),
@@ -481,6 +482,8 @@ def profile_summary(profiler: cProfile.Profile, events: int) -> dict[str, Any]:
             # cProfile counts every resumption of a coroutine as a call: steps of each message's task.
             "message_task_steps": round(calls("ocrbooth/daemon/inflight.py", "_run") / events, 2),
             "acknowledgement_callbacks": round(calls("ocrbooth/daemon/inflight.py", "_acknowledged") / events, 2),
+            # One pass finishes the messages acknowledged together: its calls per event are 1 / (messages per pass).
+            "acknowledged_passes": round(calls("ocrbooth/daemon/inflight.py", "_finish_acked") / events, 4),
             # Python-level loop callbacks: counted on the asyncio loop only (uvloop runs them in C).
             "asyncio_loop_callbacks": round(calls("asyncio/events.py", "_run") / events, 2),
         },

@@ -159,17 +159,48 @@ class Consumer:
                 self._accept(client, tp, records)
 
     def _accept(self, client: AIOKafkaConsumer, tp: TopicPartition, records: list[Any]) -> None:
+        """Start what the handler has room for of one partition's fetched records, in one pass (offsets, crash
+        guard, tasks, budget, metric); rewind to the first record not accepted."""
         route = self._routes[tp.topic]
         handler = route.handler
         budgets = self.budgets
         owned = self.tracker.has(tp) and tp not in budgets.loading
-        # Nothing below runs a handler, so its room cannot grow or its busy() change during this loop.
-        room = budgets.room(handler) if owned and not handler.busy() else 0
-        accepted = 0
+        # Nothing below runs a handler, so its room cannot grow or its busy() change during this pass. While a
+        # suspect is held, nothing else is accepted.
+        room = max(0, budgets.room(handler)) if owned and not handler.busy() else 0
+        crash_loops: set[int] = set()
+        if self.guard is not None and self.guard.has_deaths(tp):
+            accepted = self._judge(client, tp, records, room, owned, crash_loops)
+        else:
+            # No offset of this partition died with a daemon: every verdict is "ok", and only room limits.
+            if self._held is not None:
+                room = 0
+            accepted = records if room >= len(records) else records[:room]
+            if len(accepted) < len(records):
+                self._rewind(client, tp, records, len(accepted))
+        if accepted:
+            epoch = self.tracker.start_many(tp, [record.offset for record in accepted])
+            self.inflight.start_many(tp, accepted, route, epoch, crash_loops)
+            budgets.take(handler, len(accepted))
+            self._metrics.consumed.labels(tp.topic).inc(len(accepted))
+
+    def _judge(
+        self,
+        client: AIOKafkaConsumer,
+        tp: TopicPartition,
+        records: list[Any],
+        room: int,
+        owned: bool,
+        crash_loops: set[int],
+    ) -> list[Any]:
+        """The records to accept of a partition where offsets died with a daemon, by each one's verdict: a
+        suspect is held (or ends the run), a crash loop is accepted to be dead-lettered (its offset added to
+        `crash_loops`)."""
         guard = self.guard
-        start = self.tracker.start
+        assert guard is not None
+        accepted: list[Any] = []
         for record in records:
-            verdict = "ok" if guard is None else guard.verdict(tp, record.offset)
+            verdict = guard.verdict(tp, record.offset)
             if verdict == "suspect" and owned and self._held is None:
                 # In flight when a daemon died: held here and handled alone once nothing else is in flight; the
                 # partition goes on after it.
@@ -177,19 +208,22 @@ class Consumer:
                 if tp in client.assignment():
                     client.seek(tp, record.offset + 1)
                 break
-            if accepted >= room or verdict == "suspect" or self._held is not None:
-                # Not accepted: rewind so these records are fetched again once there is room (or once the
-                # suspect being isolated is done).
-                if tp in client.assignment():
-                    client.seek(tp, record.offset)
-                log.debug("rewound %s to %d (%d records not accepted)", tp, record.offset, len(records) - accepted)
+            if len(accepted) >= room or verdict == "suspect" or self._held is not None:
+                self._rewind(client, tp, records, len(accepted))
                 break
-            accepted += 1
-            epoch = start(tp, record.offset)
-            self.inflight.start(tp, record, route, epoch, "crash_loop" if verdict == "crash_loop" else "normal")
-        if accepted:
-            budgets.take(handler, accepted)
-            self._metrics.consumed.labels(tp.topic).inc(accepted)
+            if verdict == "crash_loop":
+                crash_loops.add(record.offset)
+            accepted.append(record)
+        return accepted
+
+    @staticmethod
+    def _rewind(client: AIOKafkaConsumer, tp: TopicPartition, records: list[Any], accepted: int) -> None:
+        """Records from `records[accepted]` on were not accepted: fetch them again once there is room (or once
+        the suspect being isolated is done)."""
+        offset = records[accepted].offset
+        if tp in client.assignment():
+            client.seek(tp, offset)
+        log.debug("rewound %s to %d (%d records not accepted)", tp, offset, len(records) - accepted)
 
     async def _handle_held(self) -> None:
         """Handle the held suspect alone: wait (polling, all paused) until nothing else is in flight, run it, and

@@ -187,6 +187,11 @@ class CrashGuard(Generic[TP]):
     def forget(self, tp: TP) -> None:
         self._parts.pop(tp, None)
 
+    def has_deaths(self, tp: TP) -> bool:
+        """Whether some offset of `tp` died with a daemon: only then can a verdict there be other than "ok"."""
+        part = self._parts.get(tp)
+        return part is not None and bool(part.deaths)
+
     def verdict(self, tp: TP, offset: int) -> Verdict:
         part = self._parts.get(tp)
         if part is None or not part.deaths:

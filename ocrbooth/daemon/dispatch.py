@@ -80,6 +80,8 @@ class Dispatcher:
         self.s3 = s3
         self._stopping = stopping
         self._slots: dict[str, asyncio.Semaphore] = {}
+        self._id_fields: dict[type[BaseModel], tuple[str, ...]] = {}
+        """Per event model, which of _ID_FIELDS it has (looked up once, not per message)."""
 
     def slot(self, handler: AnyHandler) -> asyncio.Semaphore | None:
         if handler.max_concurrency is None:
@@ -97,11 +99,12 @@ class Dispatcher:
 
     async def run_until_sent(self, value: bytes | None, route: Route, ctx: MessageContext) -> str | Pending:
         """`dispatch` up to the handler's outputs being handed to the producer: the outcome, or a Pending whose
-        acknowledgement is all that is left (`settle` finishes it, or `Publisher.settled_ok` from a callback:
+        acknowledgement is all that is left (`settle` finishes it, or `Publisher.acknowledged` from a callback:
         the runtime does not resume a task just to learn that the broker said yes).
 
-        The message's ids join the log context of the calling task for the rest of it: the runtime gives
-        every message a task of its own (`daemon/inflight.py`)."""
+        Decode, validate, take a slot, handle with retries, in one coroutine (each level of coroutines costs
+        every message a call and a resumption). The message's ids join the log context of the calling task for
+        the rest of it: the runtime gives every message a task of its own (`daemon/inflight.py`)."""
         try:
             try:
                 event = decode(value, route.model, max_bytes=self._s.max_input_message_bytes)
@@ -109,23 +112,53 @@ class Dispatcher:
                 log.warning("dead-lettering undecodable message", extra={"code": exc.code, "reason": exc.message})
                 await self._publisher.dead_letter(ctx, value, ErrorInfo(code=exc.code, message=exc.message))
                 return "dead_lettered"
-            fields = event.__dict__  # not getattr: pydantic raises (expensively) for fields a model lacks
-            ids: dict[str, str] = {}
-            for key in _ID_FIELDS:
-                field = fields.get(key)
-                if isinstance(field, str):
-                    ids[key] = field
-            if ids:
-                bind_message(**ids)
-            return await self._handle(value, route.handler, event, ctx)
+            id_fields = self._id_fields.get(route.model)
+            if id_fields is None:
+                id_fields = self._id_fields[route.model] = tuple(k for k in _ID_FIELDS if k in route.model.model_fields)
+            if id_fields:
+                fields = event.__dict__  # not getattr: pydantic raises (expensively) for fields a model lacks
+                ids: dict[str, str] = {}
+                for key in id_fields:
+                    field = fields.get(key)
+                    if isinstance(field, str):
+                        ids[key] = field
+                if ids:
+                    bind_message(**ids)
+            handler = route.handler
+            try:
+                handler.validate(event)
+            except PoisonError as exc:
+                return await self._fail(value, handler, event, ctx, ErrorInfo(code=exc.code, message=exc.message))
+            except Exception as exc:  # a bug in a check fails this message, not the daemon
+                log.exception("handler validation raised")
+                return await self._fail(value, handler, event, ctx, _handler_error(exc))
+            try:
+                if handler.max_concurrency is None:
+                    result = await self._run(handler, event, ctx)
+                else:
+                    slot = self.slot(handler)
+                    assert slot is not None
+                    await self._acquire(slot)
+                    try:
+                        result = await self._run(handler, event, ctx)
+                    finally:
+                        slot.release()
+            except (Interrupted, RequeueError) as exc:
+                # Interrupted by shutdown: leave it uncommitted; the next owner of the partition handles it again.
+                log.info("left uncommitted for redelivery", extra={"reason": str(exc)})
+                return "requeued"
+            if isinstance(result, Acks):
+                return "succeeded" if result.settled else Pending(result, value, handler, event, ctx)
+            return await self._fail(value, handler, event, ctx, result)
         except (FatalError, asyncio.CancelledError):
             raise
         except Exception as exc:
             return await self._internal_error(ctx, value, exc)
 
-    def settled_ok(self, pending: Pending) -> bool:
-        """From an acknowledgement callback: True (counted) when every output went through; else `settle` it."""
-        return self._publisher.settled_ok(pending.acks)
+    def acknowledged(self, batch: Sequence[Pending], now: float) -> list[bool]:
+        """For Pendings acknowledged together (by `now`, a perf_counter reading): per Pending, True (counted) when
+        every output went through, else False (`settle` it)."""
+        return self._publisher.acknowledged([pending.acks for pending in batch], now)
 
     async def settle(self, pending: Pending) -> str:
         """Wait for a Pending's acknowledgement (the publisher retries broker trouble); its outcome. Outputs the
@@ -146,35 +179,6 @@ class Dispatcher:
         log.exception("dispatching a message failed")
         error = ErrorInfo(code="internal_error", message=f"{type(exc).__name__}: {exc}")  # the publisher clips it
         return await self.dead_letter(ctx, value, error)
-
-    async def _handle(
-        self, value: bytes | None, handler: AnyHandler, event: BaseModel, ctx: MessageContext
-    ) -> str | Pending:
-        """Validate, take a slot, handle with retries; the outcome."""
-        try:
-            handler.validate(event)
-        except PoisonError as exc:
-            return await self._fail(value, handler, event, ctx, ErrorInfo(code=exc.code, message=exc.message))
-        except Exception as exc:  # a bug in a check fails this message, not the daemon
-            log.exception("handler validation raised")
-            return await self._fail(value, handler, event, ctx, _handler_error(exc))
-        slot = self.slot(handler)
-        try:
-            if slot is None:
-                result = await self._run(handler, event, ctx)
-            else:
-                await self._acquire(slot)
-                try:
-                    result = await self._run(handler, event, ctx)
-                finally:
-                    slot.release()
-        except (Interrupted, RequeueError) as exc:
-            # Interrupted by shutdown: leave it uncommitted; the next owner of the partition handles it again.
-            log.info("left uncommitted for redelivery", extra={"reason": str(exc)})
-            return "requeued"
-        if isinstance(result, Acks):
-            return "succeeded" if result.settled else Pending(result, value, handler, event, ctx)
-        return await self._fail(value, handler, event, ctx, result)
 
     async def _run(self, handler: AnyHandler, event: BaseModel, ctx: MessageContext) -> Acks | ErrorInfo:
         """Handle and hand the outputs to the producer, with retries; their acknowledgements, else why the message

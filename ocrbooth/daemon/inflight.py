@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 Spawn = Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]
 Mode = Literal["normal", "isolated", "crash_loop"]
+_Acked = tuple[TopicPartition, int, int, float, Pending]
+"""An acknowledged message waiting for `_finish_acked`: partition, offset, epoch, start time, its Pending."""
 
 
 class InFlight:
@@ -73,6 +75,8 @@ class InFlight:
         self._idle.set()
         self.counts = {"succeeded": 0, "dead_lettered": 0, "failed_result": 0, "requeued": 0}
         self._metric_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._acked: list[_Acked] = []
+        """Messages acknowledged since the last `_finish_acked`, which is scheduled when the first arrives."""
         metrics.in_flight.set_function(self.__len__)
 
     def __len__(self) -> int:
@@ -85,7 +89,23 @@ class InFlight:
         Not through the daemon's `spawn`: a message's task catches everything itself (a FatalError goes to
         `on_fatal`), so it needs neither spawn's done-callback nor a name, which cost a loop callback and a string
         per message."""
-        self._track(asyncio.get_running_loop().create_task(self._run(tp, record, route, epoch, mode)))
+        self._track(asyncio.get_running_loop().create_task(self._run(tp, record, route, epoch, mode, False)))
+
+    def start_many(
+        self, tp: TopicPartition, records: list[Any], route: Route, epoch: int, crash_loops: set[int]
+    ) -> None:
+        """`start` for one fetch's accepted records of `tp` (ascending, already started in the offset tracker with
+        `epoch`): those whose offsets are in `crash_loops` are dead-lettered, the others handled. The crash guard
+        is asked once for the whole run: a recorded window that covers its last offset covers every one."""
+        guard = self.guard
+        covered = guard is None or guard.covers(tp, records[-1].offset)
+        create_task = asyncio.get_running_loop().create_task
+        run = self._run
+        tasks = self.tasks
+        for record in records:
+            mode: Mode = "crash_loop" if crash_loops and record.offset in crash_loops else "normal"
+            tasks.add(create_task(run(tp, record, route, epoch, mode, covered)))
+        self._idle.clear()
 
     async def drain(self, timeout_s: float) -> int:
         """Wait for in-flight work; cancel the tasks left at the deadline. Returns how many messages were left."""
@@ -123,12 +143,12 @@ class InFlight:
     # ---- one message -----------------------------------------------------------------------------
 
     def _topic_metrics(self, topic: str, outcome: str) -> tuple[Any, Any]:
-        """Labelled children, looked up once: `.labels()` costs more than the increment itself."""
-        key = (topic, outcome)
-        found = self._metric_children.get(key)
-        if found is None:
-            found = (self._metrics.handled.labels(topic, outcome), self._metrics.handle_seconds.labels(topic))
-            self._metric_children[key] = found
+        """Labelled children, looked up once (`_finish` reads the cache itself first): `.labels()` costs more than
+        the increment itself."""
+        found = self._metric_children[(topic, outcome)] = (
+            self._metrics.handled.labels(topic, outcome),
+            self._metrics.handle_seconds.labels(topic),
+        )
         return found
 
     def _track(self, task: asyncio.Task[None]) -> None:
@@ -138,10 +158,12 @@ class InFlight:
     def _untrack(self, task: asyncio.Task[None] | None) -> None:
         if task is not None:
             self.tasks.discard(task)
-        if not len(self):
+        if not self.tasks and not self._awaiting_acks:
             self._idle.set()
 
-    async def _run(self, tp: TopicPartition, record: Any, route: Route, epoch: int, mode: Mode) -> None:
+    async def _run(self, tp: TopicPartition, record: Any, route: Route, epoch: int, mode: Mode, covered: bool) -> None:
+        """One message, to its outputs being with the producer (or to its outcome). `covered`: the crash guard's
+        recorded window is known to cover its offset."""
         ctx = message_context(record)
         bind_message(topic=ctx.topic, partition=ctx.partition, offset=ctx.offset)  # this task's own log context
         started = time.perf_counter()
@@ -150,7 +172,7 @@ class InFlight:
             guard = self.guard
             if mode != "normal":
                 outcome = await self._alone_or_refused(tp, record, route, ctx, mode)
-            elif guard is None or guard.covers(tp, record.offset) or await self._recorded(tp, record.offset):
+            elif covered or guard is None or guard.covers(tp, record.offset) or await self._recorded(tp, record.offset):
                 result = await self._dispatcher.run_until_sent(record.value, route, ctx)
                 if isinstance(result, str):
                     outcome = result
@@ -158,7 +180,7 @@ class InFlight:
                     # Only the acknowledgement is left: its callback finishes the message.
                     self._awaiting_acks += 1
                     result.acks.when_done(
-                        functools.partial(self._acknowledged, tp, record.offset, epoch, started, result)
+                        functools.partial(self._acknowledged, (tp, record.offset, epoch, started, result))
                     )
                     outcome = ""
         except FatalError as exc:
@@ -170,16 +192,49 @@ class InFlight:
             if outcome:
                 self._finish(tp, record.offset, epoch, ctx.topic, started, outcome)
 
-    def _acknowledged(
-        self, tp: TopicPartition, offset: int, epoch: int, started: float, pending: Pending, _: object
-    ) -> None:
-        """The broker answered for every output of a message: finish it, or settle what failed in a task."""
-        self._awaiting_acks -= 1
-        if self._dispatcher.settled_ok(pending):
-            self._untrack(None)
-            self._finish(tp, offset, epoch, pending.ctx.topic, started, "succeeded")
-            return
-        self._track(asyncio.get_running_loop().create_task(self._settle(tp, offset, epoch, started, pending)))
+    def _acknowledged(self, entry: _Acked, _: object) -> None:
+        """The broker answered for every output of a message. Answers arrive together (one produce response
+        answers a whole batch of outputs): the message is queued, and the queue is finished in one pass at the next
+        turn of the event loop (`_finish_acked`), its bookkeeping shared."""
+        acked = self._acked
+        acked.append(entry)
+        if len(acked) == 1:
+            asyncio.get_running_loop().call_soon(self._finish_acked)
+
+    def _finish_acked(self) -> None:
+        """Finish the queued acknowledged messages: each one's publish and handle latency, offset completion and
+        outcome, as `_finish` does one by one; counts, counters and wake-ups once per topic or pass. A message whose
+        output failed at the broker is settled in a task of its own (`_settle`)."""
+        batch, self._acked = self._acked, []
+        self._awaiting_acks -= len(batch)
+        now = time.perf_counter()
+        oks = self._dispatcher.acknowledged([entry[4] for entry in batch], now)
+        complete = self._tracker.complete
+        succeeded: dict[str, int] = {}
+        advanced = False
+        topic = ""
+        seconds: Any = None
+        for entry, ok in zip(batch, oks, strict=True):
+            tp, offset, epoch, started, _ = entry
+            if not ok:
+                self._track(asyncio.get_running_loop().create_task(self._settle(*entry)))
+                continue
+            if tp.topic != topic:
+                topic = tp.topic
+                succeeded.setdefault(topic, 0)
+                children = self._metric_children.get((topic, "succeeded"))
+                seconds = (children if children is not None else self._topic_metrics(topic, "succeeded"))[1]
+            succeeded[topic] += 1
+            seconds.observe(now - started)
+            if complete(tp, offset, epoch):
+                advanced = True
+        for topic, n in succeeded.items():
+            self.counts["succeeded"] += n
+            self._metric_children[(topic, "succeeded")][0].inc(n)
+        if advanced:
+            self._committer.wanted.set()
+        self._budgets.freed.set()
+        self._untrack(None)
 
     async def _settle(self, tp: TopicPartition, offset: int, epoch: int, started: float, pending: Pending) -> None:
         """An output failed at the broker: the dispatcher retries it or fails the message."""
@@ -196,7 +251,8 @@ class InFlight:
 
     def _finish(self, tp: TopicPartition, offset: int, epoch: int, topic: str, started: float, outcome: str) -> None:
         self.counts[outcome] += 1
-        handled, seconds = self._topic_metrics(topic, outcome)
+        children = self._metric_children.get((topic, outcome))
+        handled, seconds = children if children is not None else self._topic_metrics(topic, outcome)
         handled.inc()
         seconds.observe(time.perf_counter() - started)
         if outcome != "requeued" and self._tracker.complete(tp, offset, epoch):

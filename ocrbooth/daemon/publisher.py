@@ -112,7 +112,7 @@ class Publisher:
                 event = OutputEvent(
                     event.topic, event.key, event.value.model_copy(update={"result_uri": offloaded_uri})
                 )
-            value = event.value.model_dump_json().encode()
+            value = _encode(event.value)
             if len(value) > self._settings.max_message_bytes:
                 record, uri = await self._offload(event, ctx, index, value)
                 offloaded_uri = offloaded_uri or uri
@@ -149,15 +149,37 @@ class Publisher:
         acks.settled = True
         self._record_acked(acks.records, elapsed)
 
-    def settled_ok(self, acks: Acks) -> bool:
-        """For `Acks.when_done`'s callback: True (and the acknowledgement counted) when every record went through;
-        False when one failed, and `settle` must retry or refuse."""
-        for future in acks.futures:
-            if future.cancelled() or future.exception() is not None:
-                return False
-        acks.settled = True
-        self._record_acked(acks.records, time.perf_counter() - acks.started)
-        return True
+    def acknowledged(self, batch: Sequence[Acks], now: float) -> list[bool]:
+        """For acknowledgements that arrived together (each `Acks.when_done` called back, by `now`, a perf_counter
+        reading): per Acks, True (and its records counted as acknowledged) when every record went through; False
+        when one failed, and `settle` must retry or refuse. Counted once per topic, observed once per record."""
+        results = []
+        acked: dict[str, int] = {}
+        topic = ""
+        seconds: Any = None
+        for acks in batch:
+            ok = True
+            for future in acks.futures:
+                if future.cancelled() or future.exception() is not None:
+                    ok = False
+                    break
+            results.append(ok)
+            if not ok:
+                continue
+            acks.settled = True
+            elapsed = now - acks.started
+            for rec in acks.records:
+                if rec.topic != topic:
+                    topic = rec.topic
+                    seconds = self._children(topic)[2]
+                acked[topic] = acked.get(topic, 0) + 1
+                seconds.observe(elapsed)
+        if acked:
+            if self._broker is not None and self._broker.down:
+                self._broker.mark_up()
+            for topic, n in acked.items():
+                self._children(topic)[0].inc(n)
+        return results
 
     async def dead_letter(self, ctx: MessageContext, value: bytes | None, error: ErrorInfo) -> None:
         """Publish a DeadLetter for an input message. Never fails for the message's sake: the key, value,
@@ -191,9 +213,7 @@ class Publisher:
             failed_at=datetime.now(UTC),
         )
         try:
-            await self._send(
-                [_Record(s.topics.dlq, kept_key, letter.model_dump_json().encode(), self._headers(letter, ctx))]
-            )
+            await self._send([_Record(s.topics.dlq, kept_key, _encode(letter), self._headers(letter, ctx))])
         except PoisonError as exc:
             # The broker's own limits are below ours: keep only what identifies the message and why it failed.
             log.error("dead letter refused by the broker; sending a minimal one", extra={"error": str(exc)})
@@ -209,9 +229,7 @@ class Publisher:
                 }
             )
             try:
-                await self._send(
-                    [_Record(s.topics.dlq, None, minimal.model_dump_json().encode(), self._headers(minimal, ctx))]
-                )
+                await self._send([_Record(s.topics.dlq, None, _encode(minimal), self._headers(minimal, ctx))])
             except PoisonError as again:
                 # Nothing smaller exists: the DLQ topic itself is unusable (deleted, or a limit of a few hundred
                 # bytes). Holding the partition would stop every later message too; log it loudly and count it.
@@ -259,7 +277,7 @@ class Publisher:
         key = f"{constants.S3_PREFIX_OFFLOAD}{event.topic}/{safe_key}/{digest}.json"
         uri = await self._storage.put(key, value, content_type="application/json")
         slim = event.value.offloaded(uri)
-        value = slim.model_dump_json().encode()
+        value = _encode(slim)
         self._metrics.offloaded.labels(event.topic).inc()
         if len(value) > self._settings.max_message_bytes:
             raise PoisonError(
@@ -308,7 +326,8 @@ class Publisher:
         futures = []
         try:
             for rec in records:
-                await gate.enter()
+                if not gate.try_enter():
+                    await gate.enter()
                 try:
                     futures.append(await producer.send(rec.topic, value=rec.value, key=rec.key, headers=rec.headers))
                 finally:
@@ -409,6 +428,14 @@ class _AppendGate:
         self._busy = False
         self._waiters: list[asyncio.Future[None]] = []
 
+    def try_enter(self) -> bool:
+        """Enter at once when no task waits inside send() (the usual case: no coroutine, no await); False when
+        one does, and `enter` must be awaited."""
+        if self._busy:
+            return False
+        self._busy = True
+        return True
+
     async def enter(self) -> None:
         """Wait while another task waits inside send(); then mark it as ours (only a send that waits is seen)."""
         while self._busy:
@@ -425,6 +452,12 @@ class _AppendGate:
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
+
+
+def _encode(value: BaseModel) -> bytes:
+    """The model's JSON as bytes: what `model_dump_json().encode()` gives, without the keyword handling of
+    `model_dump_json` and the copy from str to bytes (this runs for every output)."""
+    return value.__pydantic_serializer__.to_json(value)
 
 
 def _fit_error(error: ErrorInfo, limit: int) -> ErrorInfo:

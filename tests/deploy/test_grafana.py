@@ -16,7 +16,7 @@ import jsonschema
 from jsonschema.exceptions import ValidationError
 from prometheus_client.metrics import MetricWrapperBase
 
-from ocrbooth.metrics import Metrics
+from ocrbooth.metrics import LoopCounter, LoopHistogram, Metrics
 from tests.deploy.promql import dashboard_exprs, grouping_labels, iter_panels, metric_names, selectors, substitute
 from tests.deploy.tools import DEPLOY, run, tool
 
@@ -79,11 +79,17 @@ def exported_samples() -> dict[str, tuple[str, frozenset[str]]]:
     """Sample name → (family type, label names) for every series a fresh `Metrics()` can expose."""
     metrics = Metrics()
     # Labelled families without children expose no samples, so their label names come from the collectors
-    # (`_labelnames`: prometheus_client has no public accessor; metrics.py already relies on its internals).
+    # (`_labelnames`: prometheus_client has no public accessor; metrics.py already relies on its internals; the
+    # loop-thread metrics have `labelnames`).
     declared = {
         family.name: frozenset(collector._labelnames)
         for collector in vars(metrics).values()
         if isinstance(collector, MetricWrapperBase)
+        for family in collector.describe()
+    } | {
+        family.name: frozenset(collector.labelnames)
+        for collector in vars(metrics).values()
+        if isinstance(collector, LoopCounter | LoopHistogram)
         for family in collector.describe()
     }
     samples: dict[str, tuple[str, frozenset[str]]] = {}

@@ -4,7 +4,6 @@ the real Publisher and InFlight over a scripted producer (no broker)."""
 from __future__ import annotations
 
 import asyncio
-from collections import namedtuple
 from typing import Any
 
 from aiokafka import TopicPartition
@@ -14,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from ocrbooth.config import Settings
 from ocrbooth.daemon.backpressure import Backpressure
 from ocrbooth.daemon.commits import Committer
+from ocrbooth.daemon.crashloop import CrashGuard
 from ocrbooth.daemon.dispatch import Dispatcher, Route
 from ocrbooth.daemon.inflight import InFlight
 from ocrbooth.daemon.offsets import OffsetTracker
@@ -23,35 +23,11 @@ from ocrbooth.handlers.echo import EchoHandler
 from ocrbooth.metrics import Metrics
 from ocrbooth.schemas import DocumentRequest
 from tests.support.daemon import request_event
-
-Record = namedtuple("Record", "topic partition offset key value timestamp headers")
-
-
-class ScriptedProducer:
-    """`send` hands out futures the test resolves; `answers` (a list of exceptions or None) decides how the
-    futures of later sends end when `answer()` is called."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes]] = []
-        self.pending: list[asyncio.Future[Any]] = []
-
-    async def send(self, topic: str, value: bytes, key: bytes | None = None, headers: Any = None) -> Any:
-        self.sent.append((topic, value))
-        future = asyncio.get_running_loop().create_future()
-        self.pending.append(future)
-        return future
-
-    def answer(self, error: BaseException | None = None) -> None:
-        pending, self.pending = self.pending, []
-        for future in pending:
-            if error is None:
-                future.set_result(None)
-            else:
-                future.set_exception(error)
+from tests.support.runtime import HeldStore, Record, ScriptedProducer
 
 
 class Runtime:
-    def __init__(self) -> None:
+    def __init__(self, guard_store: HeldStore | None = None, ahead: int = 4) -> None:
         self.settings = settings = Settings(
             retry={"max_attempts": 3, "initial_backoff_ms": 1, "max_backoff_ms": 2},  # type: ignore[arg-type]
         )
@@ -69,8 +45,13 @@ class Runtime:
         budgets = Backpressure(settings, metrics, routes, deps)
         committer = Committer(settings, metrics, self.tracker, budgets)
         self.fatal: list[BaseException] = []
+        self.guard: CrashGuard[TopicPartition] | None = None
+        if guard_store is not None:
+            self.guard = CrashGuard(
+                guard_store, "g", 3, self.tracker.pending_offsets, lambda tp: (tp.topic, tp.partition), ahead=ahead
+            )
         self.inflight = InFlight(
-            settings, metrics, dispatcher, self.tracker, budgets, committer, _no_spawn, None, self.fatal.append
+            settings, metrics, dispatcher, self.tracker, budgets, committer, _no_spawn, self.guard, self.fatal.append
         )
         self.tp = TopicPartition(self.topic, 0)
         self.tracker.assign([self.tp])
@@ -78,6 +59,10 @@ class Runtime:
     def start(self, offset: int) -> None:
         record = Record(self.topic, 0, offset, b"k", request_event(offset), 0, [])
         self.inflight.start(self.tp, record, self.route, self.tracker.start(self.tp, offset))
+
+    def start_many(self, offsets: list[int]) -> None:
+        records = [Record(self.topic, 0, offset, b"k", request_event(offset), 0, []) for offset in offsets]
+        self.inflight.start_many(self.tp, records, self.route, self.tracker.start_many(self.tp, offsets), set())
 
     def acked(self) -> float | None:
         return self.metrics.registry.get_sample_value(
@@ -160,3 +145,70 @@ async def test_an_output_the_broker_refuses_fails_the_message() -> None:
     assert b"output_rejected" in failed
     assert rt.tracker.commit_plan() == {rt.tp: 1}
     assert not rt.fatal
+
+
+async def test_a_fetch_inside_the_recorded_window_is_handled_without_waiting_for_s3() -> None:
+    """The crash guard is asked once per fetch: when its recorded window covers the fetch's last offset, every
+    message is handled at once, even while S3 is slow to answer the background extension of the window."""
+    store = HeldStore()
+    rt = Runtime(store, ahead=4)
+    assert rt.guard is not None
+    await rt.guard.load(rt.tp, None, position=0)  # window [0, 4) recorded
+    store.answering.clear()
+    rt.start_many([0, 1, 2, 3])
+    await _until(lambda: len(rt.producer.sent) == 4)
+    rt.producer.answer()
+    await _until(lambda: rt.inflight.counts["succeeded"] == 4)
+    store.answering.set()
+    await _until(lambda: store.puts == 2)  # the extension, started as the window filled up
+
+
+async def test_messages_of_a_fetch_past_the_recorded_window_wait_for_its_write() -> None:
+    """A fetch reaching past the recorded window: the offsets inside it are handled at once, the ones past it
+    only once a write covering them has landed in S3."""
+    store = HeldStore()
+    rt = Runtime(store, ahead=4)
+    assert rt.guard is not None
+    await rt.guard.load(rt.tp, None, position=0)  # window [0, 4)
+    store.answering.clear()
+    rt.start_many([0, 1, 2, 3, 4, 5])
+    await _until(lambda: len(rt.producer.sent) == 4)
+    await asyncio.sleep(0.02)
+    assert len(rt.producer.sent) == 4  # 4 and 5 wait for S3
+    store.answering.set()
+    await _until(lambda: len(rt.producer.sent) == 6)
+    rt.producer.answer()
+    await _until(lambda: rt.inflight.counts["succeeded"] == 6)
+    assert rt.tracker.commit_plan() == {rt.tp: 6}
+
+
+async def test_acknowledgements_that_arrive_together_are_finished_together() -> None:
+    """One produce response answers many outputs at once: the acknowledged messages are finished in one pass
+    (offsets completed, counted and observed once each, exactly as one by one), while the one whose output failed
+    in the same response is sent again on its own and finished once that send is acknowledged."""
+    rt = Runtime()
+    for offset in range(5):
+        rt.start(offset)
+    await _until(lambda: len(rt.producer.sent) == 5)
+    answers, rt.producer.pending = rt.producer.pending, []
+    for offset, future in enumerate(answers):
+        if offset == 2:
+            future.set_exception(KafkaConnectionError("broker went away"))
+        else:
+            future.set_result(None)
+    await _until(lambda: rt.inflight.counts["succeeded"] == 4)
+    assert rt.tracker.commit_plan() == {rt.tp: 2}  # 2 is not finished: nothing past it commits
+    assert rt.acked() == 4
+    await _until(lambda: len(rt.producer.sent) == 6)  # 2's output, sent again
+    rt.producer.answer()
+    await _until(lambda: rt.inflight.counts["succeeded"] == 5)
+    assert rt.tracker.commit_plan() == {rt.tp: 5}
+    assert rt.acked() == 5
+    sample = rt.metrics.registry.get_sample_value
+    topic, results = rt.topic, rt.settings.topics.ocr_results
+    assert sample("ocrbooth_handled_messages_total", {"topic": topic, "outcome": "succeeded"}) == 5
+    assert sample("ocrbooth_handle_duration_seconds_count", {"topic": topic}) == 5
+    assert sample("ocrbooth_publish_duration_seconds_count", {"topic": results}) == 5
+    assert sample("ocrbooth_produced_messages_total", {"topic": results, "outcome": "error"}) == 1
+    assert len(rt.inflight) == 0
+    assert await rt.inflight.drain(1) == 0

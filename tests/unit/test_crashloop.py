@@ -227,3 +227,22 @@ async def test_a_partition_taken_over_again_during_the_wait_is_recorded_in_the_n
     await asyncio.wait_for(waiting, 1)
     assert g.covers("tp", 5)
     assert Ledger.decode(store.objects["state/crashloop/g/topic/0.json"]).window == (5, 8)
+
+
+async def test_only_a_partition_with_deaths_needs_verdicts() -> None:
+    """`has_deaths` is False for a partition nothing died in (every verdict there is "ok", so the consumer skips
+    asking per record) and for one it does not own; True once a previous owner's in-flight offsets are read."""
+    store = MemoryStore()
+    pending: dict[str, list[int]] = {"tp": []}
+    g = _guard(store, pending)
+    assert not g.has_deaths("tp")
+    await g.load("tp", committed=0)
+    assert not g.has_deaths("tp")
+    pending["tp"] = [0, 1]
+    await g.record("tp", 1)  # ... and the daemon dies with 0 and 1 in flight
+    g = _guard(store, pending)
+    await g.load("tp", committed=0)
+    assert g.has_deaths("tp")
+    assert g.verdict("tp", 0) == "suspect"
+    g.forget("tp")
+    assert not g.has_deaths("tp")

@@ -14,6 +14,7 @@ from ocrbooth.daemon.outage import Dependencies
 from ocrbooth.daemon.publisher import Acks
 from ocrbooth.errors import FatalError, PoisonError, RetryableError
 from ocrbooth.handlers.base import Handler
+from ocrbooth.logs import bind_message, current_context
 from ocrbooth.messages import MessageContext, OutputEvent
 from ocrbooth.metrics import Metrics
 from ocrbooth.schemas import DocumentRequest, ErrorInfo, OcrResult
@@ -235,3 +236,24 @@ async def test_handler_bugs_fail_the_message_and_fatal_errors_propagate() -> Non
     dispatcher, handler, _, _, _ = _setup([FatalError("GPU fell off the bus")])
     with pytest.raises(FatalError):
         await dispatcher.dispatch(request_event(1), Route(handler, DocumentRequest), CTX)
+
+
+async def test_a_message_s_ids_join_its_log_context_once_decoded() -> None:
+    """The handler (and every log line after decoding) sees the message's request and document ids in the log
+    context, next to the coordinates the runtime bound."""
+    dispatcher, handler, _, _, _ = _setup()
+    seen: list[dict[str, object]] = []
+    handle = handler.handle
+
+    async def recording(event: DocumentRequest, ctx: MessageContext) -> Sequence[OutputEvent]:
+        seen.append(current_context())
+        return await handle(event, ctx)
+
+    handler.handle = recording  # type: ignore[method-assign]
+
+    async def one_message() -> str | object:
+        bind_message(topic="in", partition=0, offset=1)
+        return await dispatcher.run_until_sent(request_event(7), Route(handler, DocumentRequest), CTX)
+
+    assert await asyncio.create_task(one_message()) == "succeeded"
+    assert seen == [{"topic": "in", "partition": 0, "offset": 1, "request_id": "req-7", "document_id": "doc-7"}]

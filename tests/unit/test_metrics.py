@@ -1,15 +1,18 @@
-"""Bulk histogram observations and collector tuning: the event path's shortcuts must not change what is exported."""
+"""Bulk histogram observations, loop-thread metrics and collector tuning: the event path's shortcuts must not change
+what is exported."""
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 
 import pytest
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from ocrbooth.daemon.gctune import tune_gc
-from ocrbooth.metrics import observe_many
+from ocrbooth.metrics import LoopCounter, LoopHistogram, Metrics, observe_many
 
 BUCKETS = (0.01, 0.1, 1.0, 10.0)
 
@@ -85,3 +88,75 @@ def test_readme_lists_every_metric() -> None:
         suffix = {"counter": "_total", "info": "_info"}.get(family.type, "")
         exported.add(family.name + suffix)
     assert listed == exported
+
+
+def _exposition(registry: CollectorRegistry, generate: Callable[[CollectorRegistry], bytes]) -> str:
+    """The exposition with every `_created` timestamp (the series' creation time) replaced by a placeholder."""
+    return re.sub(r"(_created(?:\{[^}]*\})?) \S+", r"\1 CREATED", generate(registry).decode())
+
+
+@pytest.mark.parametrize("generate", [generate_latest, generate_openmetrics], ids=["text", "openmetrics"])
+def test_loop_metrics_export_exactly_what_prometheus_client_exports(
+    generate: Callable[[CollectorRegistry], bytes],
+) -> None:
+    """The loop-thread counter and histogram expose the same families, samples, label sets, bucket bounds, values
+    and order as prometheus_client's Counter and Histogram given the same updates: series created at zero, bounds
+    hit exactly, values above every bound, zero, label values that are not strings."""
+    theirs, ours = CollectorRegistry(), CollectorRegistry()
+    buckets = (0.001, 0.01, 0.1, 1, 2.5, 60, 3600)
+    counters = (
+        Counter("x_handled_messages_total", "Messages, by outcome.", ["topic", "outcome"], registry=theirs),
+        LoopCounter("x_handled_messages_total", "Messages, by outcome.", ["topic", "outcome"], registry=ours),
+    )
+    histograms = (
+        Histogram("x_latency_seconds", "Latency.", ["topic"], buckets=buckets, registry=theirs),
+        LoopHistogram("x_latency_seconds", "Latency.", ["topic"], buckets=buckets, registry=ours),
+    )
+    for counter in counters:
+        counter.labels("a", "succeeded")  # exported at zero before any update
+        counter.labels("a", "failed").inc()
+        counter.labels("b", 7).inc(2.5)
+        counter.labels("a", "failed").inc(0)
+    for histogram in histograms:
+        histogram.labels("idle")
+        child = histogram.labels("a")
+        for amount in (0.0, 0.0005, 0.001, 0.0011, 0.1, 2.5, 59.9, 3600, 3600.5, 1e9):
+            child.observe(amount)
+        observe_many(histogram.labels(42), 0.02, 3)
+    assert _exposition(ours, generate) == _exposition(theirs, generate)
+
+
+def test_loop_metrics_refuse_what_prometheus_client_refuses() -> None:
+    """A wrong number of label values, a negative increment and unsorted buckets raise ValueError, as there."""
+    registry = CollectorRegistry()
+    counter = LoopCounter("c_total", "c", ["topic"], registry=registry)
+    histogram = LoopHistogram("h_seconds", "h", ["topic"], buckets=(1, 2), registry=registry)
+    with pytest.raises(ValueError, match="label count"):
+        counter.labels("a", "b")
+    with pytest.raises(ValueError, match="label count"):
+        histogram.labels()
+    with pytest.raises(ValueError, match="non-negative"):
+        counter.labels("a").inc(-1)
+    with pytest.raises(ValueError, match="sorted"):
+        LoopHistogram("u_seconds", "u", [], buckets=(2, 1), registry=registry)
+    with pytest.raises(ValueError, match="Duplicated"):
+        LoopCounter("c_total", "again", ["topic"], registry=registry)  # the registry sees its names
+
+
+def test_the_per_message_metrics_are_the_loop_metrics_and_keep_their_names() -> None:
+    """The four series updated for every message are loop-thread metrics, under their documented names and labels;
+    the rest stays prometheus_client's."""
+    metrics = Metrics(CollectorRegistry())
+    assert isinstance(metrics.handled, LoopCounter)
+    assert isinstance(metrics.produced, LoopCounter)
+    assert isinstance(metrics.handle_seconds, LoopHistogram)
+    assert isinstance(metrics.publish_seconds, LoopHistogram)
+    assert (metrics.handled.name, metrics.handled.labelnames) == ("ocrbooth_handled_messages", ("topic", "outcome"))
+    assert (metrics.produced.name, metrics.produced.labelnames) == ("ocrbooth_produced_messages", ("topic", "outcome"))
+    assert metrics.handle_seconds.labelnames == metrics.publish_seconds.labelnames == ("topic",)
+    metrics.init_topics(["in"], ["out"])
+    registry = metrics.registry
+    assert registry.get_sample_value("ocrbooth_handled_messages_total", {"topic": "in", "outcome": "requeued"}) == 0
+    assert registry.get_sample_value("ocrbooth_produced_messages_total", {"topic": "out", "outcome": "acked"}) == 0
+    assert registry.get_sample_value("ocrbooth_handle_duration_seconds_count", {"topic": "in"}) == 0
+    assert registry.get_sample_value("ocrbooth_publish_duration_seconds_bucket", {"topic": "out", "le": "+Inf"}) == 0

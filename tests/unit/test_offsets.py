@@ -268,3 +268,37 @@ def test_compaction_after_many_commits_keeps_results_right() -> None:
     assert shortest_list < 5000 - 1024
     tracker.complete(TP, 5000, tracker.start(TP, 5000))  # after compaction, new offsets still work
     assert tracker.commit_plan() == {TP: 5001}
+
+
+def test_starting_a_fetch_at_once_tracks_exactly_what_starting_each_offset_does() -> None:
+    """`start_many` (one fetch's records of a partition) leaves the same state as `start` per offset: the same
+    epoch, tracked count, completions and commit positions."""
+    one, many = _tracker(TP, OTHER), _tracker(TP, OTHER)
+    offsets = [3, 4, 6, 7, 8]
+    epochs = {one.start(TP, offset) for offset in offsets}
+    epoch = many.start_many(TP, offsets)
+    assert epochs == {epoch}
+    assert many.tracked == one.tracked == 5
+    for tracker in (one, many):
+        for offset in (4, 3, 7):
+            assert tracker.complete(TP, offset, epoch)
+    assert many.commit_plan(only=[TP]) == one.commit_plan(only=[TP]) == {TP: 6}
+    assert many.pending_offsets(TP) == one.pending_offsets(TP) == [6, 8]
+    many.start_many(TP, [9, 10])
+    assert many.tracked_in(TP) == 7
+
+
+def test_starting_a_fetch_out_of_order_is_refused_whole() -> None:
+    """Offsets at or below the last started one, below the committed position, or not ascending are refused
+    before any is tracked."""
+    tracker = _tracker()
+    tracker.start_many(TP, [5, 6])
+    for bad in ([6, 7], [4], [7, 9, 8], [7, 7]):
+        with pytest.raises(ValueError, match=r"order|ascending"):
+            tracker.start_many(TP, bad)
+    assert tracker.tracked == 2
+    fresh = _tracker()
+    fresh.mark_committed({TP: 10})
+    with pytest.raises(ValueError, match="below the committed position"):
+        fresh.start_many(TP, [9, 10])
+    assert fresh.tracked == 0
