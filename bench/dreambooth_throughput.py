@@ -152,7 +152,13 @@ def bench_ours(
     import torch
 
     from ocrbooth.models.dreambooth.data import LatentPairs
-    from ocrbooth.models.dreambooth.module import DreamBoothModule, LoopConfig, StepOptions, encode_latents
+    from ocrbooth.models.dreambooth.module import (
+        DreamBoothModule,
+        LoopConfig,
+        StepOptions,
+        encode_latents,
+        frozen_prompts,
+    )
 
     device = torch.device(DEVICE)
     build_started = time.perf_counter()
@@ -165,12 +171,7 @@ def bench_ours(
     prompts: dict[str, torch.Tensor] = {"instance_ids": ids, "class_ids": torch.randint(0, 49408, (1, 77))}
     text_encoder = parts["text_encoder"]
     if not train_text_encoder:
-        text_encoder.to(device).eval()
-        with torch.no_grad():
-            prompts = {
-                "instance_embeds": text_encoder(prompts["instance_ids"].to(device))[0].cpu(),
-                "class_embeds": text_encoder(prompts["class_ids"].to(device))[0].cpu(),
-            }
+        prompts = frozen_prompts(text_encoder, prompts, device)
         text_encoder = None
         del parts["text_encoder"]
     _empty_cache()

@@ -36,6 +36,7 @@ def train_tiny(
         DreamBoothModule,
         LoopConfig,
         encode_latents,
+        frozen_prompts,
         load_components,
         token_ids,
     )
@@ -52,12 +53,7 @@ def train_tiny(
     }
     text_encoder = parts.text_encoder
     if not train_text_encoder:
-        text_encoder.to(device).eval()
-        with torch.no_grad():
-            prompts = {
-                "instance_embeds": text_encoder(prompts["instance_ids"].to(device))[0].cpu(),
-                "class_embeds": text_encoder(prompts["class_ids"].to(device))[0].cpu(),
-            }
+        prompts = frozen_prompts(text_encoder, prompts, device)
         text_encoder = None
     config = LoopConfig(
         seed=3,

@@ -101,6 +101,19 @@ def encode_latents(vae: Any, pixels: list[torch.Tensor], device: torch.device) -
     return torch.cat(means), torch.cat(stds)
 
 
+def frozen_prompts(
+    text_encoder: Any, prompts: dict[str, torch.Tensor], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """With the text encoder frozen its two outputs are all training needs: the instance and class prompts'
+    embeddings (float on CPU) from their token ids."""
+    text_encoder.to(device).eval()
+    with torch.no_grad():
+        return {
+            "instance_embeds": text_encoder(prompts["instance_ids"].to(device))[0].cpu(),
+            "class_embeds": text_encoder(prompts["class_ids"].to(device))[0].cpu(),
+        }
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's first line, for a one-line warning (compiler and CUDA errors run to pages)."""
     lines = str(exc).splitlines()

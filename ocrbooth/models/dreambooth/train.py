@@ -65,6 +65,7 @@ from ocrbooth.models.dreambooth.module import (
     LoopConfig,
     StepOptions,
     encode_latents,
+    frozen_prompts,
     load_components,
     token_ids,
 )
@@ -195,13 +196,8 @@ def build_module(
         text_encoder.train()
         if req.gradient_checkpointing:
             text_encoder.gradient_checkpointing_enable()
-    else:  # frozen: its two outputs are all training needs
-        text_encoder.to(hardware.device).eval()
-        with torch.no_grad():
-            prompts = {
-                "instance_embeds": text_encoder(prompts["instance_ids"].to(hardware.device))[0].cpu(),
-                "class_embeds": text_encoder(prompts["class_ids"].to(hardware.device))[0].cpu(),
-            }
+    else:
+        prompts = frozen_prompts(text_encoder, prompts, hardware.device)
         text_encoder = components.text_encoder = None
     unet = components.unet
     unet.train()
