@@ -37,11 +37,7 @@ class PartitionOffsets:
         return self.tracked - len(self._done)
 
     def start(self, offset: int) -> None:
-        if self.tracked and offset <= self._started[-1]:
-            raise ValueError(f"offset {offset} started out of order (last {self._started[-1]})")
-        if self.committed is not None and offset < self.committed:
-            raise ValueError(f"offset {offset} is below the committed position {self.committed}")
-        self._started.append(offset)
+        self.start_many([offset])
 
     def start_many(self, offsets: list[int]) -> None:
         """`start` for ascending offsets (a fetch's records of this partition), checked once for the run."""
