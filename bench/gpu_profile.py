@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -41,8 +42,11 @@ def summarise(prof: Any, label: str, steps: int, wall_s: float, rows: int = 16) 
     }
 
 
-def profile_call(fn: Callable[[], Any], label: str, steps: int, sync: Callable[[], None]) -> dict[str, Any]:
-    """`summarise` of one call of `fn` that runs `steps` steps (`sync` waits for the device before and after)."""
+def profile_call(
+    fn: Callable[[], Any], label: str, steps: int, sync: Callable[[], None], trace: Path | None = None
+) -> dict[str, Any]:
+    """`summarise` of one call of `fn` that runs `steps` steps (`sync` waits for the device before and after);
+    with `trace`, the run's Chrome trace is written there too (open it in Perfetto)."""
     from torch.profiler import ProfilerActivity, profile
 
     sync()
@@ -51,4 +55,7 @@ def profile_call(fn: Callable[[], Any], label: str, steps: int, sync: Callable[[
         fn()
         sync()
         wall = time.perf_counter() - started
+    if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
     return summarise(prof, label, steps, wall)

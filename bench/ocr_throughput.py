@@ -61,6 +61,7 @@ def main() -> int:
     parser.add_argument("--outstanding", type=int, default=512, help="stream: pages submitted and not finished")
     parser.add_argument("--stream-deadline-s", type=float, default=1800, help="stream: stop waiting after this")
     parser.add_argument("--sections", default="ceilings,attention,wave,fixed,profile,stream")
+    parser.add_argument("--trace-dir", type=Path, help="section `profile`: also write its Chrome traces here")
     parser.add_argument("--workdir", type=Path, help="where the random model is saved (default: a temp dir)")
     parser.add_argument(
         "--prefill-overlap", default="stream", help="the engine's prefill_overlap for every section but `overlap`"
@@ -168,7 +169,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     model = model_costs(engine)
     result["model_costs"] = model
     ceil = result.get("ceilings") or ceilings()
-    section("profile", lambda: profile(engine, images["portrait"]))
+    section("profile", lambda: profile(engine, images["portrait"], args.trace_dir))
     section(
         "stream",
         lambda: stream(engine, images, args.stream_pages, args.outstanding, model, ceil, args.stream_deadline_s),
@@ -540,7 +541,7 @@ def stream(
     return out
 
 
-def profile(engine: Any, image: Any) -> dict[str, Any]:
+def profile(engine: Any, image: Any, trace_dir: Path | None = None) -> dict[str, Any]:
     """Decode chunk time per step over synthetic slots at a given context, and prefill time per page alone."""
     import torch
 
@@ -585,7 +586,8 @@ def profile(engine: Any, image: Any) -> dict[str, Any]:
                     runner.collect()
 
             label = f"decode, {len(items)} slots, per step"
-            out["decode_kernels"] = profile_call(chunk, label, steps, torch.cuda.synchronize)
+            trace = trace_dir / "decode_chunk.json" if trace_dir else None
+            out["decode_kernels"] = profile_call(chunk, label, steps, torch.cuda.synchronize, trace)
         context = prepared.prompt_length + 4 * steps
         kv = len(items) * context * engine.network.config.text_config.num_hidden_layers * 2 * 8 * 128 * 2
         out["decode"].append({"slots": len(items), "context": context, "ms_per_step": ms, "kv_gb_s": kv / ms / 1e6})
@@ -613,7 +615,11 @@ def profile(engine: Any, image: Any) -> dict[str, Any]:
     # Where an admission's time goes: kernels of a 4-page prefill (vision + decoder) and the host's ops.
     items4 = [PrefillItem(i, i, tuple(range(1, 40)), 1, prepared) for i in range(4)]
     out["prefill_kernels"] = profile_call(
-        lambda: runner.launch_prefill(items4), "prefill of 4 pages, per page", 4, torch.cuda.synchronize
+        lambda: runner.launch_prefill(items4),
+        "prefill of 4 pages, per page",
+        4,
+        torch.cuda.synchronize,
+        trace_dir / "prefill_4_pages.json" if trace_dir else None,
     )
     print(f"profile prefill kernels: {out['prefill_kernels']['gpu_kernel_ms_per_step']} ms/page", flush=True)
     return out
@@ -626,10 +632,8 @@ def summary(result: dict[str, Any]) -> None:
     for row in result.get("fixed", []):
         f = row["floor"]["pages_per_s"]
         print(
-            print(
-                f"| engine {row['batch']} x {row['new_tokens']} | {row['pages_per_s']:.2f} | {f:.2f} | "
-                f"{row['fraction_of_floor']:.0%} |"
-            )
+            f"| engine {row['batch']} x {row['new_tokens']} | {row['pages_per_s']:.2f} | {f:.2f} | "
+            f"{row['fraction_of_floor']:.0%} |"
         )
     s = result.get("stream")
     if s:
