@@ -61,6 +61,9 @@ def main() -> int:
     parser.add_argument("--outstanding", type=int, default=512, help="stream: pages submitted and not finished")
     parser.add_argument("--stream-deadline-s", type=float, default=1800, help="stream: stop waiting after this")
     parser.add_argument("--sections", default="ceilings,attention,wave,fixed,profile,stream")
+    parser.add_argument(
+        "--fused-norms", choices=("on", "off"), default="on", help="the engine's fused_norms (RMSNorm in one kernel)"
+    )
     parser.add_argument("--trace-dir", type=Path, help="section `profile`: also write its Chrome traces here")
     parser.add_argument("--workdir", type=Path, help="where the random model is saved (default: a temp dir)")
     parser.add_argument(
@@ -140,7 +143,12 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         str(path),
         repetition=RepetitionGuard(enabled=False),
         eos_token_ids=(),
-        config=EngineConfig(max_new_tokens=4096, preprocess_threads=8, prefill_overlap=args.prefill_overlap),
+        config=EngineConfig(
+            max_new_tokens=4096,
+            preprocess_threads=8,
+            prefill_overlap=args.prefill_overlap,
+            fused_norms=args.fused_norms == "on",
+        ),
     )
     engine.load()
     cap = engine.capacity

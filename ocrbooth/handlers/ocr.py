@@ -79,6 +79,7 @@ def lightonocr_config(cfg: OcrSettings) -> EngineConfig:
         max_new_tokens=cfg.max_new_tokens_cap,
         preprocess_threads=cfg.preprocess_threads,
         prefill_overlap=cfg.prefill_overlap,
+        fused_norms=cfg.fused_norms,
     )
 
 

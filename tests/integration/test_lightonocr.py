@@ -341,3 +341,54 @@ def test_bad_page_fails_alone_and_missing_model_is_a_config_error(engine: LightO
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="cannot load LightOnOCR model"):
         LightOnOcrEngine(str(tmp_path / "empty")).load()
+
+
+def test_fused_norms_replace_every_rms_norm_and_keep_the_outputs(engine: LightOnOcrEngine, tiny_dir: Path) -> None:
+    """With fused norms (the default), every RMSNorm of the model runs `F.rms_norm`; the pages' tokens are those
+    of transformers' own norms and their probabilities agree within 1e-4 (float32 on the CPU)."""
+    from ocrbooth.models.ocr.lightonocr.fused_norms import fuse_rms_norms
+
+    norms = [m for m in engine.runner.net.modules() if type(m).__name__.endswith("RMSNorm")]
+    # Qwen3: 4 a layer x 2 + the final one; Pixtral: 2 a layer x 2 + ln_pre; the projector's one
+    assert len(norms) == 15
+    assert all("forward" in vars(m) for m in norms)  # each points at the fused one
+    plain = LightOnOcrEngine(engine.model, device="cpu", config=EngineConfig(fused_norms=False))
+    plain.load()
+    assert not any("forward" in vars(m) for m in plain.runner.net.modules())
+    pages = mixed_pages()
+    fused_out, plain_out = engine.generate(pages), plain.generate(pages)
+    assert [g.token_ids for g in fused_out] == [g.token_ids for g in plain_out]
+    for a, b in zip(fused_out, plain_out, strict=True):
+        assert a.token_probs == pytest.approx(b.token_probs, abs=1e-4)
+    assert fuse_rms_norms(torch.nn.Linear(2, 2)) == 0  # nothing else is touched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_fused_rms_norm_matches_transformers_within_one_rounding(dtype: torch.dtype) -> None:
+    """One module: the fused forward against transformers' on the same input (float32: to rounding; bfloat16: at
+    most one unit in the last place, the one rounding transformers does twice); an input of another dtype than
+    the weight takes transformers' own path exactly."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    from ocrbooth.models.ocr.lightonocr.fused_norms import fuse_rms_norms
+
+    generator = torch.Generator().manual_seed(5)
+    norm = Qwen3RMSNorm(256, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(256, generator=generator) * 0.5 + 1)
+    x = (torch.randn(64, 256, generator=generator) * 3).to(dtype)
+    reference = Qwen3RMSNorm(256, eps=1e-6).to(dtype)
+    reference.load_state_dict(norm.state_dict())
+    expected = norm(x)
+    assert fuse_rms_norms(norm) == 1
+    got = norm(x)
+    assert got.dtype == expected.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    else:
+        ulp = torch.finfo(dtype).eps * expected.float().abs().clamp_min(torch.finfo(dtype).tiny)
+        assert bool(((got.float() - expected.float()).abs() <= ulp).all())
+        assert not torch.equal(got, x)
+    other = x.float() if dtype == torch.bfloat16 else x.bfloat16()
+    with torch.no_grad():
+        assert torch.equal(norm(other), reference(other))

@@ -20,6 +20,7 @@ from ocrbooth.errors import ConfigError, FatalError
 from ocrbooth.models.ocr.engine import PageInput, PageOutput, StepStats
 from ocrbooth.models.ocr.lightonocr.core import EngineCore
 from ocrbooth.models.ocr.lightonocr.detokenize import Detokenizer, PageGeneration, to_output
+from ocrbooth.models.ocr.lightonocr.fused_norms import fuse_rms_norms
 from ocrbooth.models.ocr.lightonocr.inputs import PreparedPage, PromptBuilder
 from ocrbooth.models.ocr.lightonocr.kv_cache import kv_budget_bytes
 from ocrbooth.models.ocr.lightonocr.repetition import RepetitionGuard
@@ -60,6 +61,8 @@ class EngineConfig:
     seconds) and use the fastest; off: the defaults."""
     prefill_overlap: str = "stream"
     """How prefill shares the GPU with decoding (runner.PREFILL_OVERLAP): "stream", "priority" or "serial"."""
+    fused_norms: bool = True
+    """Run the model's RMSNorm modules as one fused kernel each (fused_norms.py); off: transformers' own."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -162,6 +165,8 @@ class LightOnOcrEngine:
             net.to(self.device)
         except RuntimeError as exc:
             raise FatalError(f"cannot move LightOnOCR to {self.device}: {exc}") from exc
+        if self.config.fused_norms:
+            log.info("LightOnOCR: %d RMSNorm modules run as one fused kernel each", fuse_rms_norms(net))
         self._processor = processor
         self._builder = PromptBuilder(processor, pin_memory=self.device.type == "cuda")
         self._detokenizer = Detokenizer(processor.tokenizer)
