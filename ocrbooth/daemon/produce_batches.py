@@ -6,9 +6,10 @@
 one submission (`send_batch()`) and one acknowledgement future per partition. A hand-written piece on purpose:
 aiokafka has no way to append many records and get one future for them.
 
-Partitions are what `send()` would pick: aiokafka's `DefaultPartitioner` over the topic's partitions as
-`producer.partitions_for()` lists them (the same set `send()` reads, in the same order). The list is cached
-per topic, compared with the metadata at every submission, and dropped when a submission fails.
+Partitions are what `send()` would pick: aiokafka's `DefaultPartitioner` (its formula, with a faster murmur2
+for keyed records) over the topic's partitions as `producer.partitions_for()` lists them (the same set
+`send()` reads, in the same order). The list is cached per topic, compared with the metadata at every
+submission, and dropped when a submission fails.
 
 Batches are closed before submission (nothing else is appended to them, and they do not linger: the turn
 was the linger), and submitted in the order they were opened, so records keep their order within a partition.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections import deque
 from typing import Any, Protocol
 
@@ -110,9 +112,9 @@ class ProduceBatches:
             return partition
         last = self._last_choice
         if key == self._last_key and last is not None and last[0] is partitions:
-            # A message's outputs usually share a key (an OcrResult, then its ReviewFlag): murmur2 is pure Python.
+            # A message's outputs usually share a key (an OcrResult, then its ReviewFlag).
             return last[1]
-        partition = self._partitioner(key, partitions, partitions)
+        partition = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]  # DefaultPartitioner's formula
         self._last_key = key
         self._last_choice = (partitions, partition)
         return partition
@@ -193,6 +195,35 @@ class ProduceBatches:
     def _submitter_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             log.error("submitting produce batches failed", exc_info=task.exception())
+
+
+_M = 0x5BD1E995  # murmur2's mixing constant
+_MASK = 0xFFFFFFFF
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 of `data`, equal to `aiokafka.partitioner.murmur2` (a test compares them) in about half
+    its time: aiokafka's pure-Python loop reads each 4-byte word byte by byte and masks after every operation;
+    here `struct` reads the words at once and only the products are masked."""
+    length = len(data)
+    h = 0x9747B28C ^ length
+    words = length >> 2
+    if words:
+        for k in struct.unpack_from(f"<{words}I", data):
+            k = (k * _M) & _MASK
+            k = ((k ^ (k >> 24)) * _M) & _MASK
+            h = ((h * _M) & _MASK) ^ k
+    tail = length & 3
+    if tail:
+        end = length - tail
+        if tail == 3:
+            h ^= data[end + 2] << 16
+        if tail >= 2:
+            h ^= data[end + 1] << 8
+        h = ((h ^ data[end]) * _M) & _MASK
+    h ^= h >> 13
+    h = (h * _M) & _MASK
+    return h ^ (h >> 15)
 
 
 def _fail(future: asyncio.Future[None], exc: BaseException) -> None:
