@@ -219,9 +219,10 @@ class OcrSettings(_Section):
     """LightOnOCR: how admitted pages' vision encoding and prefill share the GPU with decoding: on a second CUDA
     stream (`stream`), the same with decoding's stream at the highest priority (`priority`), or between decode
     chunks on one stream (`serial`)."""
-    fused_norms: bool = True
+    fused_norms: bool = False
     """LightOnOCR: run the model's RMSNorm layers as one fused PyTorch kernel each (`F.rms_norm`) instead of
-    transformers' eight small ones; outputs differ from transformers' by at most one bfloat16 rounding."""
+    transformers' eight small ones; outputs differ from transformers' by at most one bfloat16 rounding. Off
+    until a GPU run has measured it (no GPU could be started the day it was written)."""
     render_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     """Longest a page may take to render in its worker; the worker is then killed and replaced, and the
     document fails with render_timeout."""

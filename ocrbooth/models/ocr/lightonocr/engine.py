@@ -61,8 +61,9 @@ class EngineConfig:
     seconds) and use the fastest; off: the defaults."""
     prefill_overlap: str = "stream"
     """How prefill shares the GPU with decoding (runner.PREFILL_OVERLAP): "stream", "priority" or "serial"."""
-    fused_norms: bool = True
-    """Run the model's RMSNorm modules as one fused kernel each (fused_norms.py); off: transformers' own."""
+    fused_norms: bool = False
+    """Run the model's RMSNorm modules as one fused kernel each (fused_norms.py); off: transformers' own (the
+    default until a GPU run has measured it)."""
 
     def __post_init__(self) -> None:
         problems = []
