@@ -26,7 +26,6 @@ from pydantic import BaseModel
 from ocrbooth import constants
 from ocrbooth.config import Settings
 from ocrbooth.daemon.outage import Dependency
-from ocrbooth.daemon.produce_batches import ProduceBatches
 from ocrbooth.errors import FatalError, PoisonError
 from ocrbooth.messages import MessageContext, OutputEvent, clip
 from ocrbooth.metrics import Metrics, observe_many
@@ -68,7 +67,6 @@ class Publisher:
         self._topic_children: dict[str, tuple[Any, Any, Any]] = {}
         self._header_cache: dict[type[BaseModel], tuple[tuple[str, bytes], tuple[str, bytes]]] = {}
         self._appending = _AppendGate()
-        self._batches: ProduceBatches | None = None
 
     async def start(self) -> None:
         k = self._settings.kafka
@@ -88,16 +86,12 @@ class Publisher:
             producer, self._producer = self._producer, None
             await producer.stop()
             raise
-        self._batches = ProduceBatches(self._producer)
 
     async def stop(self) -> None:
         """Flush what is buffered, then close."""
         if self._producer is not None:
-            batches, self._batches = self._batches, None
             producer, self._producer = self._producer, None
             try:
-                if batches is not None:
-                    await batches.stop()
                 await producer.flush()
             finally:
                 await producer.stop()
@@ -128,38 +122,32 @@ class Publisher:
         producer = self._live_producer()
         started = time.perf_counter()
         try:
-            futures = await self._add(records)
+            futures = await self._append(producer, records)
         except _RETRIED as exc:
-            # No metadata for the topic (deleted, broker away): the retrying path, one record at a time.
+            # The producer refused the records outright (its buffer, the broker's metadata): the retrying path.
             elapsed = await self._send_retrying(producer, records, exc)
             self._record_acked(records, elapsed)
             return Acks(records, (), started)
         return Acks(records, futures, started)
 
     async def settle(self, acks: Acks) -> None:
-        """Wait until the broker has acknowledged every record of `acks`. When a batch holding them failed, the
-        records are sent again one by one: broker trouble is retried without limit, a refusal no retry can fix
-        raises PoisonError."""
+        """Wait until the broker has acknowledged every record of `acks`. Broker trouble is retried without limit
+        (the records are sent again); a refusal no retry can fix raises PoisonError."""
         if acks.settled:
             return
-        futures = acks.futures
-        await asyncio.wait(futures)
-        failure = next((exc for exc in map(_failure, futures) if exc is not None), None)
-        records = acks.records
-        if failure is None:
+        try:
+            futures = acks.futures
+            if len(futures) == 1:
+                await futures[0]
+            elif futures:
+                await asyncio.gather(*futures)
             elapsed = time.perf_counter() - acks.started
-        else:
-            # A batch holding the records failed, perhaps for another message's record: send this message's
-            # records again one by one, so that only a record the broker refuses for good fails its message.
-            producer = self._live_producer()
-            if isinstance(failure, _RETRIED) and not isinstance(failure, _NOT_RETRIABLE):
-                elapsed = await self._send_retrying(producer, records, failure)  # counts the failed try
-            else:
-                for rec in records:
-                    self._children(rec.topic)[1].inc()
-                elapsed = await self._send(producer, records)
+        except _NOT_RETRIABLE as exc:
+            raise self._rejected(acks.records, exc) from exc
+        except _RETRIED as exc:
+            elapsed = await self._send_retrying(self._live_producer(), acks.records, exc)
         acks.settled = True
-        self._record_acked(records, elapsed)
+        self._record_acked(acks.records, elapsed)
 
     def acknowledged(self, batch: Sequence[Acks], now: float) -> list[bool]:
         """For acknowledgements that arrived together (each `Acks.when_done` called back, by `now`, a perf_counter
@@ -225,7 +213,7 @@ class Publisher:
             failed_at=datetime.now(UTC),
         )
         try:
-            await self._send_acked([_Record(s.topics.dlq, kept_key, _encode(letter), self._headers(letter, ctx))])
+            await self._send([_Record(s.topics.dlq, kept_key, _encode(letter), self._headers(letter, ctx))])
         except PoisonError as exc:
             # The broker's own limits are below ours: keep only what identifies the message and why it failed.
             log.error("dead letter refused by the broker; sending a minimal one", extra={"error": str(exc)})
@@ -241,7 +229,7 @@ class Publisher:
                 }
             )
             try:
-                await self._send_acked([_Record(s.topics.dlq, None, _encode(minimal), self._headers(minimal, ctx))])
+                await self._send([_Record(s.topics.dlq, None, _encode(minimal), self._headers(minimal, ctx))])
             except PoisonError as again:
                 # Nothing smaller exists: the DLQ topic itself is unusable (deleted, or a limit of a few hundred
                 # bytes). Holding the partition would stop every later message too; log it loudly and count it.
@@ -297,35 +285,15 @@ class Publisher:
             )
         return _Record(event.topic, record_key, value, self._headers(slim, ctx)), uri
 
-    async def _send_acked(self, records: Sequence[_Record]) -> None:
-        """`_send`, then count the records as acknowledged."""
-        self._record_acked(records, await self._send(self._live_producer(), records))
-
-    async def _send(self, producer: AIOKafkaProducer, records: Sequence[_Record]) -> float:
-        """Send one record at a time (`producer.send()`) until acknowledged; the seconds it took. Broker trouble
-        is retried without limit: losing the broker is not the message's fault, and shutdown's drain deadline
-        is what ends the wait."""
+    async def _send(self, records: Sequence[_Record]) -> None:
+        """Send until acknowledged. Broker trouble is retried without limit: losing the broker is not the
+        message's fault, and shutdown's drain deadline is what ends the wait."""
+        producer = self._live_producer()
         try:
-            return await self._send_once(producer, records)
+            elapsed = await self._send_once(producer, records)
         except _RETRIED as exc:
-            return await self._send_retrying(producer, records, exc)
-
-    async def _add(self, records: Sequence[_Record]) -> list[asyncio.Future[Any]]:
-        """Append the records to this turn's produce batches; the futures of the batches holding them."""
-        batches = self._batches
-        assert batches is not None  # set with the producer
-        futures: list[asyncio.Future[Any]] = []
-        last = None
-        for rec in records:
-            topic = rec.topic
-            partitions = batches.cached(topic)
-            if partitions is None:
-                partitions = await batches.partitions(topic)
-            future = batches.add(topic, partitions, rec.key, rec.value, rec.headers)
-            if future is not last:
-                futures.append(future)
-                last = future
-        return futures
+            elapsed = await self._send_retrying(producer, records, exc)
+        self._record_acked(records, elapsed)
 
     def _live_producer(self) -> AIOKafkaProducer:
         producer = self._producer
@@ -484,12 +452,6 @@ class _AppendGate:
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
-
-
-def _failure(future: asyncio.Future[Any]) -> BaseException | None:
-    if future.cancelled():
-        return asyncio.CancelledError()
-    return future.exception()
 
 
 def _encode(value: BaseModel) -> bytes:
