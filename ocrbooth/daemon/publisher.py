@@ -67,10 +67,14 @@ class Publisher:
         self._topic_children: dict[str, tuple[Any, Any, Any]] = {}
         self._header_cache: dict[type[BaseModel], tuple[tuple[str, bytes], tuple[str, bytes]]] = {}
         self._appending = _AppendGate()
+        self._replacing = asyncio.Lock()
 
     async def start(self) -> None:
+        self._producer = await self._started_producer()
+
+    async def _started_producer(self) -> AIOKafkaProducer:
         k = self._settings.kafka
-        self._producer = AIOKafkaProducer(
+        producer = AIOKafkaProducer(
             **k.client_options(),
             acks="all",
             enable_idempotence=k.enable_idempotence,
@@ -80,12 +84,12 @@ class Publisher:
             max_request_size=_max_request_bytes(self._settings),
         )
         try:
-            await self._producer.start()
+            await producer.start()
         except BaseException:
             # A broker unreachable at startup: close the half-started client instead of leaking its tasks.
-            producer, self._producer = self._producer, None
             await producer.stop()
             raise
+        return producer
 
     async def stop(self) -> None:
         """Flush what is buffered, then close."""
@@ -125,7 +129,7 @@ class Publisher:
             futures = await self._append(producer, records)
         except _RETRIED as exc:
             # The producer refused the records outright (its buffer, the broker's metadata): the retrying path.
-            elapsed = await self._send_retrying(producer, records, exc)
+            elapsed = await self._send_retrying(records, exc)
             self._record_acked(records, elapsed)
             return Acks(records, (), started)
         return Acks(records, futures, started)
@@ -145,7 +149,7 @@ class Publisher:
         except _NOT_RETRIABLE as exc:
             raise self._rejected(acks.records, exc) from exc
         except _RETRIED as exc:
-            elapsed = await self._send_retrying(self._live_producer(), acks.records, exc)
+            elapsed = await self._send_retrying(acks.records, exc)
         acks.settled = True
         self._record_acked(acks.records, elapsed)
 
@@ -292,7 +296,7 @@ class Publisher:
         try:
             elapsed = await self._send_once(producer, records)
         except _RETRIED as exc:
-            elapsed = await self._send_retrying(producer, records, exc)
+            elapsed = await self._send_retrying(records, exc)
         self._record_acked(records, elapsed)
 
     def _live_producer(self) -> AIOKafkaProducer:
@@ -349,10 +353,14 @@ class Publisher:
             raise self._rejected(records, exc) from exc
         return time.perf_counter() - started
 
-    async def _send_retrying(self, producer: AIOKafkaProducer, records: Sequence[_Record], first: Exception) -> float:
-        """The first try failed: retry with backoff until the broker acknowledges."""
+    async def _send_retrying(self, records: Sequence[_Record], first: Exception) -> float:
+        """The first try failed: retry with backoff until the broker acknowledges (on a new producer if the
+        current one's sender has died)."""
         r = self._settings.retry
         backoff = Backoff(r.initial_backoff_ms, max(r.max_backoff_ms, 1_000))
+
+        async def attempt() -> float:
+            return await self._send_once(await self._usable_producer(), records)
 
         async def on_retry(exc: Exception, failures: int, delay: float) -> None:
             # The broker is away or refuses us (ACLs being fixed): wait it out.
@@ -365,9 +373,26 @@ class Publisher:
         delay = backoff.next_s()
         await on_retry(first, backoff.failures, delay)
         await asyncio.sleep(delay)
-        return await retry(
-            lambda: self._send_once(producer, records), retry_on=_RETRIED, backoff=backoff, on_retry=on_retry
-        )
+        return await retry(attempt, retry_on=_RETRIED, backoff=backoff, on_retry=on_retry)
+
+    async def _usable_producer(self) -> AIOKafkaProducer:
+        """The producer, replaced first if its sender task has died. aiokafka's sender routine can end on an
+        error it does not expect (uvloop's RuntimeError for a write to a connection the broker just reset);
+        that producer then fails every later send with the error it stored ("Unexpected error during batch
+        delivery") and never recovers, so waiting the outage out needs a new one. The old one stays in place
+        until the new one has started (a broker still away makes this attempt fail and be retried)."""
+        producer = self._live_producer()
+        if not _sender_died(producer):
+            return producer
+        async with self._replacing:  # many messages notice at once; one replaces it
+            if self._live_producer() is producer:
+                log.error("the kafka producer's sender has stopped; starting a new producer")
+                self._producer = await self._started_producer()
+                try:
+                    await asyncio.wait_for(producer.stop(), timeout=10)
+                except Exception as exc:  # its connections may be gone with it; the new one is what matters
+                    log.warning("stopping the dead kafka producer failed", extra={"error": repr(exc)})
+        return self._live_producer()
 
     def _children(self, topic: str) -> tuple[Any, Any, Any]:
         """(acked, error, publish latency) children for a topic, looked up once: `.labels()` costs more than
@@ -452,6 +477,15 @@ class _AppendGate:
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
+
+
+def _sender_died(producer: AIOKafkaProducer) -> bool:
+    """Whether aiokafka's sender task has ended (it runs for the producer's whole life). aiokafka offers no
+    public health check, so this reads `producer._sender.sender_task`; if that attribute moves in a later
+    aiokafka, the answer is False and the old behaviour (retry on the same producer) stays."""
+    sender = getattr(producer, "_sender", None)
+    task = getattr(sender, "sender_task", None)
+    return isinstance(task, asyncio.Future) and task.done()
 
 
 def _encode(value: BaseModel) -> bytes:
