@@ -72,7 +72,9 @@ class KafkaSettings(_Section):
     request_timeout_ms: int = Field(default=40_000, ge=1_000)
     """Timeout of a single broker request, produce requests included."""
     linger_ms: int = Field(default=5, ge=0)
-    """How long the producer waits to fill a batch."""
+    """How long the producer waits to fill a batch of records sent one by one (dead letters, resends after a
+    failed batch). Outputs go out in produce batches that fill during one event-loop turn and do not linger:
+    honouring this there too measured no gain (12,164 against 12,134 events/s), only added latency."""
     max_batch_bytes: int = Field(default=512 * 1024, ge=1024)
     """Largest producer batch per partition. aiokafka keeps one open batch per partition and sends one request
     per broker at a time, so this bounds bytes per round trip (aiokafka's own default, 16 KiB, caps a busy

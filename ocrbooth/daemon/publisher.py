@@ -26,6 +26,7 @@ from pydantic import BaseModel
 from ocrbooth import constants
 from ocrbooth.config import Settings
 from ocrbooth.daemon.outage import Dependency
+from ocrbooth.daemon.produce_batches import ProduceBatches
 from ocrbooth.errors import FatalError, PoisonError
 from ocrbooth.messages import MessageContext, OutputEvent, clip
 from ocrbooth.metrics import Metrics, observe_many
@@ -67,10 +68,12 @@ class Publisher:
         self._topic_children: dict[str, tuple[Any, Any, Any]] = {}
         self._header_cache: dict[type[BaseModel], tuple[tuple[str, bytes], tuple[str, bytes]]] = {}
         self._appending = _AppendGate()
+        self._batches: ProduceBatches | None = None
         self._replacing = asyncio.Lock()
 
     async def start(self) -> None:
         self._producer = await self._started_producer()
+        self._batches = ProduceBatches(self._producer)
 
     async def _started_producer(self) -> AIOKafkaProducer:
         k = self._settings.kafka
@@ -94,8 +97,11 @@ class Publisher:
     async def stop(self) -> None:
         """Flush what is buffered, then close."""
         if self._producer is not None:
+            batches, self._batches = self._batches, None
             producer, self._producer = self._producer, None
             try:
+                if batches is not None:
+                    await batches.stop()
                 await producer.flush()
             finally:
                 await producer.stop()
@@ -123,35 +129,41 @@ class Publisher:
             else:
                 record = _Record(event.topic, self._key(event), value, self._headers(event.value, ctx))
             records.append(record)
-        producer = self._live_producer()
+        self._live_producer()  # FatalError when not started
         started = time.perf_counter()
         try:
-            futures = await self._append(producer, records)
+            futures = await self._add(records)
         except _RETRIED as exc:
-            # The producer refused the records outright (its buffer, the broker's metadata): the retrying path.
+            # No metadata for the topic (deleted, broker away): the retrying path, one record at a time.
             elapsed = await self._send_retrying(records, exc)
             self._record_acked(records, elapsed)
             return Acks(records, (), started)
         return Acks(records, futures, started)
 
     async def settle(self, acks: Acks) -> None:
-        """Wait until the broker has acknowledged every record of `acks`. Broker trouble is retried without limit
-        (the records are sent again); a refusal no retry can fix raises PoisonError."""
+        """Wait until the broker has acknowledged every record of `acks`. When a batch holding them failed, the
+        records are sent again one by one: broker trouble is retried without limit, a refusal no retry can fix
+        raises PoisonError."""
         if acks.settled:
             return
-        try:
-            futures = acks.futures
-            if len(futures) == 1:
-                await futures[0]
-            elif futures:
-                await asyncio.gather(*futures)
+        futures = acks.futures
+        await asyncio.wait(futures)
+        failure = next((exc for exc in map(_failure, futures) if exc is not None), None)
+        records = acks.records
+        if failure is None:
             elapsed = time.perf_counter() - acks.started
-        except _NOT_RETRIABLE as exc:
-            raise self._rejected(acks.records, exc) from exc
-        except _RETRIED as exc:
-            elapsed = await self._send_retrying(acks.records, exc)
+        else:
+            # A batch holding the records failed, perhaps for another message's record: send this message's
+            # records again one by one, so that only a record the broker refuses for good fails its message.
+            producer = self._live_producer()
+            if isinstance(failure, _RETRIED) and not isinstance(failure, _NOT_RETRIABLE):
+                elapsed = await self._send_retrying(records, failure)  # counts the failed try
+            else:
+                for rec in records:
+                    self._children(rec.topic)[1].inc()
+                elapsed = await self._send(producer, records)
         acks.settled = True
-        self._record_acked(acks.records, elapsed)
+        self._record_acked(records, elapsed)
 
     def acknowledged(self, batch: Sequence[Acks], now: float) -> list[bool]:
         """For acknowledgements that arrived together (each `Acks.when_done` called back, by `now`, a perf_counter
@@ -217,7 +229,7 @@ class Publisher:
             failed_at=datetime.now(UTC),
         )
         try:
-            await self._send([_Record(s.topics.dlq, kept_key, _encode(letter), self._headers(letter, ctx))])
+            await self._send_acked([_Record(s.topics.dlq, kept_key, _encode(letter), self._headers(letter, ctx))])
         except PoisonError as exc:
             # The broker's own limits are below ours: keep only what identifies the message and why it failed.
             log.error("dead letter refused by the broker; sending a minimal one", extra={"error": str(exc)})
@@ -233,7 +245,7 @@ class Publisher:
                 }
             )
             try:
-                await self._send([_Record(s.topics.dlq, None, _encode(minimal), self._headers(minimal, ctx))])
+                await self._send_acked([_Record(s.topics.dlq, None, _encode(minimal), self._headers(minimal, ctx))])
             except PoisonError as again:
                 # Nothing smaller exists: the DLQ topic itself is unusable (deleted, or a limit of a few hundred
                 # bytes). Holding the partition would stop every later message too; log it loudly and count it.
@@ -289,15 +301,35 @@ class Publisher:
             )
         return _Record(event.topic, record_key, value, self._headers(slim, ctx)), uri
 
-    async def _send(self, records: Sequence[_Record]) -> None:
-        """Send until acknowledged. Broker trouble is retried without limit: losing the broker is not the
-        message's fault, and shutdown's drain deadline is what ends the wait."""
-        producer = self._live_producer()
+    async def _send_acked(self, records: Sequence[_Record]) -> None:
+        """`_send`, then count the records as acknowledged."""
+        self._record_acked(records, await self._send(self._live_producer(), records))
+
+    async def _send(self, producer: AIOKafkaProducer, records: Sequence[_Record]) -> float:
+        """Send one record at a time (`producer.send()`) until acknowledged; the seconds it took. Broker trouble
+        is retried without limit: losing the broker is not the message's fault, and shutdown's drain deadline
+        is what ends the wait."""
         try:
-            elapsed = await self._send_once(producer, records)
+            return await self._send_once(producer, records)
         except _RETRIED as exc:
-            elapsed = await self._send_retrying(records, exc)
-        self._record_acked(records, elapsed)
+            return await self._send_retrying(records, exc)
+
+    async def _add(self, records: Sequence[_Record]) -> list[asyncio.Future[Any]]:
+        """Append the records to this turn's produce batches; the futures of the batches holding them."""
+        batches = self._batches
+        assert batches is not None  # set with the producer
+        futures: list[asyncio.Future[Any]] = []
+        last = None
+        for rec in records:
+            topic = rec.topic
+            partitions = batches.cached(topic)
+            if partitions is None:
+                partitions = await batches.partitions(topic)
+            future = batches.add(topic, partitions, rec.key, rec.value, rec.headers)
+            if future is not last:
+                futures.append(future)
+                last = future
+        return futures
 
     def _live_producer(self) -> AIOKafkaProducer:
         producer = self._producer
@@ -379,7 +411,8 @@ class Publisher:
         """The producer, replaced first if its sender task has died. aiokafka's sender routine can end on an
         error it does not expect (uvloop's RuntimeError for a write to a connection the broker just reset);
         that producer then fails every later send with the error it stored ("Unexpected error during batch
-        delivery") and never recovers, so waiting the outage out needs a new one. The old one stays in place
+        delivery") and never recovers, so waiting the outage out needs a new one, and new produce batches on
+        it (the old ones' submissions fail, and their messages resend here). The old producer stays in place
         until the new one has started (a broker still away makes this attempt fail and be retried)."""
         producer = self._live_producer()
         if not _sender_died(producer):
@@ -387,7 +420,8 @@ class Publisher:
         async with self._replacing:  # many messages notice at once; one replaces it
             if self._live_producer() is producer:
                 log.error("the kafka producer's sender has stopped; starting a new producer")
-                self._producer = await self._started_producer()
+                new = await self._started_producer()
+                self._producer, self._batches = new, ProduceBatches(new)
                 try:
                     await asyncio.wait_for(producer.stop(), timeout=10)
                 except Exception as exc:  # its connections may be gone with it; the new one is what matters
@@ -486,6 +520,12 @@ def _sender_died(producer: AIOKafkaProducer) -> bool:
     sender = getattr(producer, "_sender", None)
     task = getattr(sender, "sender_task", None)
     return isinstance(task, asyncio.Future) and task.done()
+
+
+def _failure(future: asyncio.Future[Any]) -> BaseException | None:
+    if future.cancelled():
+        return asyncio.CancelledError()
+    return future.exception()
 
 
 def _encode(value: BaseModel) -> bytes:

@@ -11,19 +11,65 @@ from ocrbooth.errors import PoisonError
 Record = namedtuple("Record", "topic partition offset key value timestamp headers")
 
 
-class ScriptedProducer:
-    """`send` hands out futures the test resolves; `answers` (a list of exceptions or None) decides how the
-    futures of later sends end when `answer()` is called."""
+class ScriptedBatch:
+    """A produce batch as the publisher fills it (aiokafka's BatchBuilder's interface): its records in order;
+    full after `capacity` records."""
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int | None) -> None:
+        self.records: list[tuple[bytes | None, bytes]] = []
+        self.capacity = capacity
+        self.closed = False
+
+    def append(self, *, key: bytes | None, value: bytes, timestamp: Any, headers: Any) -> Any:
+        if self.closed or (self.capacity is not None and len(self.records) >= self.capacity):
+            self.closed = True
+            return None
+        self.records.append((key, value))
+        return len(self.records)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class ScriptedProducer:
+    """`send` and `send_batch` hand out futures (one per record, one per batch) that the test resolves;
+    `answer()` ends every pending one. `sent` lists every record sent, batched or not, in order; `batches` the
+    (topic, partition, record count) of each batch. Topics have `partitions` partitions; a batch holds at most
+    `batch_records` records (None: no limit)."""
+
+    def __init__(self, partitions: int = 1, batch_records: int | None = None) -> None:
         self.sent: list[tuple[str, bytes]] = []
         self.pending: list[asyncio.Future[Any]] = []
+        self.batches: list[tuple[str, int, int]] = []
+        self.partitions = partitions
+        self.batch_records = batch_records
+        self.stopped = False
 
     async def send(self, topic: str, value: bytes, key: bytes | None = None, headers: Any = None) -> Any:
         self.sent.append((topic, value))
         future = asyncio.get_running_loop().create_future()
         self.pending.append(future)
         return future
+
+    def create_batch(self) -> ScriptedBatch:
+        return ScriptedBatch(self.batch_records)
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        return set(range(self.partitions))
+
+    async def send_batch(self, batch: ScriptedBatch, topic: str, *, partition: int) -> Any:
+        assert batch.closed, "batches are closed before they are submitted"
+        self.sent.extend((topic, value) for _, value in batch.records)
+        self.batches.append((topic, partition, len(batch.records)))
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append(future)
+        return future
+
+    async def flush(self) -> None:
+        """aiokafka's flush waits for the broker; here the test answers."""
+
+    async def stop(self) -> None:
+        self.stopped = True
 
     def answer(self, error: BaseException | None = None) -> None:
         pending, self.pending = self.pending, []

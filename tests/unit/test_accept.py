@@ -15,6 +15,7 @@ from ocrbooth.daemon.crashloop import CrashGuard
 from ocrbooth.daemon.dispatch import Dispatcher, Route
 from ocrbooth.daemon.offsets import OffsetTracker
 from ocrbooth.daemon.outage import Dependencies
+from ocrbooth.daemon.produce_batches import ProduceBatches
 from ocrbooth.daemon.publisher import Publisher
 from ocrbooth.handlers.echo import EchoHandler
 from ocrbooth.metrics import Metrics
@@ -46,6 +47,7 @@ class Member:
         self.producer = ScriptedProducer()
         publisher = Publisher(settings, metrics, storage=None)  # type: ignore[arg-type]
         publisher._producer = self.producer  # type: ignore[assignment]
+        publisher._batches = ProduceBatches(self.producer)
         deps = Dependencies(metrics.dependency_up)
         dispatcher = Dispatcher(settings, metrics, publisher, deps.add("s3", None), asyncio.Event())
         self.topic = settings.topics.ocr_requests

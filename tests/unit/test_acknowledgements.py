@@ -4,10 +4,13 @@ the real Publisher and InFlight over a scripted producer (no broker)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
+import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
+from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import CollectorRegistry
 
 from ocrbooth.config import Settings
@@ -18,8 +21,11 @@ from ocrbooth.daemon.dispatch import Dispatcher, Route
 from ocrbooth.daemon.inflight import InFlight
 from ocrbooth.daemon.offsets import OffsetTracker
 from ocrbooth.daemon.outage import Dependencies
+from ocrbooth.daemon.produce_batches import ProduceBatches
 from ocrbooth.daemon.publisher import Publisher
+from ocrbooth.errors import FatalError
 from ocrbooth.handlers.echo import EchoHandler
+from ocrbooth.messages import MessageContext
 from ocrbooth.metrics import Metrics
 from ocrbooth.schemas import DocumentRequest
 from tests.support.daemon import request_event
@@ -27,14 +33,21 @@ from tests.support.runtime import HeldStore, Record, ScriptedProducer
 
 
 class Runtime:
-    def __init__(self, guard_store: HeldStore | None = None, ahead: int = 4) -> None:
+    def __init__(
+        self,
+        guard_store: HeldStore | None = None,
+        ahead: int = 4,
+        partitions: int = 1,
+        batch_records: int | None = None,
+    ) -> None:
         self.settings = settings = Settings(
             retry={"max_attempts": 3, "initial_backoff_ms": 1, "max_backoff_ms": 2},  # type: ignore[arg-type]
         )
         self.metrics = metrics = Metrics(CollectorRegistry())
-        self.producer = ScriptedProducer()
+        self.producer = ScriptedProducer(partitions, batch_records)
         self.publisher = Publisher(settings, metrics, storage=None)  # type: ignore[arg-type]
-        self.publisher._producer = self.producer
+        self.publisher._producer = self.producer  # type: ignore[assignment]
+        self.publisher._batches = ProduceBatches(self.producer)
         deps = Dependencies(metrics.dependency_up)
         dispatcher = Dispatcher(settings, metrics, self.publisher, deps.add("s3", None), asyncio.Event())
         handler = EchoHandler(settings)
@@ -131,16 +144,21 @@ async def test_a_failed_acknowledgement_is_sent_again() -> None:
 
 
 async def test_an_output_the_broker_refuses_fails_the_message() -> None:
-    """A refusal no retry fixes (the record too large for the broker) ends in the handler's failed result,
-    and the offset moves on."""
+    """A refusal no retry fixes (the record too large for the broker) fails the batch, the output is sent again
+    on its own and refused again, which ends in the handler's failed result, and the offset moves on."""
     rt = Runtime()
     rt.start(0)
     await _until(lambda: rt.producer.sent)
+    assert len(rt.producer.batches) == 1
     rt.producer.answer(MessageSizeTooLargeError())
-    await _until(lambda: len(rt.producer.sent) == 2)  # the failed result
+    await _until(lambda: len(rt.producer.sent) == 2)  # the output again, on its own
+    assert rt.producer.sent[1] == rt.producer.sent[0]
+    assert rt.inflight.counts["failed_result"] == 0
+    rt.producer.answer(MessageSizeTooLargeError())
+    await _until(lambda: len(rt.producer.sent) == 3)  # the failed result
     rt.producer.answer()
     await _until(lambda: rt.inflight.counts["failed_result"] == 1)
-    failed = rt.producer.sent[1][1]
+    failed = rt.producer.sent[2][1]
     assert b'"status":"failed"' in failed
     assert b"output_rejected" in failed
     assert rt.tracker.commit_plan() == {rt.tp: 1}
@@ -185,8 +203,9 @@ async def test_messages_of_a_fetch_past_the_recorded_window_wait_for_its_write()
 async def test_acknowledgements_that_arrive_together_are_finished_together() -> None:
     """One produce response answers many outputs at once: the acknowledged messages are finished in one pass
     (offsets completed, counted and observed once each, exactly as one by one), while the one whose output failed
-    in the same response is sent again on its own and finished once that send is acknowledged."""
-    rt = Runtime()
+    in the same response is sent again on its own and finished once that send is acknowledged (one record a
+    batch here, so that one output's batch can fail while the others go through)."""
+    rt = Runtime(batch_records=1)
     for offset in range(5):
         rt.start(offset)
     await _until(lambda: len(rt.producer.sent) == 5)
@@ -212,3 +231,87 @@ async def test_acknowledgements_that_arrive_together_are_finished_together() -> 
     assert sample("ocrbooth_produced_messages_total", {"topic": results, "outcome": "error"}) == 1
     assert len(rt.inflight) == 0
     assert await rt.inflight.drain(1) == 0
+
+
+async def test_the_outputs_of_one_turn_share_one_batch_per_partition() -> None:
+    """Messages started together hand their outputs to one batch per partition, each record in the partition
+    the producer's own partitioner gives its key, in the order of the messages; one answer per batch finishes
+    them all."""
+    rt = Runtime(partitions=3)
+    rt.start_many(list(range(30)))
+    await _until(lambda: len(rt.producer.sent) == 30)
+    results = rt.settings.topics.ocr_results
+    assert sorted(p for _, p, _ in rt.producer.batches) == [0, 1, 2]
+    assert all(topic == results for topic, _, _ in rt.producer.batches)
+    assert sum(n for _, _, n in rt.producer.batches) == 30
+    expected: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    for offset in range(30):
+        expected[DefaultPartitioner()(f"doc-{offset}".encode(), [0, 1, 2], [0, 1, 2])].append(f"req-{offset}")
+    start = 0
+    for _, partition, n in rt.producer.batches:
+        ids = [json.loads(value)["request_id"] for _, value in rt.producer.sent[start : start + n]]
+        assert ids == expected[partition]
+        start += n
+    assert len(rt.producer.pending) == 3
+    rt.producer.answer()
+    await _until(lambda: rt.inflight.counts["succeeded"] == 30)
+    assert rt.tracker.commit_plan() == {rt.tp: 30}
+    assert rt.acked() == 30
+
+
+async def test_a_refused_batch_fails_only_the_message_whose_output_the_broker_refuses() -> None:
+    """A batch refused for good (too large for the broker) does not fail its messages: each sends its output
+    again on its own, and only the one refused again gets a failed result; the others succeed and every offset
+    moves on."""
+    rt = Runtime()
+    rt.start_many(list(range(5)))
+    await _until(lambda: len(rt.producer.sent) == 5)
+    assert len(rt.producer.batches) == 1
+    rt.producer.answer(MessageSizeTooLargeError())
+    await _until(lambda: len(rt.producer.sent) == 10)  # each output again, one send each
+    assert sorted(rt.producer.sent[5:]) == sorted(rt.producer.sent[:5])
+    answers, rt.producer.pending = rt.producer.pending, []
+    for (_, value), future in zip(rt.producer.sent[5:], answers, strict=True):
+        if json.loads(value)["request_id"] == "req-2":
+            future.set_exception(MessageSizeTooLargeError())
+        else:
+            future.set_result(None)
+    await _until(lambda: len(rt.producer.sent) == 11)  # req-2's failed result
+    rt.producer.answer()
+    await _until(lambda: rt.inflight.counts["succeeded"] == 4 and rt.inflight.counts["failed_result"] == 1)
+    failed = json.loads(rt.producer.sent[10][1])
+    assert (failed["request_id"], failed["status"], failed["error"]["code"]) == ("req-2", "failed", "output_rejected")
+    assert rt.tracker.commit_plan() == {rt.tp: 5}
+    assert not rt.fatal
+
+
+async def test_a_full_batch_goes_out_and_the_next_record_opens_another_in_order() -> None:
+    """A message's outputs keep their order within a partition, also across a full batch: the batches are
+    submitted in the order they were opened."""
+    rt = Runtime(batch_records=2)
+    rt.start_many(list(range(5)))
+    await _until(lambda: len(rt.producer.sent) == 5)
+    assert [n for _, _, n in rt.producer.batches] == [2, 2, 1]
+    assert [json.loads(value)["request_id"] for _, value in rt.producer.sent] == [f"req-{i}" for i in range(5)]
+    rt.producer.answer()
+    await _until(lambda: rt.inflight.counts["succeeded"] == 5)
+
+
+async def test_stop_submits_the_pending_batches_before_closing_the_producer() -> None:
+    """Outputs appended in the turn the publisher stops in are submitted by `stop()` before the producer closes;
+    later appends find the publisher stopped."""
+    rt = Runtime()
+    ctx = MessageContext(rt.topic, 0, 0, b"k", None)
+    request = DocumentRequest.model_validate_json(request_event(0))
+    outputs = await EchoHandler(rt.settings).handle(request, ctx)
+    acks = await rt.publisher.append([*outputs, *outputs], ctx)
+    assert rt.producer.sent == []  # not submitted yet: the turn is not over
+    stopping = asyncio.create_task(rt.publisher.stop())
+    await _until(lambda: rt.producer.stopped)
+    assert rt.producer.batches == [(rt.settings.topics.ocr_results, 0, 2)]
+    rt.producer.answer()
+    await stopping
+    await rt.publisher.settle(acks)
+    assert rt.acked() == 2
+    with pytest.raises(FatalError):
+        await rt.publisher.append(outputs, ctx)
