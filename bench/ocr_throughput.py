@@ -64,6 +64,12 @@ def main() -> int:
     parser.add_argument(
         "--fused-norms", choices=("on", "off"), default="off", help="the engine's fused_norms (RMSNorm in one kernel)"
     )
+    parser.add_argument(
+        "--compile-layers",
+        choices=("on", "off"),
+        default="off",
+        help="the engine's compile_layers (each layer through torch.compile, attention outside)",
+    )
     parser.add_argument("--trace-dir", type=Path, help="section `profile`: also write its Chrome traces here")
     parser.add_argument("--workdir", type=Path, help="where the random model is saved (default: a temp dir)")
     parser.add_argument(
@@ -148,9 +154,12 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
             preprocess_threads=8,
             prefill_overlap=args.prefill_overlap,
             fused_norms=args.fused_norms == "on",
+            compile_layers=args.compile_layers == "on",
         ),
     )
+    started = time.perf_counter()
     engine.load()
+    load_s = time.perf_counter() - started
     cap = engine.capacity
     assert cap is not None
     result["engine"] = {
@@ -161,6 +170,10 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         "max_slots": cap.max_slots,
         "prefill_activation_gib": cap.activation_bytes / 2**30,
         "settings": {k: getattr(engine.config, k) for k in engine.config.__dataclass_fields__},
+        "load_seconds": load_s,  # compile_layers: the compiles run inside it
+        "compiled_layers": None
+        if engine.compiled is None
+        else {"layers": engine.compiled.layers, "failed": engine.compiled.failed},
         "memory_allocated_gib": torch.cuda.memory_allocated() / 2**30,
         "tuning": {
             "decode_kernel": str(engine.runner.tuning.decode_kernel),

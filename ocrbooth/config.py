@@ -223,6 +223,11 @@ class OcrSettings(_Section):
     """LightOnOCR: run the model's RMSNorm layers as one fused PyTorch kernel each (`F.rms_norm`) instead of
     transformers' eight small ones; outputs differ from transformers' by at most one bfloat16 rounding. Off
     until a GPU run has measured it (no GPU could be started the day it was written)."""
+    compile_layers: bool = False
+    """LightOnOCR: run each decoder and vision-encoder layer through torch.compile (Inductor fuses the norms,
+    rotary embeddings, SwiGLU and residual adds between the attention calls; compiled while the engine loads,
+    tens of seconds); a compile failure falls back to eager layers with a warning. Off until a GPU run has
+    measured it."""
     render_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     """Longest a page may take to render in its worker; the worker is then killed and replaced, and the
     document fails with render_timeout."""

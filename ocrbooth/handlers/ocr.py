@@ -80,6 +80,7 @@ def lightonocr_config(cfg: OcrSettings) -> EngineConfig:
         preprocess_threads=cfg.preprocess_threads,
         prefill_overlap=cfg.prefill_overlap,
         fused_norms=cfg.fused_norms,
+        compile_layers=cfg.compile_layers,
     )
 
 

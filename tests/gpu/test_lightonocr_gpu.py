@@ -136,6 +136,32 @@ def test_cuda_graphs_and_triton_match_eager_reference(tiny_dir: Path) -> None:
             assert g.finish_reason == e.finish_reason
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compiled_layers_in_cuda_graphs_match_single_pages_and_eager(tiny_dir: Path, dtype: str) -> None:
+    """`compile_layers` on CUDA: Inductor's kernels inside the captured decode steps and in the batched prefill.
+    Pages together and through 2 slots get the ids each gets alone on the compiled engine; in float32 those are
+    the eager engine's ids with probabilities within 1e-4 (bfloat16: Inductor keeps float32 between fused
+    operations where eager rounds, so only the compiled engine's own solo run is the reference)."""
+    options = {"kv_cache_tokens": 65_536, "max_new_tokens": 1024, "compile_layers": True}
+    engine = load(tiny_dir, dtype=dtype, config=EngineConfig(**options))  # type: ignore[arg-type]
+    assert engine.compiled is not None
+    batch = pages()
+    alone = [engine.generate([page])[0] for page in batch]
+    together = engine.generate(batch)
+    narrow = load(tiny_dir, dtype=dtype, config=EngineConfig(**options, max_slots=2))  # type: ignore[arg-type]
+    refilled = narrow.generate(batch)
+    assert engine.compiled.active, engine.compiled.failed
+    assert narrow.compiled is not None
+    assert narrow.compiled.active, narrow.compiled.failed
+    for result in (together, refilled):
+        assert [g.token_ids for g in result] == [g.token_ids for g in alone], first_difference(result, alone)
+    if dtype == "float32":
+        eager = load(tiny_dir, dtype=dtype).generate(batch)
+        assert [g.token_ids for g in together] == [g.token_ids for g in eager], first_difference(together, eager)
+        for g, e in zip(together, eager, strict=True):
+            assert g.token_probs == pytest.approx(e.token_probs, abs=1e-4)
+
+
 def test_cuda_graphs_stop_a_loop(tmp_path: Path) -> None:
     """The on-device repetition guard also fires inside the captured step."""
     path = build_tiny_lightonocr(tmp_path / "loop", script={"\n": "a", "a": "b", "b": "c", "c": "a"})

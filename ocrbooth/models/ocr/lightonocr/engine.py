@@ -18,6 +18,7 @@ import torch
 
 from ocrbooth.errors import ConfigError, FatalError
 from ocrbooth.models.ocr.engine import PageInput, PageOutput, StepStats
+from ocrbooth.models.ocr.lightonocr.compiled_layers import CompiledLayers, compile_layers
 from ocrbooth.models.ocr.lightonocr.core import EngineCore
 from ocrbooth.models.ocr.lightonocr.detokenize import Detokenizer, PageGeneration, to_output
 from ocrbooth.models.ocr.lightonocr.fused_norms import fuse_rms_norms
@@ -64,6 +65,9 @@ class EngineConfig:
     fused_norms: bool = False
     """Run the model's RMSNorm modules as one fused kernel each (fused_norms.py); off: transformers' own (the
     default until a GPU run has measured it)."""
+    compile_layers: bool = False
+    """Run each decoder and vision-encoder layer through torch.compile, attention kernels outside the graphs
+    (compiled_layers.py; compiled at load); off: eager (the default until a GPU run has measured it)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -138,6 +142,7 @@ class LightOnOcrEngine:
         self._detokenizer: Detokenizer | None = None
         self._processor: Any = None
         self.capacity: Capacity | None = None
+        self.compiled: CompiledLayers | None = None
         self._core_lock = threading.Lock()
         self._core_guard = threading.Lock()
         self._active_core: EngineCore | None = None
@@ -168,6 +173,9 @@ class LightOnOcrEngine:
             raise FatalError(f"cannot move LightOnOCR to {self.device}: {exc}") from exc
         if self.config.fused_norms:
             log.info("LightOnOCR: %d RMSNorm modules run as one fused kernel each", fuse_rms_norms(net))
+        if self.config.compile_layers:
+            self.compiled = compile_layers(net)
+            log.info("LightOnOCR: %d layers compiled with torch.compile (at their first forward)", self.compiled.layers)
         self._processor = processor
         self._builder = PromptBuilder(processor, pin_memory=self.device.type == "cuda")
         self._detokenizer = Detokenizer(processor.tokenizer)
