@@ -91,9 +91,14 @@ def build_processor(tokenizer: Any, *, longest_edge: int) -> Any:
 
 
 def build_tiny_lightonocr(
-    path: Path, *, seed: int = 0, longest_edge: int = 112, script: Mapping[str, str] | None = None
+    path: Path,
+    *,
+    seed: int = 0,
+    longest_edge: int = 112,
+    script: Mapping[str, str] | None = None,
+    text_layers: int = 2,
 ) -> Path:
-    """Save a tiny random LightOnOCR (Qwen3 64 hidden x 2 layers, Pixtral 32 hidden x 2 layers) with its
+    """Save a tiny random LightOnOCR (Qwen3 64 hidden x `text_layers` layers, Pixtral 32 hidden x 2 layers) with its
     processor to `path`. With `script` ({token text: next token text}), the decoder is rigged so that after
     each key token it emits its value (attention and MLP outputs zeroed, so the output depends only on the
     previous token); the prompt ends with "\\n", so a script starts there."""
@@ -106,7 +111,7 @@ def build_tiny_lightonocr(
             "model_type": "qwen3",
             "hidden_size": 64,
             "intermediate_size": 128,
-            "num_hidden_layers": 2,
+            "num_hidden_layers": text_layers,
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
             "head_dim": 16,
