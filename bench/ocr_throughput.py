@@ -62,7 +62,7 @@ def main() -> int:
     parser.add_argument("--stream-deadline-s", type=float, default=1800, help="stream: stop waiting after this")
     parser.add_argument("--sections", default="ceilings,attention,wave,fixed,profile,stream")
     parser.add_argument(
-        "--fused-norms", choices=("on", "off"), default="off", help="the engine's fused_norms (RMSNorm in one kernel)"
+        "--fused-norms", choices=("on", "off"), default="on", help="the engine's fused_norms (RMSNorm in one kernel)"
     )
     parser.add_argument(
         "--compile-layers",

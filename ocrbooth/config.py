@@ -219,10 +219,11 @@ class OcrSettings(_Section):
     """LightOnOCR: how admitted pages' vision encoding and prefill share the GPU with decoding: on a second CUDA
     stream (`stream`), the same with decoding's stream at the highest priority (`priority`), or between decode
     chunks on one stream (`serial`)."""
-    fused_norms: bool = False
+    fused_norms: bool = True
     """LightOnOCR: run the model's RMSNorm layers as one fused PyTorch kernel each (`F.rms_norm`) instead of
-    transformers' eight small ones; outputs differ from transformers' by at most one bfloat16 rounding. Off
-    until a GPU run has measured it (no GPU could be started the day it was written)."""
+    transformers' eight small ones; outputs differ from transformers' by at most one bfloat16 rounding. On
+    an H100, 256 pages x 500 tokens went from 6.98 to 7.90 pages/s with it (a decode step of 175 slots 21.8 ->
+    20.2 ms, a prefill page 70.7 -> 61.5 ms)."""
     compile_layers: bool = False
     """LightOnOCR: run each decoder and vision-encoder layer through torch.compile (Inductor fuses the norms,
     rotary embeddings, SwiGLU and residual adds between the attention calls; compiled while the engine loads,

@@ -344,19 +344,20 @@ def test_bad_page_fails_alone_and_missing_model_is_a_config_error(engine: LightO
 
 
 def test_fused_norms_replace_every_rms_norm_and_keep_the_outputs(engine: LightOnOcrEngine) -> None:
-    """With fused norms, every RMSNorm of the model runs `F.rms_norm`; the pages' tokens are those of
-    transformers' own norms (the default engine's) and their probabilities agree within 1e-4 (float32, CPU)."""
+    """With fused norms (the default), every RMSNorm of the model runs `F.rms_norm`; the pages' tokens are those
+    of transformers' own norms (`fused_norms=False`) and their probabilities agree within 1e-4 (float32, CPU)."""
     from ocrbooth.models.ocr.lightonocr.fused_norms import fuse_rms_norms
 
-    fused = LightOnOcrEngine(engine.model, device="cpu", config=EngineConfig(fused_norms=True))
-    fused.load()
+    fused = engine
+    plain = LightOnOcrEngine(engine.model, device="cpu", config=EngineConfig(fused_norms=False))
+    plain.load()
     norms = [m for m in fused.runner.net.modules() if type(m).__name__.endswith("RMSNorm")]
     # Qwen3: 4 a layer x 2 + the final one; Pixtral: 2 a layer x 2 + ln_pre; the projector's one
     assert len(norms) == 15
     assert all("forward" in vars(m) for m in norms)  # each points at the fused one
-    assert not any("forward" in vars(m) for m in engine.runner.net.modules())  # the default keeps transformers'
+    assert not any("forward" in vars(m) for m in plain.runner.net.modules())  # off keeps transformers'
     pages = mixed_pages()
-    fused_out, plain_out = fused.generate(pages), engine.generate(pages)
+    fused_out, plain_out = fused.generate(pages), plain.generate(pages)
     assert [g.token_ids for g in fused_out] == [g.token_ids for g in plain_out]
     for a, b in zip(fused_out, plain_out, strict=True):
         assert a.token_probs == pytest.approx(b.token_probs, abs=1e-4)

@@ -34,6 +34,7 @@ from ocrbooth.errors import PoisonError
 from ocrbooth.models.dreambooth.checkpoints import Checkpoint
 from ocrbooth.models.dreambooth.data import LatentPairs, StepSampler
 from ocrbooth.models.dreambooth.step_graphs import StepGraphs
+from ocrbooth.models.dreambooth.text_attention import use_causal_sdpa
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +225,8 @@ class DreamBoothModule(pl.LightningModule):
         self.automatic_optimization = False
         self.unet = unet
         self.text_encoder = text_encoder
+        if text_encoder is not None:  # the same attention kernel eager, captured and compiled (text_attention.py)
+            use_causal_sdpa(text_encoder)
         self.noise_scheduler = noise_scheduler
         self.dataset = dataset
         self.config = config
