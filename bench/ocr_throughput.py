@@ -70,6 +70,9 @@ def main() -> int:
         default="off",
         help="the engine's compile_layers (each layer through torch.compile, attention outside)",
     )
+    parser.add_argument(
+        "--kv-cache-dtype", choices=("auto", "fp8_e4m3"), default="auto", help="the engine's kv_cache_dtype"
+    )
     parser.add_argument("--trace-dir", type=Path, help="section `profile`: also write its Chrome traces here")
     parser.add_argument("--workdir", type=Path, help="where the random model is saved (default: a temp dir)")
     parser.add_argument(
@@ -155,6 +158,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
             prefill_overlap=args.prefill_overlap,
             fused_norms=args.fused_norms == "on",
             compile_layers=args.compile_layers == "on",
+            kv_cache_dtype=args.kv_cache_dtype,
         ),
     )
     started = time.perf_counter()
@@ -316,7 +320,13 @@ def model_costs(engine: Any) -> dict[str, Any]:
         "vision_hidden": vision.config.hidden_size,
         "decoder_layers": text.num_hidden_layers,
         "attention_width": text.num_attention_heads * text.head_dim,
-        "kv_bytes_per_token": text.num_hidden_layers * 2 * text.num_key_value_heads * text.head_dim * 2,
+        # the cache's own element size: 2 in bfloat16, 1 with kv_cache_dtype fp8_e4m3 (the floor counts the bytes
+        # this engine must read, so an FP8 cache raises its floor too)
+        "kv_bytes_per_token": text.num_hidden_layers
+        * 2
+        * text.num_key_value_heads
+        * text.head_dim
+        * engine.runner.kv_dtype.itemsize,
         "patch": vision.config.patch_size,
         "text_tokens": engine.builder.text_tokens,
         "kv_tokens": engine.capacity.kv_tokens,
@@ -610,7 +620,8 @@ def profile(engine: Any, image: Any, trace_dir: Path | None = None) -> dict[str,
             trace = trace_dir / "decode_chunk.json" if trace_dir else None
             out["decode_kernels"] = profile_call(chunk, label, steps, torch.cuda.synchronize, trace)
         context = prepared.prompt_length + 4 * steps
-        kv = len(items) * context * engine.network.config.text_config.num_hidden_layers * 2 * 8 * 128 * 2
+        kv = len(items) * context * engine.network.config.text_config.num_hidden_layers * 2 * 8 * 128
+        kv *= runner.kv_dtype.itemsize
         out["decode"].append({"slots": len(items), "context": context, "ms_per_step": ms, "kv_gb_s": kv / ms / 1e6})
         print(f"profile decode: {out['decode'][-1]}", flush=True)
         for item in items:  # finish them: a budget of 0 ends each slot at its next step

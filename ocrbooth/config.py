@@ -224,6 +224,10 @@ class OcrSettings(_Section):
     transformers' eight small ones; outputs differ from transformers' by at most one bfloat16 rounding. On
     an H100, 256 pages x 500 tokens went from 6.98 to 7.90 pages/s with it (a decode step of 175 slots 21.8 ->
     20.2 ms, a prefill page 70.7 -> 61.5 ms)."""
+    kv_cache_dtype: Literal["auto", "fp8_e4m3"] = "auto"
+    """LightOnOCR: the KV cache's element type: `auto` (the model's, bfloat16 on a GPU) or `fp8_e4m3` (half the
+    bytes each decode step reads, which is most of a decode step's time, and twice the positions in the same
+    memory; keys and values are rounded to FP8 as they are written, so outputs change: a choice, not a default)."""
     compile_layers: bool = False
     """LightOnOCR: run each decoder and vision-encoder layer through torch.compile (Inductor fuses the norms,
     rotary embeddings, SwiGLU and residual adds between the attention calls; compiled while the engine loads,

@@ -81,6 +81,7 @@ def lightonocr_config(cfg: OcrSettings) -> EngineConfig:
         prefill_overlap=cfg.prefill_overlap,
         fused_norms=cfg.fused_norms,
         compile_layers=cfg.compile_layers,
+        kv_cache_dtype=cfg.kv_cache_dtype,
     )
 
 

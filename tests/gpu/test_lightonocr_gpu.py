@@ -121,6 +121,38 @@ def test_triton_decode_kernel_matches_reference(dtype: torch.dtype, kernel: Deco
     assert error < (1e-5 if dtype == torch.float32 else 1e-2), float(error)
 
 
+@pytest.mark.parametrize("kernel", [k for k in DECODE_CANDIDATES if _fits(k, torch.bfloat16)], ids=str)
+def test_triton_decode_kernel_reads_an_fp8_cache_like_the_reference(kernel: DecodeKernel) -> None:
+    """With FP8 caches (kv_cache_dtype fp8_e4m3) every launch configuration widens K/V to the query's bfloat16 as
+    it reads them and matches the reference over the same FP8 values."""
+    torch.manual_seed(1)
+    slots, heads, kv_heads, dim, block, width = 7, 16, 8, 128, 64, 40
+    blocks = slots * width + 1
+    k = torch.randn(blocks * block, kv_heads, dim, device="cuda").to(torch.float8_e4m3fn)
+    v = torch.randn(blocks * block, kv_heads, dim, device="cuda").to(torch.float8_e4m3fn)
+    table = (torch.randperm(blocks - 1, device="cuda")[: slots * width] + 1).reshape(slots, width).int()
+    lengths = torch.tensor([0, 1, 63, 512, 545, 1500, width * block], device="cuda", dtype=torch.int32)
+    q = torch.randn(slots, heads, dim, device="cuda", dtype=torch.bfloat16)
+    want = paged_decode_reference(q.float(), k, v, table, lengths, block, dim**-0.5, width * block)
+    got = paged_decode_triton(q, k, v, table, lengths, block, dim**-0.5, kernel=kernel).float()
+    assert torch.isfinite(got).all()
+    assert float((got - want).norm() / want.norm()) < 1e-2
+
+
+def test_fp8_kv_cache_engine_batches_exactly(tiny_dir: Path) -> None:
+    """An FP8 KV cache in CUDA graphs: pages together and through 2 slots get the ids each gets alone."""
+    options = {"kv_cache_tokens": 65_536, "max_new_tokens": 1024, "kv_cache_dtype": "fp8_e4m3"}
+    engine = load(tiny_dir, config=EngineConfig(**options))  # type: ignore[arg-type]
+    cache = engine.runner.cache
+    assert cache is not None
+    assert cache.keys[0].dtype == torch.float8_e4m3fn
+    batch = pages()
+    alone = [engine.generate([page])[0] for page in batch]
+    narrow = load(tiny_dir, config=EngineConfig(**options, max_slots=2))  # type: ignore[arg-type]
+    for result in (engine.generate(batch), narrow.generate(batch)):
+        assert [g.token_ids for g in result] == [g.token_ids for g in alone], first_difference(result, alone)
+
+
 def test_cuda_graphs_and_triton_match_eager_reference(tiny_dir: Path) -> None:
     """Decoding through captured CUDA graphs with the Triton kernel gives the ids and (within 1e-4) the
     probabilities of eager decoding with the reference attention, in float32."""

@@ -113,6 +113,17 @@ class PagedKVCache:
         self.keys = [torch.zeros(rows, kv_heads, head_dim, **kw) for _ in range(layers)]
         self.values = [torch.zeros(rows, kv_heads, head_dim, **kw) for _ in range(layers)]
         self.block_size = block_size
+        self.dtype: torch.dtype = self.keys[0].dtype if layers else kw.get("dtype", torch.float32)
+
+    def _store(self, cache: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+        """Write `rows` at `index`; into an FP8 cache saturated to its range (no NaN from an outlier) and
+        through a byte view (PyTorch has no `index_copy_` for FP8)."""
+        if rows.dtype == cache.dtype:
+            cache.index_copy_(0, index, rows)
+            return
+        limit = torch.finfo(cache.dtype).max
+        stored = rows.clamp(-limit, limit).to(cache.dtype)
+        cache.view(torch.uint8).index_copy_(0, index, stored.view(torch.uint8))
 
     @torch.compiler.disable  # type: ignore[untyped-decorator]  # outside compiled layers' graphs; ~0.5 µs a call
     def update(
@@ -124,8 +135,8 @@ class PagedKVCache:
         # [batch, heads, tokens, dim] -> one row per token
         keys = key_states.permute(0, 2, 1, 3).reshape(-1, *key_states.shape[1:2], key_states.shape[3])
         values = value_states.permute(0, 2, 1, 3).reshape(-1, *value_states.shape[1:2], value_states.shape[3])
-        self.keys[layer_idx].index_copy_(0, ctx.write_index, keys)
-        self.values[layer_idx].index_copy_(0, ctx.write_index, values)
+        self._store(self.keys[layer_idx], ctx.write_index, keys)
+        self._store(self.values[layer_idx], ctx.write_index, values)
         return key_states, value_states
 
 
@@ -251,8 +262,8 @@ def paged_decode_reference(
     positions = torch.arange(max_seq_len, device=q.device)
     rows = block_table.long().gather(1, (positions // block_size)[None].expand(slots, -1)) * block_size
     rows = rows + positions % block_size
-    keys = k_cache[rows].permute(0, 2, 1, 3)  # [slots, kv_heads, positions, dim]
-    values = v_cache[rows].permute(0, 2, 1, 3)
+    keys = k_cache[rows].to(q.dtype).permute(0, 2, 1, 3)  # [slots, kv_heads, positions, dim]; FP8 widened
+    values = v_cache[rows].to(q.dtype).permute(0, 2, 1, 3)
     mask = (positions[None, :] < seq_lens[:, None])[:, None, None, :]
     grouped = q.reshape(slots, kv_heads, heads // kv_heads, dim)
     out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
@@ -316,8 +327,8 @@ if HAVE_TRITON:
                 block = tl.load(BlockTable + slot * stride_bt + t0 // BLOCK_SIZE).to(tl.int64)
                 rows = block * BLOCK_SIZE + (t0 % BLOCK_SIZE) + tl.arange(0, TILE)
                 offsets = rows[:, None] * stride_kr + kv_head * stride_kh + d[None, :]
-                k = tl.load(K + offsets, mask=valid[:, None], other=0.0)
-                v = tl.load(V + offsets, mask=valid[:, None], other=0.0)
+                k = tl.load(K + offsets, mask=valid[:, None], other=0.0).to(Q.dtype.element_ty)  # FP8: widened
+                v = tl.load(V + offsets, mask=valid[:, None], other=0.0).to(Q.dtype.element_ty)
                 # the query heads of this KV head are the rows of one tensor-core product (padded to 16)
                 if IEEE:
                     scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
@@ -391,7 +402,7 @@ if HAVE_TRITON:
                     block = tl.load(BlockTable + slot * stride_bt + t // BLOCK_SIZE, mask=valid, other=0)
                     rows = block.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE
                     offsets = rows[:, None] * stride_kr + kv_head * stride_kh + d[None, :]
-                    k = tl.load(K + offsets, mask=valid[:, None], other=0.0)
+                    k = tl.load(K + offsets, mask=valid[:, None], other=0.0).to(Q.dtype.element_ty)  # FP8: widened
                     # the query heads of this KV head are the rows of one tensor-core product (padded to 16)
                     if IEEE:
                         scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
@@ -402,7 +413,7 @@ if HAVE_TRITON:
                     alpha = tl.exp(m - m_new)
                     p = tl.exp(scores - m_new[:, None])
                     total = total * alpha + tl.sum(p, axis=1)
-                    v = tl.load(V + offsets, mask=valid[:, None], other=0.0)
+                    v = tl.load(V + offsets, mask=valid[:, None], other=0.0).to(Q.dtype.element_ty)
                     if IEEE:  # noqa: SIM108  # Triton prunes a constexpr branch only in an if statement
                         update = tl.dot(p, v, input_precision="ieee")
                     else:
@@ -462,8 +473,9 @@ def paged_decode_triton(
     *,
     kernel: DecodeKernel | None = None,
 ) -> torch.Tensor:
-    """Split-K paged decode attention: q [slots, heads, dim] -> [slots, heads, dim] in q's dtype. `kernel`:
-    the launch configuration (default `DecodeKernel()`; the engine measures candidates at load)."""
+    """Split-K paged decode attention: q [slots, heads, dim] -> [slots, heads, dim] in q's dtype; the caches in
+    q's dtype or FP8 (widened as they are read). `kernel`: the launch configuration (default `DecodeKernel()`;
+    the engine measures candidates at load)."""
     kernel = kernel or DecodeKernel()
     if kernel.pipelined and block_size % kernel.tile:
         raise ValueError(f"decode kernel tile {kernel.tile} must divide the KV block size {block_size}")

@@ -33,6 +33,7 @@ DEFAULT_MODEL: Final = "lightonai/LightOnOCR-1B-1025"
 _DTYPES: Final = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _CPU_KV_TOKENS: Final = 32_768  # KV cache size without a GPU to size it from (tests, CPU runs)
 _GIB: Final = 1 << 30
+KV_CACHE_DTYPES: Final = ("auto", "fp8_e4m3")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +66,10 @@ class EngineConfig:
     fused_norms: bool = True
     """Run the model's RMSNorm modules as one fused kernel each (fused_norms.py); off: transformers' own
     (measured on an H100: 256 pages x 500 tokens 6.98 -> 7.90 pages/s, bench/results/ocr_throughput_h100_fusion_*)."""
+    kv_cache_dtype: str = "auto"
+    """Element type of the KV cache: "auto" (the model's) or "fp8_e4m3" (half the bytes every decode step reads
+    and twice the positions in the same memory; keys and values rounded to FP8 as they are written, saturated
+    at its range, unscaled: the outputs change, so it is a choice, not a default)."""
     compile_layers: bool = False
     """Run each decoder and vision-encoder layer through torch.compile, attention kernels outside the graphs
     (compiled_layers.py; compiled at load); off: eager (the default until a GPU run has measured it)."""
@@ -82,6 +87,8 @@ class EngineConfig:
         for name in ("max_prefill_tokens", "steps_per_sync", "max_new_tokens", "prefetch_pages", "preprocess_threads"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            problems.append(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.prefill_overlap not in PREFILL_OVERLAP:
             modes = ", ".join(PREFILL_OVERLAP)
             problems.append(f"prefill_overlap must be one of {modes}, got {self.prefill_overlap!r}")
@@ -180,7 +187,8 @@ class LightOnOcrEngine:
         self._builder = PromptBuilder(processor, pin_memory=self.device.type == "cuda")
         self._detokenizer = Detokenizer(processor.tokenizer)
         eos = self._eos_override if self._eos_override is not None else _eos_ids(net, processor)
-        runner = ModelRunner(net, device=self.device, dtype=self.dtype)
+        kv_dtype = torch.float8_e4m3fn if self.config.kv_cache_dtype == "fp8_e4m3" else self.dtype
+        runner = ModelRunner(net, device=self.device, dtype=self.dtype, kv_dtype=kv_dtype)
         runner.set_prefill_overlap(self.config.prefill_overlap)
         try:
             if self.config.autotune:

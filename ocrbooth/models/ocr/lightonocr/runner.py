@@ -151,10 +151,13 @@ class RunnerConfig:
 class ModelRunner:
     """Executes engine steps on one device."""
 
-    def __init__(self, net: Any, *, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, net: Any, *, device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype | None = None
+    ) -> None:
         self.net = net
         self.device = device
         self.dtype = dtype
+        self.kv_dtype = kv_dtype or dtype  # the KV cache's element type: the model's, or FP8
         self.cuda = device.type == "cuda"
         text = net.config.text_config
         self.layers = int(text.num_hidden_layers)
@@ -220,6 +223,7 @@ class ModelRunner:
             tuning.decode_kernel, rates = tune_decode_kernel(
                 device=self.device,
                 dtype=self.dtype,
+                kv_dtype=self.kv_dtype,
                 heads=int(text.num_attention_heads),
                 kv_heads=self.kv_heads,
                 head_dim=self.head_dim,
@@ -261,7 +265,7 @@ class ModelRunner:
         )
 
     def kv_spec(self, block_size: int) -> KVCacheSpec:
-        return KVCacheSpec(self.layers, self.kv_heads, self.head_dim, self.dtype.itemsize, block_size)
+        return KVCacheSpec(self.layers, self.kv_heads, self.head_dim, self.kv_dtype.itemsize, block_size)
 
     # ---- memory ----------------------------------------------------------------------------------
 
@@ -289,7 +293,7 @@ class ModelRunner:
             block_size=config.block_size,
             kv_heads=self.kv_heads,
             head_dim=self.head_dim,
-            dtype=self.dtype,
+            dtype=self.kv_dtype,
             device=self.device,
         )
         self.state = DecodeState(

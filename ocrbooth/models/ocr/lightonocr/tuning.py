@@ -107,6 +107,7 @@ def tune_decode_kernel(
     head_dim: int,
     block_size: int,
     max_blocks_per_slot: int,
+    kv_dtype: torch.dtype | None = None,
     slots: int,
     context: int,
     candidates: Sequence[DecodeKernel] = DECODE_CANDIDATES,
@@ -115,15 +116,16 @@ def tune_decode_kernel(
     blocks_per_slot = -(-context // block_size)
     rows = (slots * blocks_per_slot + 1) * block_size
     generator = torch.Generator(device=device).manual_seed(0)
-    k_cache = torch.randn(rows, kv_heads, head_dim, device=device, dtype=dtype, generator=generator)
-    v_cache = torch.randn(rows, kv_heads, head_dim, device=device, dtype=dtype, generator=generator)
+    kv_dtype = kv_dtype or dtype
+    k_cache = torch.randn(rows, kv_heads, head_dim, device=device, dtype=dtype, generator=generator).to(kv_dtype)
+    v_cache = torch.randn(rows, kv_heads, head_dim, device=device, dtype=dtype, generator=generator).to(kv_dtype)
     order = torch.randperm(slots * blocks_per_slot, device=device, generator=generator).to(torch.int32) + 1
     table = torch.zeros(slots, max(max_blocks_per_slot, blocks_per_slot), dtype=torch.int32, device=device)
     table[:, :blocks_per_slot] = order.view(slots, blocks_per_slot)
     lengths = torch.full((slots,), context, dtype=torch.int32, device=device)
     q = torch.randn(slots, heads, head_dim, device=device, dtype=dtype, generator=generator)
     scale = head_dim**-0.5
-    kv_bytes = slots * context * kv_heads * head_dim * dtype.itemsize * 2
+    kv_bytes = slots * context * kv_heads * head_dim * kv_dtype.itemsize * 2
     # the gather + SDPA reference is what every candidate must compute (checked on a few slots)
     checked = min(slots, 8)
     expected = paged_decode_reference(
