@@ -222,8 +222,8 @@ class OcrSettings(_Section):
     fused_norms: bool = True
     """LightOnOCR: run the model's RMSNorm layers as one fused PyTorch kernel each (`F.rms_norm`) instead of
     transformers' eight small ones; outputs differ from transformers' by at most one bfloat16 rounding. On
-    an H100, 256 pages x 500 tokens went from 6.98 to 7.90 pages/s with it (a decode step of 175 slots 21.8 ->
-    20.2 ms, a prefill page 70.7 -> 61.5 ms)."""
+    an H100, 256 pages x 500 tokens went from 6.98 to 7.98 pages/s with it (a decode step of 175 slots 21.8 ->
+    20.0 ms, a prefill page 70.7 -> 61.3 ms)."""
     kv_cache_dtype: Literal["auto", "fp8_e4m3"] = "auto"
     """LightOnOCR: the KV cache's element type: `auto` (the model's, bfloat16 on a GPU) or `fp8_e4m3` (half the
     bytes each decode step reads, which is most of a decode step's time, and twice the positions in the same

@@ -113,7 +113,6 @@ class PagedKVCache:
         self.keys = [torch.zeros(rows, kv_heads, head_dim, **kw) for _ in range(layers)]
         self.values = [torch.zeros(rows, kv_heads, head_dim, **kw) for _ in range(layers)]
         self.block_size = block_size
-        self.dtype: torch.dtype = self.keys[0].dtype if layers else kw.get("dtype", torch.float32)
 
     def _store(self, cache: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
         """Write `rows` at `index`; into an FP8 cache saturated to its range (no NaN from an outlier) and

@@ -10,9 +10,10 @@ What is compiled: the `forward` of every layer of the decoder (Qwen3) and the vi
 dynamic shapes, so one graph serves any token count (prefill, vision) or slot count (decode). The engine's
 attention functions and the paged cache's write stay outside the graphs (attention.py wraps them in
 `torch.compiler.disable`: the graph breaks there, and what lies between is compiled), so the measured kernels
-keep running as they are. Layers of one kind share their compiled code: the cost is one compile per kind and
-shape family, not per layer, paid at load (the engine's first prefill and its decode warm-up run before the
-CUDA graphs are captured).
+keep running as they are. Compiling is paid at load (the engine's first prefill and its decode warm-up run
+before the CUDA graphs are captured): Dynamo traces each decoder layer apart (its `layer_idx` is a constant to
+it), but their graphs are the same, so Inductor generates the code once (its FX graph cache); the vision
+layers share one trace.
 
 Failure: a compile that raises (TorchDynamo or Inductor, e.g. no working Triton) puts every layer back on its
 eager forward for good, with a warning; the call that failed is rerun eagerly. Out-of-memory and CUDA errors
