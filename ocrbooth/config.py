@@ -401,7 +401,8 @@ class Settings(BaseSettings):
     """How long the in-flight slots may stay full before the partitions are paused (short waits keep
     the client prefetching; long ones must not buffer or lose the group)."""
     commit_coalesce_ms: int = Field(default=5, ge=0, le=1_000)
-    """After a completion, wait this long so that completions arriving together share one commit."""
+    """After a completion, wait this long so that completions arriving together share one commit (not while the
+    fetch loop waits for room: then the commit goes out at once, since only a commit frees the budget)."""
     poll_timeout_ms: int = Field(default=100, ge=1)
     """Longest wait of one fetch when nothing arrives."""
     gc_gen0_threshold: int = Field(default=100_000, ge=0)
