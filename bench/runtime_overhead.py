@@ -15,7 +15,7 @@ the clock starts.
   included: pydantic validation into `DocumentRequest`, an `OcrResult` model encoded by the publisher with
   three headers.
 
-Both sides use the same client settings (fetch sizes, acks=all, linger_ms, producer batch size, no idempotence,
+Both sides use the same client settings (fetch sizes and wait, acks=all, linger_ms, producer batch size, no idempotence,
 read_committed) and B = the daemon's `max_in_flight`, and both produce result values of the same JSON shape
 (the daemon's also carry three headers). Both run under the daemon's garbage-collector settings: the
 collector is reset to the interpreter's defaults before every run, the daemon applies its own at startup
@@ -294,6 +294,7 @@ def consumer_options(settings: Settings) -> dict[str, Any]:
         "session_timeout_ms": k.session_timeout_ms,
         "heartbeat_interval_ms": k.heartbeat_interval_ms,
         "max_poll_interval_ms": k.max_poll_interval_ms,
+        "fetch_max_wait_ms": k.fetch_max_wait_ms,
         "max_partition_fetch_bytes": max(settings.max_input_message_bytes, 1024 * 1024),
         "fetch_max_bytes": max(settings.max_input_message_bytes * 2, 50 * 1024 * 1024),
         "isolation_level": "read_committed",

@@ -69,6 +69,10 @@ class KafkaSettings(_Section):
     """Consumer heartbeat period; keep it under a third of session_timeout_ms."""
     max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
     """Longest pause between polls before the member is considered stuck."""
+    fetch_max_wait_ms: int = Field(default=100, ge=0, le=60_000)
+    """Longest time the broker holds a fetch of the input partitions open waiting for new records. aiokafka
+    sends one fetch per broker at a time, so a partition that has caught up (nothing new to read) keeps a
+    backlogged partition on the same broker from being fetched again for up to this long."""
     request_timeout_ms: int = Field(default=40_000, ge=1_000)
     """Timeout of a single broker request, produce requests included."""
     linger_ms: int = Field(default=5, ge=0)
@@ -407,7 +411,8 @@ class Settings(BaseSettings):
     """How long the in-flight slots may stay full before the partitions are paused (short waits keep
     the client prefetching; long ones must not buffer or lose the group)."""
     commit_coalesce_ms: int = Field(default=5, ge=0, le=1_000)
-    """After a completion, wait this long so that completions arriving together share one commit."""
+    """After a completion, wait this long so that completions arriving together share one commit (not while the
+    fetch loop waits for room: then the commit goes out at once, since only a commit frees the budget)."""
     poll_timeout_ms: int = Field(default=100, ge=1)
     """Longest wait of one fetch when nothing arrives."""
     gc_gen0_threshold: int = Field(default=100_000, ge=0)

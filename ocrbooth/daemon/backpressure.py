@@ -99,6 +99,11 @@ class Backpressure:
         """Some handler took a message: the wait for room (if any) is over."""
         self._full_since = None
 
+    @property
+    def waiting_for_room(self) -> bool:
+        """Every handler is blocked and the fetch loop waits for room: a commit now is what frees it."""
+        return self._full_since is not None
+
     async def wait_for_room(self) -> None:
         """Every handler is full: wait for room to free, pausing once that lasts past pause_after_ms."""
         if self._full_since is None:

@@ -1,9 +1,10 @@
 """Commits: each partition's highest contiguous completed offset (`daemon/offsets.py`) goes to the group.
 
-Soon after completions (bounding redelivery; completions that arrive together share one round trip), at
-least every `commit_interval_ms`, and for revoked partitions and at close. A commit frees the handlers'
-budgets (`daemon/backpressure.py`). A commit the broker rejects is kept for the next try: nothing is lost, at
-worst redelivered.
+Soon after completions (bounding redelivery; completions that arrive within `commit_coalesce_ms` share one
+round trip), at once while the fetch loop waits for room (the budgets count messages until a commit covers
+them, so the coalescing wait would idle the daemon), at least every `commit_interval_ms`, and for revoked
+partitions and at close. A commit frees the handlers' budgets (`daemon/backpressure.py`). A commit the broker
+rejects is kept for the next try: nothing is lost, at worst redelivered.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ class Committer:
         """Commit soon after completions, at least every commit_interval_ms."""
         while self.client is not None:
             if await wait_event(self.wanted, self._s.commit_interval_ms / 1000):
-                # Let completions that arrive together share one commit round trip.
-                await asyncio.sleep(self._s.commit_coalesce_ms / 1000)
+                # Let completions that arrive together share one commit round trip, unless the fetch loop waits
+                # for the room this commit frees (completions of this turn still share it: sleep(0) is one turn).
+                coalesce_s = 0 if self._budgets.waiting_for_room else self._s.commit_coalesce_ms / 1000
+                await asyncio.sleep(coalesce_s)
             self.wanted.clear()
             await self.commit()
             self._update_lag()

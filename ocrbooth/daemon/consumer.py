@@ -91,6 +91,7 @@ class Consumer:
             session_timeout_ms=k.session_timeout_ms,
             heartbeat_interval_ms=k.heartbeat_interval_ms,
             max_poll_interval_ms=k.max_poll_interval_ms,
+            fetch_max_wait_ms=k.fetch_max_wait_ms,
             max_partition_fetch_bytes=max(self._s.max_input_message_bytes, 1024 * 1024),
             fetch_max_bytes=max(self._s.max_input_message_bytes * 2, 50 * 1024 * 1024),
             isolation_level="read_committed",

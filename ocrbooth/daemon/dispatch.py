@@ -134,7 +134,15 @@ class Dispatcher:
                 return await self._fail(value, handler, event, ctx, _handler_error(exc))
             try:
                 if handler.max_concurrency is None:
-                    result = await self._run(handler, event, ctx)
+                    # The first attempt here, without `_run`'s coroutine (almost every message succeeds at once);
+                    # a failure continues in `_run` as that attempt's.
+                    result: Acks | ErrorInfo
+                    try:
+                        result = await self._publisher.append(await handler.handle(event, ctx), ctx)
+                    except (FatalError, RequeueError):
+                        raise
+                    except Exception as exc:
+                        result = await self._run(handler, event, ctx, first_failure=exc)
                 else:
                     slot = self.slot(handler)
                     assert slot is not None
@@ -180,16 +188,23 @@ class Dispatcher:
         error = ErrorInfo(code="internal_error", message=f"{type(exc).__name__}: {exc}")  # the publisher clips it
         return await self.dead_letter(ctx, value, error)
 
-    async def _run(self, handler: AnyHandler, event: BaseModel, ctx: MessageContext) -> Acks | ErrorInfo:
+    async def _run(
+        self, handler: AnyHandler, event: BaseModel, ctx: MessageContext, first_failure: Exception | None = None
+    ) -> Acks | ErrorInfo:
         """Handle and hand the outputs to the producer, with retries; their acknowledgements, else why the message
-        failed. The handler's slot is free again once the outputs are sent, before the broker acknowledges."""
+        failed. The handler's slot is free again once the outputs are sent, before the broker acknowledges.
+        `first_failure`: the first attempt was made by the caller and raised this."""
         r = self._s.retry
         backoff: Backoff | None = None  # made at the first failure: almost every message succeeds at once
         outage_started: float | None = None
+        failed = first_failure
         while True:
             # An outage spends no attempts: it does not count a failure.
             attempt = 1 if backoff is None else backoff.failures + 1
             try:
+                if failed is not None:
+                    exc, failed = failed, None
+                    raise exc
                 outputs = await handler.handle(event, _with_attempt(ctx, attempt))
                 return await self._publisher.append(outputs, ctx)
             except (FatalError, RequeueError):

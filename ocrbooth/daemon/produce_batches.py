@@ -199,20 +199,24 @@ class ProduceBatches:
 
 _M = 0x5BD1E995  # murmur2's mixing constant
 _MASK = 0xFFFFFFFF
+# Unpackers of n little-endian 32-bit words, made once: building the format and finding its Struct per call cost
+# more than a short key's arithmetic.
+_WORDS = [struct.Struct(f"<{n}I").unpack_from for n in range(65)]
 
 
 def murmur2(data: bytes) -> int:
-    """Kafka's murmur2 of `data`, equal to `aiokafka.partitioner.murmur2` (a test compares them) in about half
+    """Kafka's murmur2 of `data`, equal to `aiokafka.partitioner.murmur2` (a test compares them) in about 40% of
     its time: aiokafka's pure-Python loop reads each 4-byte word byte by byte and masks after every operation;
-    here `struct` reads the words at once and only the products are masked."""
+    here `struct` reads the words at once (prepared unpackers) and only the products are masked. The constants
+    are literals, not globals, in the loop."""
     length = len(data)
     h = 0x9747B28C ^ length
     words = length >> 2
     if words:
-        for k in struct.unpack_from(f"<{words}I", data):
-            k = (k * _M) & _MASK
-            k = ((k ^ (k >> 24)) * _M) & _MASK
-            h = ((h * _M) & _MASK) ^ k
+        unpack = _WORDS[words] if words < len(_WORDS) else struct.Struct(f"<{words}I").unpack_from
+        for k in unpack(data):
+            k = (k * 0x5BD1E995) & 0xFFFFFFFF
+            h = ((h * 0x5BD1E995) & 0xFFFFFFFF) ^ (((k ^ (k >> 24)) * 0x5BD1E995) & 0xFFFFFFFF)
     tail = length & 3
     if tail:
         end = length - tail

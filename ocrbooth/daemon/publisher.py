@@ -131,8 +131,22 @@ class Publisher:
             records.append(record)
         self._live_producer()  # FatalError when not started
         started = time.perf_counter()
+        batches = self._batches
+        assert batches is not None  # set with the producer
         try:
-            futures = await self._add(records)
+            # The records join this turn's produce batches; the futures of the batches holding them. (Here rather
+            # than in a coroutine of its own: one level of coroutines less for every message.)
+            futures: list[asyncio.Future[Any]] = []
+            last = None
+            for rec in records:
+                topic = rec.topic
+                partitions = batches.cached(topic)
+                if partitions is None:
+                    partitions = await batches.partitions(topic)
+                future = batches.add(topic, partitions, rec.key, rec.value, rec.headers)
+                if future is not last:
+                    futures.append(future)
+                    last = future
         except _RETRIED as exc:
             # No metadata for the topic (deleted, broker away): the retrying path, one record at a time.
             elapsed = await self._send_retrying(records, exc)
@@ -313,23 +327,6 @@ class Publisher:
             return await self._send_once(producer, records)
         except _RETRIED as exc:
             return await self._send_retrying(records, exc)
-
-    async def _add(self, records: Sequence[_Record]) -> list[asyncio.Future[Any]]:
-        """Append the records to this turn's produce batches; the futures of the batches holding them."""
-        batches = self._batches
-        assert batches is not None  # set with the producer
-        futures: list[asyncio.Future[Any]] = []
-        last = None
-        for rec in records:
-            topic = rec.topic
-            partitions = batches.cached(topic)
-            if partitions is None:
-                partitions = await batches.partitions(topic)
-            future = batches.add(topic, partitions, rec.key, rec.value, rec.headers)
-            if future is not last:
-                futures.append(future)
-                last = future
-        return futures
 
     def _live_producer(self) -> AIOKafkaProducer:
         producer = self._producer
