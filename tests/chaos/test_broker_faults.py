@@ -44,8 +44,13 @@ def _env(broker: PrivateBroker, topics: TopicNames, group_id: str, **extra: str)
     return {**broker.env(), **topics.env(), **SHORT_SESSION, "OCRBOOTH_GROUP_ID": group_id, **extra}
 
 
-RESTART_N = 800
+RESTART_N = 1000
 RESTART_IN_FLIGHT = 8
+# Each event sleeps 100-200 ms, so the daemon handles at most 8 / 0.1 s = 80 events a second however fast the
+# runtime gets. The daemon keeps handling what it has fetched while the broker is down, and Tansu's graceful stop
+# takes about 5 s: at most ~400 events go by during the first restart, so both restarts land mid-stream.
+RESTART_DELAY_MS = (100, 200)
+RESTART_AFTER = ((150, False), (500, True))  # (events handled, SIGKILL) before each restart
 RESTART_WALL_BOUND_S = 150
 # A restart can cost the results in flight twice: resent by the producer, and redelivered on reassignment.
 RESTART_DUPLICATE_BOUND = 2 * 2 * RESTART_IN_FLIGHT
@@ -60,17 +65,17 @@ async def test_two_broker_restarts_lose_nothing(
     chaos_report: Callable[[Figures], None],
 ) -> None:
     """Tansu (log in S3) stopped and started on the same port twice, once gracefully and once with SIGKILL,
-    while the daemon works through 800 events: it reconnects by itself and every request is answered."""
+    while the daemon works through 1,000 events: it reconnects by itself and every request is answered."""
     started = time.monotonic()
     await asyncio.to_thread(broker.start)
     await asyncio.to_thread(broker.create_topics, own_topics.partition_counts(4))
     bootstrap = broker.bootstrap_servers
-    ends = await produce(bootstrap, own_topics.ocr_requests, echo_stream(RESTART_N, seed=3, delay_ms=(20, 60)))
+    ends = await produce(bootstrap, own_topics.ocr_requests, echo_stream(RESTART_N, seed=3, delay_ms=RESTART_DELAY_MS))
     env = _env(broker, own_topics, group_id, OCRBOOTH_MAX_IN_FLIGHT=str(RESTART_IN_FLIGHT))
     proc = DaemonProcess(env, tmp_path / "daemon.log").start()
     try:
         await proc.wait_ready()
-        for restart, (after, kill) in enumerate([(150, False), (400, True)]):
+        for restart, (after, kill) in enumerate(RESTART_AFTER):
             await wait_until(lambda a=after: handled(proc) >= a, 90, interval_s=0.05, message=f"{after} handled")
             assert handled(proc) < RESTART_N, f"the stream was done before restart {restart}"
             await asyncio.to_thread(broker.restart, kill=kill)
