@@ -76,6 +76,8 @@ class InFlight:
         self.counts = {"succeeded": 0, "dead_lettered": 0, "failed_result": 0, "requeued": 0}
         self._metric_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._acked: list[_Acked] = []
+        self._by_batch: dict[asyncio.Future[Any], list[_Acked]] = {}
+        """Messages waiting for one produce batch's answer (all their outputs in it), by the batch's future."""
         """Messages acknowledged since the last `_finish_acked`, which is scheduled when the first arrives."""
         metrics.in_flight.set_function(self.__len__)
 
@@ -179,9 +181,20 @@ class InFlight:
                 else:
                     # Only the acknowledgement is left: its callback finishes the message.
                     self._awaiting_acks += 1
-                    result.acks.when_done(
-                        functools.partial(self._acknowledged, (tp, record.offset, epoch, started, result))
-                    )
+                    entry = (tp, record.offset, epoch, started, result)
+                    futures = result.acks.futures
+                    if len(futures) == 1:
+                        # The usual case: all its outputs in one produce batch. The batch's future calls back once
+                        # for all the messages waiting on it (a callback per message costs each a loop handle).
+                        future = futures[0]
+                        waiting = self._by_batch.get(future)
+                        if waiting is None:
+                            self._by_batch[future] = [entry]
+                            future.add_done_callback(self._batch_done)
+                        else:
+                            waiting.append(entry)
+                    else:
+                        result.acks.when_done(functools.partial(self._acknowledged, entry))
                     outcome = ""
         except FatalError as exc:
             self._on_fatal(exc)
@@ -200,6 +213,14 @@ class InFlight:
         acked.append(entry)
         if len(acked) == 1:
             asyncio.get_running_loop().call_soon(self._finish_acked)
+
+    def _batch_done(self, future: asyncio.Future[Any]) -> None:
+        """A produce batch was answered: queue every message whose outputs were all in it, as `_acknowledged`
+        does one message."""
+        acked = self._acked
+        if not acked:
+            asyncio.get_running_loop().call_soon(self._finish_acked)
+        acked.extend(self._by_batch.pop(future))
 
     def _finish_acked(self) -> None:
         """Finish the queued acknowledged messages: each one's publish and handle latency, offset completion and

@@ -315,3 +315,29 @@ async def test_stop_submits_the_pending_batches_before_closing_the_producer() ->
     assert rt.acked() == 2
     with pytest.raises(FatalError):
         await rt.publisher.append(outputs, ctx)
+
+
+async def test_a_batch_acknowledgement_finishes_its_messages_with_one_callback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The messages waiting on one produce batch are finished by one callback on the batch's future, not one per
+    message: answering a batch of 50 schedules a few loop callbacks, not 50."""
+    rt = Runtime()
+    rt.start_many(list(range(50)))
+    await _until(lambda: len(rt.producer.sent) == 50)
+    await asyncio.sleep(0.01)
+    assert len(rt.producer.batches) == 1
+    loop = asyncio.get_running_loop()
+    scheduled: list[Any] = []
+    call_soon = loop.call_soon
+
+    def counting_call_soon(callback: Any, *args: Any, **kwargs: Any) -> Any:
+        scheduled.append(callback)
+        return call_soon(callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_soon", counting_call_soon)
+    rt.producer.answer()
+    await _until(lambda: rt.inflight.counts["succeeded"] == 50)
+    monkeypatch.undo()
+    assert len(scheduled) < 10, scheduled
+    assert rt.tracker.commit_plan() == {rt.tp: 50}
+    assert rt.acked() == 50
+    assert len(rt.inflight) == 0
