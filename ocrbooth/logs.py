@@ -11,7 +11,7 @@ import contextvars
 import json
 import logging
 import sys
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from structlog.contextvars import (
@@ -25,22 +25,62 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 # Set on a LogRecord once another handler's Formatter has run; not fields of ours.
 _FORMATTER_ATTRS = ("message", "asctime")
 
-_MESSAGE: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("ocrbooth_message", default=None)
+
+class Source(Protocol):
+    """Where a message came from (`MessageContext` fits)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+
+
+_MESSAGE: contextvars.ContextVar[dict[str, Any] | Source | None] = contextvars.ContextVar(
+    "ocrbooth_message", default=None
+)
 """The fields of the message this task handles: one variable set once or twice per message, where structlog's
-`bind_contextvars` sets one variable per field (it runs for every message, thousands a second)."""
+`bind_contextvars` sets one variable per field (it runs for every message, thousands a second). A `Source`
+(`bind_source`) stands for its topic, partition and offset until a record is logged or fields are added."""
+
+
+def _message_fields() -> dict[str, Any] | None:
+    message = _MESSAGE.get()
+    if message is None or isinstance(message, dict):
+        return message
+    return {"topic": message.topic, "partition": message.partition, "offset": message.offset}
 
 
 def current_context() -> dict[str, Any]:
     """The fields bound in this task now."""
-    message = _MESSAGE.get()
+    message = _message_fields()
     return {**message, **get_contextvars()} if message else get_contextvars()
 
 
 def bind_message(**fields: Any) -> None:
     """Add fields of the message being handled (its coordinates, its ids) to every record this task logs from
     here on, and to the tasks it starts. Fields bound with `bind`/`log_context` win over these."""
-    message = _MESSAGE.get()
+    message = _message_fields()
     _MESSAGE.set({**message, **fields} if message else fields)
+
+
+def bind_message_of(source: Source, fields: dict[str, Any]) -> None:
+    """`bind_message(**fields)` in a task that bound `source` (`bind_source`), in one step when nothing else was
+    bound since."""
+    if _MESSAGE.get() is source:
+        _MESSAGE.set({"topic": source.topic, "partition": source.partition, "offset": source.offset, **fields})
+    else:
+        bind_message(**fields)
+
+
+def bind_source(source: Source) -> None:
+    """`bind_message(topic=..., partition=..., offset=...)` of `source`, without building the fields until a record
+    is logged (a message's task binds its coordinates first, and most messages log nothing)."""
+    if _MESSAGE.get() is None:
+        _MESSAGE.set(source)
+    else:
+        bind_message(topic=source.topic, partition=source.partition, offset=source.offset)
 
 
 def log_context(**fields: Any) -> contextlib.AbstractContextManager[None]:
@@ -72,7 +112,7 @@ def bind(**fields: Any) -> None:
 
 
 def _merge_message(_logger: WrappedLogger, _name: str, event: EventDict) -> EventDict:
-    message = _MESSAGE.get()
+    message = _message_fields()
     if message:
         for key, value in message.items():
             event.setdefault(key, value)

@@ -26,7 +26,7 @@ from ocrbooth.daemon.outage import Dependency
 from ocrbooth.daemon.publisher import Acks, Publisher
 from ocrbooth.errors import FatalError, PoisonError, RequeueError, RetryableError
 from ocrbooth.handlers.base import AnyHandler
-from ocrbooth.logs import bind_message
+from ocrbooth.logs import bind_message_of
 from ocrbooth.messages import MessageContext, OutputEvent, clip
 from ocrbooth.metrics import Metrics
 from ocrbooth.retry import Backoff
@@ -123,7 +123,7 @@ class Dispatcher:
                     if isinstance(field, str):
                         ids[key] = field
                 if ids:
-                    bind_message(**ids)
+                    bind_message_of(ctx, ids)
             handler = route.handler
             try:
                 handler.validate(event)

@@ -26,7 +26,7 @@ from ocrbooth.daemon.decode import message_context
 from ocrbooth.daemon.dispatch import Dispatcher, Interrupted, Pending, Route
 from ocrbooth.daemon.offsets import OffsetTracker
 from ocrbooth.errors import FatalError, OcrboothError
-from ocrbooth.logs import bind_message
+from ocrbooth.logs import bind_source
 from ocrbooth.messages import MessageContext
 from ocrbooth.metrics import Metrics
 from ocrbooth.retry import Backoff, retry
@@ -167,7 +167,7 @@ class InFlight:
         """One message, to its outputs being with the producer (or to its outcome). `covered`: the crash guard's
         recorded window is known to cover its offset."""
         ctx = message_context(record)
-        bind_message(topic=ctx.topic, partition=ctx.partition, offset=ctx.offset)  # this task's own log context
+        bind_source(ctx)  # this task's own log context: its topic, partition and offset
         started = time.perf_counter()
         outcome = "requeued"
         try:

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from ocrbooth.logs import bind, configure_logging, current_context, log_context
+from ocrbooth.logs import bind, bind_message_of, bind_source, configure_logging, current_context, log_context
+from ocrbooth.messages import MessageContext
 
 LOGGER = "ocrbooth.test_logs"
 DEADLINE_S = 5.0
@@ -158,3 +159,32 @@ async def test_records_from_concurrent_tasks_carry_their_own_context(capsys: pyt
     records = _json_lines(capsys)
     assert sorted(r["offset"] for r in records) == [1, 2]
     assert all(r["msg"] == "processing" for r in records)
+
+
+@pytest.mark.usefixtures("restore_logging")
+async def test_a_bound_source_logs_its_coordinates_and_takes_the_ids_after_them(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`bind_source` stands for the message's topic, partition and offset (built only when something reads them);
+    `bind_message_of` adds ids after them, as `bind_message` would; another task's source does not leak in."""
+    configure_logging("INFO", "json")
+    log = logging.getLogger(LOGGER)
+    ctx = MessageContext("ocr.requests", 2, 41, None, None)
+    other = MessageContext("ocr.requests", 3, 7, None, None)
+
+    async def one_message() -> dict[str, Any]:
+        bind_source(ctx)
+        assert current_context() == {"topic": "ocr.requests", "partition": 2, "offset": 41}
+        log.info("decoded")
+        bind_message_of(ctx, {"request_id": "req-1"})
+        log.info("handled")
+        bind_message_of(other, {"document_id": "doc-1"})  # not this task's source: merged as bind_message does
+        return current_context()
+
+    last = await asyncio.create_task(one_message())
+    assert list(last) == ["topic", "partition", "offset", "request_id", "document_id"]
+    assert current_context() == {}
+    first, second = _json_lines(capsys)
+    assert (first["topic"], first["partition"], first["offset"]) == ("ocr.requests", 2, 41)
+    assert "request_id" not in first
+    assert (second["offset"], second["request_id"]) == (41, "req-1")
