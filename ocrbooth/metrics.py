@@ -345,6 +345,15 @@ class LoopHistogramChild:
         if amount == amount:
             self.counts[bisect_left(self._bounds, amount)] += 1
 
+    def observe_each(self, amounts: Iterable[float]) -> None:
+        """`observe` each of `amounts`, in order (the same sum to the last bit), in one call."""
+        bounds, counts, total = self._bounds, self.counts, self.sum
+        for amount in amounts:
+            total += amount
+            if amount == amount:
+                counts[bisect_left(bounds, amount)] += 1
+        self.sum = total
+
 
 class _LoopMetric(Generic[ChildT]):
     """What LoopCounter and LoopHistogram share: label handling (prometheus_client's rules) and registration."""

@@ -76,9 +76,9 @@ class InFlight:
         self.counts = {"succeeded": 0, "dead_lettered": 0, "failed_result": 0, "requeued": 0}
         self._metric_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._acked: list[_Acked] = []
+        """Messages acknowledged since the last `_finish_acked`, which is scheduled when the first arrives."""
         self._by_batch: dict[asyncio.Future[Any], list[_Acked]] = {}
         """Messages waiting for one produce batch's answer (all their outputs in it), by the batch's future."""
-        """Messages acknowledged since the last `_finish_acked`, which is scheduled when the first arrives."""
         metrics.in_flight.set_function(self.__len__)
 
     def __len__(self) -> int:
@@ -230,11 +230,15 @@ class InFlight:
         self._awaiting_acks -= len(batch)
         now = time.perf_counter()
         oks = self._dispatcher.acknowledged([entry[4] for entry in batch], now)
-        complete = self._tracker.complete
-        succeeded: dict[str, int] = {}
-        advanced = False
+        latencies_of: dict[str, list[float]] = {}  # per topic, the handle latencies of its succeeded messages
+        runs: list[
+            tuple[TopicPartition, int, list[int]]
+        ] = []  # offsets to complete, in runs of one partition and epoch
         topic = ""
-        seconds: Any = None
+        latencies: list[float] = []
+        run: list[int] = []
+        run_tp: TopicPartition | None = None
+        run_epoch = -1
         for entry, ok in zip(batch, oks, strict=True):
             tp, offset, epoch, started, _ = entry
             if not ok:
@@ -242,16 +246,25 @@ class InFlight:
                 continue
             if tp.topic != topic:
                 topic = tp.topic
-                succeeded.setdefault(topic, 0)
-                children = self._metric_children.get((topic, "succeeded"))
-                seconds = (children if children is not None else self._topic_metrics(topic, "succeeded"))[1]
-            succeeded[topic] += 1
-            seconds.observe(now - started)
-            if complete(tp, offset, epoch):
+                latencies = latencies_of.setdefault(topic, [])
+            latencies.append(now - started)
+            if tp is not run_tp or epoch != run_epoch:  # one batch's messages are mostly of one partition
+                run = []
+                runs.append((tp, epoch, run))
+                run_tp, run_epoch = tp, epoch
+            run.append(offset)
+        complete_many = self._tracker.complete_many
+        advanced = False
+        for tp, epoch, offsets in runs:
+            if complete_many(tp, offsets, epoch):
                 advanced = True
-        for topic, n in succeeded.items():
-            self.counts["succeeded"] += n
-            self._metric_children[(topic, "succeeded")][0].inc(n)
+        for topic, latencies in latencies_of.items():
+            self.counts["succeeded"] += len(latencies)
+            handled, seconds = self._metric_children.get((topic, "succeeded")) or self._topic_metrics(
+                topic, "succeeded"
+            )
+            handled.inc(len(latencies))
+            seconds.observe_each(latencies)
         if advanced:
             self._committer.wanted.set()
         self._budgets.freed.set()

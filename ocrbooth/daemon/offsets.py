@@ -59,6 +59,14 @@ class PartitionOffsets:
 
     def complete(self, offset: int) -> None:
         self._done.add(offset)
+        self._advance()
+
+    def complete_many(self, offsets: Iterable[int]) -> None:
+        """`complete` for several offsets at once (those acknowledged together), the committable point moved once."""
+        self._done.update(offsets)
+        self._advance()
+
+    def _advance(self) -> None:
         idx = max(self._contig, self._head)
         while idx < len(self._started) and self._started[idx] in self._done:
             idx += 1
@@ -138,6 +146,14 @@ class OffsetTracker(Generic[TP]):
         if part is None or part.epoch != epoch:
             return False
         part.complete(offset)
+        return True
+
+    def complete_many(self, tp: TP, offsets: list[int], epoch: int) -> bool:
+        """`complete` for several offsets of `tp` (in any order); False when they belong to a revoked assignment."""
+        part = self._parts.get(tp)
+        if part is None or part.epoch != epoch:
+            return False
+        part.complete_many(offsets)
         return True
 
     def commit_plan(self, only: Iterable[TP] | None = None) -> dict[TP, int]:

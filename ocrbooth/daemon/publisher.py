@@ -183,16 +183,22 @@ class Publisher:
         """For acknowledgements that arrived together (each `Acks.when_done` called back, by `now`, a perf_counter
         reading): per Acks, True (and its records counted as acknowledged) when every record went through; False
         when one failed, and `settle` must retry or refuse. Counted once per topic, observed once per record."""
-        results = []
-        acked: dict[str, int] = {}
+        results: list[bool] = []
+        latencies_of: dict[str, list[float]] = {}  # per topic, the publish latency of each acknowledged record
         topic = ""
-        seconds: Any = None
+        latencies: list[float] = []
+        last: asyncio.Future[Any] | None = None  # the messages of one batch share its future: checked once
         for acks in batch:
-            ok = True
-            for future in acks.futures:
-                if future.cancelled() or future.exception() is not None:
-                    ok = False
-                    break
+            futures = acks.futures
+            if len(futures) == 1 and futures[0] is last:
+                ok = results[-1]
+            else:
+                ok = True
+                for future in futures:
+                    if future.cancelled() or future.exception() is not None:
+                        ok = False
+                        break
+                last = futures[0] if len(futures) == 1 else None
             results.append(ok)
             if not ok:
                 continue
@@ -201,14 +207,15 @@ class Publisher:
             for rec in acks.records:
                 if rec.topic != topic:
                     topic = rec.topic
-                    seconds = self._children(topic)[2]
-                acked[topic] = acked.get(topic, 0) + 1
-                seconds.observe(elapsed)
-        if acked:
+                    latencies = latencies_of.setdefault(topic, [])
+                latencies.append(elapsed)
+        if latencies_of:
             if self._broker is not None and self._broker.down:
                 self._broker.mark_up()
-            for topic, n in acked.items():
-                self._children(topic)[0].inc(n)
+            for topic, latencies in latencies_of.items():
+                children = self._children(topic)
+                children[0].inc(len(latencies))
+                children[2].observe_each(latencies)
         return results
 
     async def dead_letter(self, ctx: MessageContext, value: bytes | None, error: ErrorInfo) -> None:

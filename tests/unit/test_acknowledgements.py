@@ -341,3 +341,26 @@ async def test_a_batch_acknowledgement_finishes_its_messages_with_one_callback(m
     assert rt.tracker.commit_plan() == {rt.tp: 50}
     assert rt.acked() == 50
     assert len(rt.inflight) == 0
+
+
+async def test_batches_answered_together_finish_their_messages_each_by_its_own_answer() -> None:
+    """Two produce batches answered in the same turn, one refused by broker trouble: the other's messages succeed
+    and are counted, the refused one's are sent again and succeed once that is acknowledged."""
+    rt = Runtime(partitions=2)
+    rt.start_many(list(range(20)))
+    await _until(lambda: len(rt.producer.sent) == 20)
+    await asyncio.sleep(0.01)
+    assert len(rt.producer.batches) == 2
+    (_, _, failing_n), (_, _, ok_n) = rt.producer.batches
+    first, second = rt.producer.pending
+    rt.producer.pending = []
+    first.set_exception(KafkaConnectionError("broker went away"))
+    second.set_result(None)
+    await _until(lambda: rt.inflight.counts["succeeded"] == ok_n)
+    await _until(lambda: len(rt.producer.sent) == 20 + failing_n)  # the refused batch's outputs, again
+    assert rt.acked() == ok_n
+    rt.producer.answer()
+    await _until(lambda: rt.inflight.counts["succeeded"] == 20)
+    assert rt.acked() == 20
+    assert rt.tracker.commit_plan() == {rt.tp: 20}
+    assert len(rt.inflight) == 0

@@ -160,3 +160,23 @@ def test_the_per_message_metrics_are_the_loop_metrics_and_keep_their_names() -> 
     assert registry.get_sample_value("ocrbooth_produced_messages_total", {"topic": "out", "outcome": "acked"}) == 0
     assert registry.get_sample_value("ocrbooth_handle_duration_seconds_count", {"topic": "in"}) == 0
     assert registry.get_sample_value("ocrbooth_publish_duration_seconds_bucket", {"topic": "out", "le": "+Inf"}) == 0
+
+
+def test_observing_several_values_at_once_equals_observing_them_one_by_one() -> None:
+    """`observe_each` (the latencies of messages acknowledged together) gives the buckets and, to the last bit,
+    the sum of `observe` per value in the same order; NaN lands in no bucket."""
+    registry = CollectorRegistry()
+    histogram = LoopHistogram("e_seconds", "e", ["topic"], buckets=(0.001, 0.01, 0.1, 1), registry=registry)
+    values = [0.1, 0.2, 0.3, 1e-9, 0.01, 0.0105, 7.0, float("nan"), 0.001, 1 / 3]
+    one, together = histogram.labels("a"), histogram.labels("b")
+    for value in values:
+        one.observe(value)
+    together.observe_each(values)
+    assert together.counts == one.counts
+    assert repr(together.sum) == repr(one.sum)
+    finite = [v for v in values if v == v]
+    together.observe_each(finite)
+    for value in finite:
+        one.observe(value)
+    assert together.counts == one.counts
+    assert repr(together.sum) == repr(one.sum)

@@ -302,3 +302,27 @@ def test_starting_a_fetch_out_of_order_is_refused_whole() -> None:
     with pytest.raises(ValueError, match="below the committed position"):
         fresh.start_many(TP, [9, 10])
     assert fresh.tracked == 0
+
+
+def test_completing_offsets_together_equals_completing_them_one_by_one() -> None:
+    """`complete_many` (the offsets one acknowledgement finishes, in any order) leaves the same committable
+    positions and pending offsets as `complete` per offset; a revoked assignment's offsets are refused."""
+    rng = random.Random(7)
+    one: OffsetTracker[str] = OffsetTracker()
+    many: OffsetTracker[str] = OffsetTracker()
+    for t in (one, many):
+        t.assign(["p"])
+    epoch = one.start_many("p", list(range(100)))
+    assert many.start_many("p", list(range(100))) == epoch
+    order = list(range(100))
+    rng.shuffle(order)
+    for i in range(0, 100, 7):
+        group = order[i : i + 7]
+        for offset in group:
+            assert one.complete("p", offset, epoch)
+        assert many.complete_many("p", group, epoch)
+        assert one.commit_plan() == many.commit_plan()
+        assert one.pending_offsets("p") == many.pending_offsets("p")
+    assert many.commit_plan() == {"p": 100}
+    assert not many.complete_many("p", [1], epoch + 1)
+    assert not many.complete_many("q", [1], epoch)
