@@ -34,6 +34,7 @@ PINS = (
     # the daemon
     "aiokafka==0.14.0",
     "async-timeout==5.0.1",
+    "murmurhash2==0.2.10",
     "boto3==1.44.8",
     "botocore==1.44.18",
     "s3transfer==0.19.3",
