@@ -39,6 +39,15 @@ from ocrbooth.dev.embedded import EmbeddedStack
 _TOTALS = re.compile(rb"^totals: (\d+)", re.MULTILINE)  # "summary:" counts from the start (0 here)
 
 
+def callgrind_totals(data: bytes) -> int:
+    """The instruction count of a callgrind output file: its `totals:` line (its `summary:` line counts from the
+    start of the process, with instrumentation off there: 0)."""
+    found = _TOTALS.search(data)
+    if found is None:
+        raise ValueError("no `totals:` line in the callgrind output")
+    return int(found.group(1))
+
+
 def _toggle(on: bool) -> None:
     """Switch callgrind's instrumentation of this process on or off (blocks until it has)."""
     subprocess.run(
@@ -88,10 +97,7 @@ def _count(side: Side, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "--max-in-flight", str(args.max_in_flight), "--storage", args.storage,
     ]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, timeout=1800)
-    found = _TOTALS.search(out.read_bytes())
-    if found is None:
-        raise RuntimeError(f"no totals in {out}")
-    instructions = int(found.group(1))
+    instructions = callgrind_totals(out.read_bytes())
     run = json.loads(info.read_text())
     return {**run, "instructions": instructions, "instructions_per_event": round(instructions / run["events"])}
 
