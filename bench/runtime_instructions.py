@@ -95,6 +95,7 @@ def _count(side: Side, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         sys.executable, __file__, "--child", side, "--child-out", str(info),
         "--events", str(args.events), "--partitions", str(args.partitions),
         "--max-in-flight", str(args.max_in_flight), "--storage", args.storage,
+        *(f"--set={k}={v}" for k, v in args.overrides.items()),
     ]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, timeout=1800)
     instructions = callgrind_totals(out.read_bytes())
@@ -110,10 +111,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", choices=("s3", "memory"), default="s3")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--name", default="runtime_instructions")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="OCRBOOTH_KEY=VALUE",
+        help="a daemon setting for both sides (repeatable), as runtime_overhead.py's --set",
+    )
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.overrides = {}
+    args.overrides = dict(item.split("=", 1) for item in args.set)
+    if any(not key.startswith("OCRBOOTH_") for key in args.overrides):
+        parser.error("--set takes OCRBOOTH_KEY=VALUE")
     if args.child:
         run = eventloop.run(_child(args.child, args), "auto")
         args.child_out.write_text(json.dumps(run))
@@ -137,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             "partitions": args.partitions,
             "max_in_flight": args.max_in_flight,
             "window": "runtime_overhead.py's: first getmany() with records -> commit() covering all N",
+            "overrides": args.overrides,
         },
         "sides": sides,
         "instructions_per_event": {"plain": plain, "daemon": daemon},
