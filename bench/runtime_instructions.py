@@ -73,14 +73,11 @@ class _CountingProbe(Probe):
 
 async def _child(side: Side, args: argparse.Namespace) -> dict[str, Any]:
     """One run of `side` (inside valgrind): its requests and events, for the parent's report."""
-    import bench.runtime_overhead as overhead
-
-    overhead.Probe = _CountingProbe  # type: ignore[misc]  # one_run makes its probe from this name
     with tempfile.TemporaryDirectory(prefix="ocrbooth-instr-") as tmp:
         stack = EmbeddedStack(Path(tmp), storage=args.storage, topics={})
         await asyncio.to_thread(stack.start)
         try:
-            result, _ = await one_run(stack, side, 0, args)
+            result, _ = await one_run(stack, side, 0, args, probe_type=_CountingProbe)
         finally:
             await asyncio.to_thread(stack.stop)
     return {"events": result.events, "commits": result.commits, "requests": result.requests}

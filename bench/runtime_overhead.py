@@ -387,9 +387,15 @@ def settings_for(
 
 
 async def one_run(
-    stack: EmbeddedStack, side: Side, index: int, args: argparse.Namespace, profiler: cProfile.Profile | None = None
+    stack: EmbeddedStack,
+    side: Side,
+    index: int,
+    args: argparse.Namespace,
+    profiler: cProfile.Profile | None = None,
+    probe_type: type[Probe] = Probe,
 ) -> tuple[RunResult, dict[str, str]]:
-    """Fresh topics and group, N input events produced, then one timed run of `side` (under `profiler`, if any)."""
+    """Fresh topics and group, N input events produced, then one timed run of `side` (under `profiler`, if any),
+    timed by a `probe_type`."""
     events: int = args.events
     topics = RunTopics.fresh(side, index)
     settings, env = settings_for(stack.env(), topics, args.max_in_flight, args.overrides)
@@ -398,7 +404,7 @@ async def one_run(
     )
     await produce_inputs(settings, topics.requests, events)
     await establish_group(settings, topics, args.partitions)
-    probe = Probe(events)
+    probe = probe_type(events)
     started = time.perf_counter()
     with probe.installed():
         reset_gc()

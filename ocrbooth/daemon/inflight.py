@@ -231,9 +231,8 @@ class InFlight:
         now = time.perf_counter()
         oks = self._dispatcher.acknowledged([entry[4] for entry in batch], now)
         latencies_of: dict[str, list[float]] = {}  # per topic, the handle latencies of its succeeded messages
-        runs: list[
-            tuple[TopicPartition, int, list[int]]
-        ] = []  # offsets to complete, in runs of one partition and epoch
+        # Offsets to complete, in runs of one partition and epoch.
+        runs: list[tuple[TopicPartition, int, list[int]]] = []
         topic = ""
         latencies: list[float] = []
         run: list[int] = []

@@ -24,9 +24,14 @@ from typing import Any, Protocol
 
 from aiokafka.errors import KafkaError, ProducerClosed
 from aiokafka.partitioner import DefaultPartitioner
-from murmurhash2 import murmurhash2 as _murmurhash2
+from murmurhash2 import murmurhash2
 
 log = logging.getLogger(__name__)
+
+MURMUR2_SEED = 0x9747B28C
+"""Kafka's murmur2 seed (org.apache.kafka.common.utils.Utils.murmur2): with it, the `murmurhash2` package's compiled
+MurmurHash2 equals `aiokafka.partitioner.murmur2` (a test compares them on every length and byte), 0.2 us a key
+against ~3 for aiokafka's pure-Python loop."""
 
 
 class BatchProducer(Protocol):
@@ -114,8 +119,8 @@ class ProduceBatches:
         if key == self._last_key and last is not None and last[0] is partitions:
             # A message's outputs usually share a key (an OcrResult, then its ReviewFlag).
             return last[1]
-        # DefaultPartitioner's formula over murmur2 (called directly: `murmur2` below is one Python call more)
-        partition = partitions[(_murmurhash2(key, _MURMUR2_SEED) & 0x7FFFFFFF) % len(partitions)]
+        # DefaultPartitioner's formula
+        partition = partitions[(murmurhash2(key, MURMUR2_SEED) & 0x7FFFFFFF) % len(partitions)]
         self._last_key = key
         self._last_choice = (partitions, partition)
         return partition
@@ -196,16 +201,6 @@ class ProduceBatches:
     def _submitter_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             log.error("submitting produce batches failed", exc_info=task.exception())
-
-
-_MURMUR2_SEED = 0x9747B28C  # Kafka's (org.apache.kafka.common.utils.Utils.murmur2)
-
-
-def murmur2(data: bytes) -> int:
-    """Kafka's murmur2 of `data`, equal to `aiokafka.partitioner.murmur2` (a test compares them on every length and
-    byte): the `murmurhash2` package's compiled MurmurHash2 with Kafka's seed, 0.2 us a key against 1.3 for the
-    best pure-Python loop (which this module had) and ~3 for aiokafka's."""
-    return _murmurhash2(data, _MURMUR2_SEED)
 
 
 def _fail(future: asyncio.Future[None], exc: BaseException) -> None:
