@@ -73,6 +73,9 @@ def main() -> int:
     parser.add_argument(
         "--kv-cache-dtype", choices=("auto", "fp8_e4m3"), default="auto", help="the engine's kv_cache_dtype"
     )
+    parser.add_argument(
+        "--max-slots", type=int, default=256, help="the engine's max_slots (pages decoding at once, if the KV fits)"
+    )
     parser.add_argument("--trace-dir", type=Path, help="section `profile`: also write its Chrome traces here")
     parser.add_argument("--workdir", type=Path, help="where the random model is saved (default: a temp dir)")
     parser.add_argument(
@@ -81,7 +84,8 @@ def main() -> int:
     parser.add_argument(
         "--overlap-modes",
         default="stream,priority,serial",
-        help="section `overlap`: the fixed-length runs (first of --new-tokens) once per prefill_overlap mode",
+        help="section `overlap`: the fixed-length runs (first of --new-tokens) once per prefill_overlap mode "
+        "(`green:N`: prefill limited to N SMs)",
     )
     args = parser.parse_args()
     if args.plot_only:
@@ -159,6 +163,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
             fused_norms=args.fused_norms == "on",
             compile_layers=args.compile_layers == "on",
             kv_cache_dtype=args.kv_cache_dtype,
+            max_slots=args.max_slots,
         ),
     )
     started = time.perf_counter()
@@ -205,8 +210,10 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         """The same fixed-length runs with prefill sharing the GPU each way (one engine, switched while idle)."""
         out = {}
         for mode in args.overlap_modes.split(","):
-            engine.runner.set_prefill_overlap(mode)
-            out[mode] = fixed_lengths(engine, images["portrait"], lengths[:1], ints(args.batches), model, ceil)
+            name, _, sms = mode.partition(":")  # "green:64": prefill on a stream limited to 64 SMs
+            engine.runner.set_prefill_overlap(name, int(sms or 0))
+            runs = fixed_lengths(engine, images["portrait"], lengths[:1], ints(args.batches), model, ceil)
+            out[mode] = [{**run, "prefill_sms": engine.runner.prefill_sms} for run in runs]
         engine.runner.set_prefill_overlap(args.prefill_overlap)
         return out
 

@@ -76,11 +76,12 @@ def test_continuous_batch_matches_single_pages(tiny_dir: Path, dtype: str) -> No
                 assert g.token_probs == pytest.approx(a.token_probs, abs=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["priority", "serial"])
+@pytest.mark.parametrize("mode", ["priority", "serial", "green"])
 def test_prefill_overlap_modes_give_the_same_tokens(tiny_dir: Path, mode: str) -> None:
-    """Prefill on a prioritised pair of streams or between decode chunks changes when work runs, never what
-    a page gets: through 2 slots (pages join mid-decode) the ids and probabilities equal the default mode's
-    on the same engine (another engine may tune other kernels, whose bfloat16 roundings differ)."""
+    """Prefill on a prioritised pair of streams, between decode chunks or on a stream limited to part of the
+    SMs (a green context) changes when work runs, never what a page gets: through 2 slots (pages join
+    mid-decode) the ids and probabilities equal the default mode's on the same engine (another engine may tune
+    other kernels, whose bfloat16 roundings differ)."""
     engine = load(tiny_dir, config=EngineConfig(kv_cache_tokens=65_536, max_new_tokens=1024, max_slots=2))
     batch = pages()
     expected = engine.generate(batch)

@@ -197,17 +197,20 @@ def test_a_varlen_kernel_that_refuses_an_input_falls_back_to_sdpa(
 
 
 def test_prefill_overlap_is_checked_and_switchable_while_idle(engine: LightOnOcrEngine) -> None:
-    """The setting names one of the three modes; a CPU engine takes any of them (it has no streams) and
+    """The setting names one of the four modes; a CPU engine takes any of them (it has no streams) and
     decodes the same."""
-    with pytest.raises(ConfigError, match="prefill_overlap must be one of stream, priority, serial"):
+    with pytest.raises(ConfigError, match="prefill_overlap must be one of stream, priority, serial, green"):
         EngineConfig(prefill_overlap="parallel")
     with pytest.raises(ValueError, match="prefill overlap must be one of"):
         engine.runner.set_prefill_overlap("parallel")
+    with pytest.raises(ValueError, match="prefill SMs must be >= 0"):
+        engine.runner.set_prefill_overlap("green", -8)
     pages = mixed_pages()[:2]
     expected = [g.token_ids for g in engine.generate(pages)]
     try:
-        engine.runner.set_prefill_overlap("serial")
-        assert [g.token_ids for g in engine.generate(pages)] == expected
+        for mode in ("serial", "green"):
+            engine.runner.set_prefill_overlap(mode)
+            assert [g.token_ids for g in engine.generate(pages)] == expected, mode
     finally:
         engine.runner.set_prefill_overlap("stream")
 

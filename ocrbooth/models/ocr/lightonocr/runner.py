@@ -41,6 +41,7 @@ from ocrbooth.models.ocr.lightonocr.attention import (
 from ocrbooth.models.ocr.lightonocr.inputs import PreparedPage
 from ocrbooth.models.ocr.lightonocr.kv_cache import TRASH_BLOCK, KVCacheSpec
 from ocrbooth.models.ocr.lightonocr.repetition import RepetitionGuard, RepetitionTracker
+from ocrbooth.models.ocr.lightonocr.sm_partition import PartitionedStream, partitioned_stream, sm_count
 from ocrbooth.models.ocr.lightonocr.tuning import AttentionChoice, Tuning, describe, tune_decode_kernel, tune_sdpa
 from ocrbooth.models.ocr.lightonocr.varlen import VarlenAttention, cumulative_lengths
 from ocrbooth.models.ocr.lightonocr.varlen import load as load_varlen
@@ -51,10 +52,11 @@ log = logging.getLogger(__name__)
 RUNNING, STOP, LENGTH, REPETITION = 0, 1, 2, 3
 FINISH: Final = ("error", "stop", "length", "repetition")
 _MIN_GRAPH_ROWS: Final = 8
-PREFILL_OVERLAP: Final = ("stream", "priority", "serial")
+PREFILL_OVERLAP: Final = ("stream", "priority", "serial", "green")
 """Prefill against decoding: "stream" a second CUDA stream of equal priority; "priority" the same with the
 decode loop's stream at the highest priority, so its kernels take SMs first as they free up; "serial"
-queued on the decode stream between chunks (no sharing of SMs, decoding waits)."""
+queued on the decode stream between chunks (no sharing of SMs, decoding waits); "green" a second stream
+limited to `prefill_sms` of the SMs (sm_partition.py), decoding free to use all of them."""
 
 
 @dataclass(slots=True)
@@ -171,6 +173,7 @@ class ModelRunner:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._prefill_stream: Any = None
         self._decode_stream: Any = None
+        self._partition: PartitionedStream | None = None
         self.set_prefill_overlap("stream")
         self._pending: deque[Snapshot] = deque()
         self._chunk = 0
@@ -182,15 +185,25 @@ class ModelRunner:
         net.model.language_model.set_attn_implementation(DECODER_ATTENTION)
         net.model.vision_encoder.set_attn_implementation(VISION_ATTENTION)
 
-    def set_prefill_overlap(self, mode: str) -> None:
-        """Where prefill batches run against the decode loop (`PREFILL_OVERLAP`); change it only while idle."""
+    def set_prefill_overlap(self, mode: str, sms: int = 0) -> None:
+        """Where prefill batches run against the decode loop (`PREFILL_OVERLAP`); change it only while idle.
+        `sms`: for "green", the SMs prefill may use (0: half the device's, in multiples of 8)."""
         if mode not in PREFILL_OVERLAP:
             raise ValueError(f"prefill overlap must be one of {PREFILL_OVERLAP}, got {mode!r}")
+        if sms < 0:
+            raise ValueError(f"prefill SMs must be >= 0, got {sms}")
         self.prefill_overlap = mode
+        self.prefill_sms = 0
         if not self.cuda:
             return
         new_stream: Any = torch.cuda.Stream
-        self._prefill_stream = None if mode == "serial" else new_stream(self.device, priority=0)
+        if mode == "green":
+            partition = partitioned_stream(self.device, sms or max(8, sm_count(self.device) // 16 * 8))
+            self._partition = partition  # holds the green context as long as its stream is in use
+            self.prefill_sms = partition.sms
+            self._prefill_stream = partition.stream
+        else:
+            self._prefill_stream = None if mode == "serial" else new_stream(self.device, priority=0)
         # A lower number is a higher priority; out-of-range values map to the highest the device has.
         self._decode_stream = new_stream(self.device, priority=-100) if mode == "priority" else None
 
