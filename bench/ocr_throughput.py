@@ -208,12 +208,14 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
 
     def overlap() -> dict[str, Any]:
         """The same fixed-length runs with prefill sharing the GPU each way (one engine, switched while idle)."""
-        out = {}
+        out: dict[str, Any] = {}
+        result["overlap"] = out  # saved after each mode: a run cut short keeps the modes it finished
         for mode in args.overlap_modes.split(","):
             name, _, sms = mode.partition(":")  # "green:64": prefill on a stream limited to 64 SMs
             engine.runner.set_prefill_overlap(name, int(sms or 0))
             runs = fixed_lengths(engine, images["portrait"], lengths[:1], ints(args.batches), model, ceil)
             out[mode] = [{**run, "prefill_sms": engine.runner.prefill_sms} for run in runs]
+            save()
         engine.runner.set_prefill_overlap(args.prefill_overlap)
         return out
 
