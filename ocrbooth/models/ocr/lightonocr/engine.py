@@ -62,7 +62,8 @@ class EngineConfig:
     """On CUDA, time the decode kernel's launch configurations and the attention backends at load (a few
     seconds) and use the fastest; off: the defaults."""
     prefill_overlap: str = "stream"
-    """How prefill shares the GPU with decoding (runner.PREFILL_OVERLAP): "stream", "priority" or "serial"."""
+    """How prefill shares the GPU with decoding (runner.PREFILL_OVERLAP): "stream", "priority", "serial" or
+    "green" (half the SMs; not measured on a GPU yet, so the daemon's settings do not offer it)."""
     fused_norms: bool = True
     """Run the model's RMSNorm modules as one fused kernel each (fused_norms.py); off: transformers' own
     (measured on an H100: 256 pages x 500 tokens 6.98 -> 7.98 pages/s, bench/results/ocr_throughput_h100_fusion_*)."""
