@@ -39,6 +39,7 @@ import json
 import platform
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import traceback
@@ -718,15 +719,18 @@ def plot(result: dict[str, Any], png: Path) -> None:
                 alpha=0.6,
                 label=f"wave engine (before), {n} tokens",
             )
-    left.axhline(
-        result["reference"]["vllm_h100_pages_per_s"], color="grey", linestyle="-.", label="vLLM, H100 (model card)"
-    )
-    left.set_xscale("log", base=2)
-    left.set_xlabel("pages submitted together")
-    left.set_ylabel("pages/s")
-    left.set_title("fixed output length, 1176x1540 pages")
-    left.grid(True, alpha=0.3)
-    left.legend(fontsize=7)
+    if result.get("fixed") or not result.get("profile"):
+        left.axhline(
+            result["reference"]["vllm_h100_pages_per_s"], color="grey", linestyle="-.", label="vLLM, H100 (model card)"
+        )
+        left.set_xscale("log", base=2)
+        left.set_xlabel("pages submitted together")
+        left.set_ylabel("pages/s")
+        left.set_title("fixed output length, 1176x1540 pages")
+        left.grid(True, alpha=0.3)
+        left.legend(fontsize=7)
+    else:  # no fixed-length runs: the profile on the left
+        _plot_profile(left, result["profile"])
     s = result.get("stream")
     if s:
         names = ["measured (steady)", "floor"]
@@ -739,10 +743,61 @@ def plot(result: dict[str, Any], png: Path) -> None:
             fontsize=9,
         )
         right.set_ylabel("pages/s")
+    elif result.get("overlap"):
+        _plot_overlap(right, result["overlap"])
+    elif result.get("profile") and result.get("fixed"):
+        _plot_profile(right, result["profile"])
+    else:
+        _plot_engine(right, result.get("engine") or {}, result.get("errors") or [])
     fig.suptitle(f"LightOnOCR-1B architecture on {result['card']}")
     fig.tight_layout()
     fig.savefig(png)
     print(f"wrote {png}")
+
+
+def _plot_overlap(ax: Any, overlap: dict[str, list[dict[str, Any]]]) -> None:
+    """Section `overlap` without a stream run: pages/s and floor per prefill mode."""
+    runs = [(mode, run) for mode, rows in overlap.items() for run in rows]
+    names = [f"{mode}\n{run['batch']} x {run['new_tokens']}" for mode, run in runs]
+    ax.bar(names, [run["pages_per_s"] for _, run in runs], color="tab:green", label="measured")
+    ax.plot(names, [run["floor"]["pages_per_s"] for _, run in runs], "_", color="black", markersize=30, label="floor")
+    for i, (_, run) in enumerate(runs):
+        st = run["steps"]
+        ax.annotate(
+            f"{run['fraction_of_floor']:.0%}\nchunk {st['chunk_s_without_admission_mean']:.2f} s,\n"
+            f"{st['chunk_s_with_admission_mean']:.2f} s with prefill",
+            (i, run["pages_per_s"]),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
+    ax.set_ylabel("pages/s")
+    ax.set_title("prefill beside decoding, one engine (section overlap)", fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def _plot_profile(ax: Any, profile: dict[str, Any]) -> None:
+    """Section `profile` alone: a decode step's ms per slot count, a prefill's ms per page per batch."""
+    decode, prefill = profile.get("decode") or [], profile.get("prefill") or []
+    names = [f"decode step\n{r['slots']} slots" for r in decode] + [f"prefill\n{r['pages']} pages" for r in prefill]
+    values = [r["ms_per_step"] for r in decode] + [r["ms_per_page"] for r in prefill]
+    ax.bar(names, values, color=["tab:blue"] * len(decode) + ["tab:orange"] * len(prefill))
+    ax.set_ylabel("ms (decode: a step; prefill: a page)")
+    ax.set_title("where the time goes (section profile)", fontsize=9)
+
+
+def _plot_engine(ax: Any, engine: dict[str, Any], errors: list[Any]) -> None:
+    """No measured section: what the engine loaded with, in words."""
+    lines = [
+        f"engine loaded in {engine.get('load_seconds', 0):.0f} s",
+        f"KV cache: {engine.get('kv_tokens', 0):,} positions in {engine.get('kv_gib', 0):.1f} GiB",
+        f"settings: {engine.get('settings', {})}",
+        f"decode kernel: {engine.get('tuning', {}).get('decode_kernel')}",
+        f"sections with errors: {[e.get('section') for e in errors]}",
+        "no throughput section finished in this run",
+    ]
+    ax.axis("off")
+    ax.text(0, 1, "\n".join(textwrap.fill(line, 70) for line in lines), va="top", fontsize=8)
 
 
 if __name__ == "__main__":
