@@ -196,16 +196,16 @@ class ModelRunner:
             self.prefill_overlap, self.prefill_sms = mode, 0
             return
         new_stream: Any = torch.cuda.Stream
+        used = 0
         if mode == "green":  # made first: where green contexts are missing, the mode in use stays as it was
             partition = partitioned_stream(self.device, sms or max(8, sm_count(self.device) // 16 * 8))
             self._partition = partition  # holds the green context as long as its stream is in use
-            self._prefill_stream = partition.stream
+            self._prefill_stream, used = partition.stream, partition.sms
         else:
             self._prefill_stream = None if mode == "serial" else new_stream(self.device, priority=0)
         # A lower number is a higher priority; out-of-range values map to the highest the device has.
         self._decode_stream = new_stream(self.device, priority=-100) if mode == "priority" else None
-        self.prefill_overlap = mode
-        self.prefill_sms = self._partition.sms if mode == "green" and self._partition is not None else 0
+        self.prefill_overlap, self.prefill_sms = mode, used
 
     def serving(self) -> contextlib.AbstractContextManager[Any]:
         """The stream the decode loop runs on, for one engine step (the engine core's thread enters it)."""
