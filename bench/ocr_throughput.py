@@ -25,7 +25,12 @@ Sections (one process, one GPU; the JSON is rewritten after each, so a run cut s
    replays over synthetic slots), a prefill batch's time per page alone and its kernels (torch.profiler),
    and the engine's own step log.
 7. `overlap`: the first fixed length at each batch size once per `prefill_overlap` mode (a second stream,
-   the same with decoding at the highest priority, or serial), on the same engine.
+   the same with decoding at the highest priority, serial, or a green context of N SMs), each optionally
+   with prefill launched from a paced thread of its own (`/thread`) or inline (`/inline`), on one engine.
+
+Every engine run also records `host`: the seconds the engine's threads spent inside each runner call
+(launch_prefill, launch_chunk, collect, activate) and the caching allocator's flush-and-retry count.
+`--sync-debug` prints each place that makes the host wait for the GPU (torch's sync debug mode), once.
 
 Usage (device):  PYTHONPATH=. python3 bench/ocr_throughput.py --out bench/results/ocr_throughput.json
 Plot (anywhere): PYTHONPATH=. python bench/ocr_throughput.py --plot-only bench/results/ocr_throughput.json
@@ -34,6 +39,7 @@ Plot (anywhere): PYTHONPATH=. python bench/ocr_throughput.py --plot-only bench/r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import platform
@@ -77,6 +83,11 @@ def main() -> int:
     parser.add_argument(
         "--max-slots", type=int, default=256, help="the engine's max_slots (pages decoding at once, if the KV fits)"
     )
+    parser.add_argument(
+        "--sync-debug",
+        action="store_true",
+        help="print each place where the engine makes the host wait for the GPU (torch's sync debug mode), once",
+    )
     parser.add_argument("--trace-dir", type=Path, help="section `profile`: also write its Chrome traces here")
     parser.add_argument("--workdir", type=Path, help="where the random model is saved (default: a temp dir)")
     parser.add_argument(
@@ -86,7 +97,8 @@ def main() -> int:
         "--overlap-modes",
         default="stream,priority,serial",
         help="section `overlap`: the fixed-length runs (first of --new-tokens) once per prefill_overlap mode "
-        "(`green:N`: prefill limited to N SMs)",
+        "(`green:N`: prefill limited to N SMs; a `/thread` or `/inline` suffix launches prefill from a paced thread "
+        "of its own or from the engine core's thread; none: the engine's default)",
     )
     args = parser.parse_args()
     if args.plot_only:
@@ -141,6 +153,8 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         save()
 
     images = noise_pages()
+    if args.sync_debug:
+        report_host_syncs()
     section("ceilings", ceilings)
     section("attention", attention_microbench)
     started = time.perf_counter()
@@ -211,13 +225,21 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         """The same fixed-length runs with prefill sharing the GPU each way (one engine, switched while idle)."""
         out: dict[str, Any] = {}
         result["overlap"] = out  # saved after each mode: a run cut short keeps the modes it finished
-        for mode in args.overlap_modes.split(","):
-            name, _, sms = mode.partition(":")  # "green:64": prefill on a stream limited to 64 SMs
-            engine.runner.set_prefill_overlap(name, int(sms or 0))
-            runs = fixed_lengths(engine, images["portrait"], lengths[:1], ints(args.batches), model, ceil)
-            out[mode] = [{**run, "prefill_sms": engine.runner.prefill_sms} for run in runs]
-            save()
-        engine.runner.set_prefill_overlap(args.prefill_overlap)
+        config = engine.config
+        try:
+            for mode in args.overlap_modes.split(","):
+                spec, _, launch = mode.partition("/")  # "/thread" or "/inline": where prefill is launched from
+                name, _, sms = spec.partition(":")  # "green:64": prefill on a stream limited to 64 SMs
+                engine.runner.set_prefill_overlap(name, int(sms or 0))
+                thread = {"thread": True, "inline": False}.get(launch, config.prefill_thread)
+                engine.config = dataclasses.replace(config, prefill_thread=thread)
+                runs = fixed_lengths(engine, images["portrait"], lengths[:1], ints(args.batches), model, ceil)
+                sms_used = engine.runner.prefill_sms
+                out[mode] = [{**run, "prefill_sms": sms_used, "prefill_thread": thread} for run in runs]
+                save()
+        finally:
+            engine.config = config
+            engine.runner.set_prefill_overlap(args.prefill_overlap)
         return out
 
     section("overlap", overlap)
@@ -233,6 +255,27 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     save()
     print(f"wrote {args.out}", flush=True)
     summary(result)
+
+
+def report_host_syncs() -> None:
+    """Torch's sync debug mode on: the first time each place makes the host wait for the GPU (a pageable copy,
+    `.item()`, `nonzero`, ...), print the warning with the Python stack that led there."""
+    import warnings
+
+    import torch
+
+    seen: set[tuple[str, int]] = set()
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if (filename, lineno) in seen:
+            return
+        seen.add((filename, lineno))
+        stack = "".join(traceback.format_stack(limit=8)[:-1])
+        print(f"HOST SYNC {filename}:{lineno}: {message}\n{stack}", flush=True)
+
+    warnings.showwarning = show
+    warnings.simplefilter("always")
+    torch.cuda.set_sync_debug_mode("warn")
 
 
 def timed_cuda(fn: Any, repeats: int = 20, warmup: int = 3) -> float:
@@ -443,6 +486,53 @@ class StepLog:
         }
 
 
+class HostProbe:
+    """Host seconds the engine thread spends inside the runner's launch calls, and the caching allocator's
+    flush-and-retry count (each a `cudaFree`, which waits for the whole device) over one run: a launch that
+    returns only after its GPU work is done makes prefill and decoding run one after the other."""
+
+    CALLS = ("launch_prefill", "launch_chunk", "collect", "activate")
+
+    def __init__(self, runner: Any, cuda: bool) -> None:
+        import torch
+
+        self.runner, self.cuda = runner, cuda
+        self.seconds = dict.fromkeys(self.CALLS, 0.0)
+        self.calls = dict.fromkeys(self.CALLS, 0)
+        self.longest = dict.fromkeys(self.CALLS, 0.0)
+        self.retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0
+        for name in self.CALLS:
+            setattr(runner, name, self._timed(name, getattr(runner, name)))
+
+    def _timed(self, name: str, fn: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                took = time.perf_counter() - started
+                self.seconds[name] += took
+                self.calls[name] += 1
+                self.longest[name] = max(self.longest[name], took)
+
+        return timed
+
+    def remove(self) -> None:
+        for name in self.CALLS:
+            self.runner.__dict__.pop(name, None)
+
+    def summary(self) -> dict[str, Any]:
+        import torch
+
+        out: dict[str, Any] = {
+            name: {"seconds": self.seconds[name], "calls": self.calls[name], "longest_s": self.longest[name]}
+            for name in self.CALLS
+        }
+        if self.cuda:
+            out["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0) - self.retries
+        return out
+
+
 def run_pages(
     engine: Any,
     pages: list[Any],
@@ -461,6 +551,7 @@ def run_pages(
     cuda = torch.cuda.is_available() and engine.device.type == "cuda"
 
     core = engine.worker(span_threshold=0.5, on_step=log)
+    probe = HostProbe(engine.runner, cuda)
     core.start()
     done_at: list[float] = [0.0] * len(pages)
     latency: list[float] = [0.0] * len(pages)
@@ -491,6 +582,7 @@ def run_pages(
         finished.wait(timeout=max(0.0, deadline_s - (time.perf_counter() - started)))
     finally:
         core.stop(timeout_s=1 if remaining[0] else 30)
+        probe.remove()
     wall = time.perf_counter() - started
     completed = [i for i, t in enumerate(done_at) if t > 0]
     order = sorted(done_at[i] for i in completed)
@@ -513,6 +605,7 @@ def run_pages(
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         out["reserved_memory_gib"] = torch.cuda.memory_reserved() / 2**30
     out["steps"] = log.summary()
+    out["host"] = probe.summary()
     if keep_times:
         out["completion_s"] = order
     return out
@@ -539,7 +632,7 @@ def fixed_lengths(
             rows.append(out)
             print(
                 f"engine N={n} B={batch}: {out['pages_per_s']:.2f} pages/s, floor {out['floor']['pages_per_s']:.2f} "
-                f"({out['fraction_of_floor']:.0%}); steps {out['steps']}",
+                f"({out['fraction_of_floor']:.0%}); steps {out['steps']}; host {out['host']}",
                 flush=True,
             )
     return rows

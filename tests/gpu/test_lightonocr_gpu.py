@@ -19,6 +19,7 @@ from ocrbooth.models.ocr.lightonocr.attention import (  # noqa: E402
     paged_decode_reference,
     paged_decode_triton,
 )
+from ocrbooth.models.ocr.lightonocr.launch_pacing import LaunchPacer  # noqa: E402
 from ocrbooth.models.ocr.lightonocr.tuning import DECODE_CANDIDATES  # noqa: E402
 from ocrbooth.testing.tiny_lightonocr import build_tiny_lightonocr  # noqa: E402
 
@@ -62,14 +63,15 @@ def first_difference(a: list[PageGeneration], b: list[PageGeneration]) -> str:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_continuous_batch_matches_single_pages(tiny_dir: Path, dtype: str) -> None:
     """Pages decoded together, and through 2 slots (so later pages join mid-decode), yield exactly the ids
-    each yields alone; in float32 the probabilities agree within 1e-4."""
-    engine = load(tiny_dir, dtype=dtype)
+    each yields alone on the same engine; in float32 the probabilities agree within 1e-4. Each engine is
+    compared with itself: two engines may tune different decode kernels at load, whose bfloat16 roundings
+    differ (an H100 run, 2026-12-08, flipped a near tie, p 0.1547 against 0.1544, comparing across them)."""
     batch = pages()
-    alone = [engine.generate([page])[0] for page in batch]
-    together = engine.generate(batch)
+    wide = load(tiny_dir, dtype=dtype)
     narrow = load(tiny_dir, dtype=dtype, config=EngineConfig(kv_cache_tokens=65_536, max_new_tokens=1024, max_slots=2))
-    refilled = narrow.generate(batch)
-    for result in (together, refilled):
+    for engine in (wide, narrow):
+        alone = [engine.generate([page])[0] for page in batch]
+        result = engine.generate(batch)
         assert [g.token_ids for g in result] == [g.token_ids for g in alone], first_difference(result, alone)
         if dtype == "float32":
             for g, a in zip(result, alone, strict=True):
@@ -141,17 +143,33 @@ def test_triton_decode_kernel_reads_an_fp8_cache_like_the_reference(kernel: Deco
 
 
 def test_fp8_kv_cache_engine_batches_exactly(tiny_dir: Path) -> None:
-    """An FP8 KV cache in CUDA graphs: pages together and through 2 slots get the ids each gets alone."""
+    """An FP8 KV cache in CUDA graphs: pages together and through 2 slots get the ids each gets alone on the
+    same engine (each engine compared with itself, as above)."""
     options = {"kv_cache_tokens": 65_536, "max_new_tokens": 1024, "kv_cache_dtype": "fp8_e4m3"}
-    engine = load(tiny_dir, config=EngineConfig(**options))  # type: ignore[arg-type]
-    cache = engine.runner.cache
-    assert cache is not None
-    assert cache.keys[0].dtype == torch.float8_e4m3fn
-    batch = pages()
-    alone = [engine.generate([page])[0] for page in batch]
+    wide = load(tiny_dir, config=EngineConfig(**options))  # type: ignore[arg-type]
     narrow = load(tiny_dir, config=EngineConfig(**options, max_slots=2))  # type: ignore[arg-type]
-    for result in (engine.generate(batch), narrow.generate(batch)):
+    batch = pages()
+    for engine in (wide, narrow):
+        cache = engine.runner.cache
+        assert cache is not None
+        assert cache.keys[0].dtype == torch.float8_e4m3fn
+        alone = [engine.generate([page])[0] for page in batch]
+        result = engine.generate(batch)
         assert [g.token_ids for g in result] == [g.token_ids for g in alone], first_difference(result, alone)
+
+
+def test_launch_pacer_keeps_at_most_depth_layers_queued() -> None:
+    """The prefill thread's pacer: after `depth` calls every further call waits for the oldest queued one,
+    so the host is never more than `depth` layers ahead of the GPU."""
+    pacer = LaunchPacer(depth=2)
+    x = torch.randn(2048, 2048, device="cuda")
+    for _ in range(6):
+        for _ in range(10):
+            x = torch.tanh(x @ x)
+        pacer()
+    assert pacer.waits == 4
+    assert len(pacer._queued) == 2
+    torch.cuda.synchronize()
 
 
 def test_cuda_graphs_and_triton_match_eager_reference(tiny_dir: Path) -> None:

@@ -3,6 +3,7 @@ continuous batching gives every page the tokens it gets alone, whenever it joins
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from concurrent.futures import Future
 from pathlib import Path
@@ -215,9 +216,20 @@ def test_prefill_overlap_is_checked_and_switchable_while_idle(engine: LightOnOcr
         engine.runner.set_prefill_overlap("stream")
 
 
-def test_pages_admitted_mid_decode_get_their_solo_tokens(engine: LightOnOcrEngine) -> None:
+@pytest.mark.parametrize("prefill_thread", [True, False], ids=["launcher-thread", "inline"])
+def test_pages_admitted_mid_decode_get_their_solo_tokens(engine: LightOnOcrEngine, prefill_thread: bool) -> None:
     """Pages of other sizes and budgets submitted while a long page decodes join free slots at once (not
-    after it ends) and still produce exactly their solo tokens; the long page is unaffected."""
+    after it ends) and still produce exactly their solo tokens; the long page is unaffected. Both where
+    prefill batches are launched from their own thread (the default) and from the engine core's."""
+    default = engine.config
+    engine.config = dataclasses.replace(default, prefill_thread=prefill_thread)
+    try:
+        _admit_mid_decode(engine, expect_launcher=prefill_thread)
+    finally:
+        engine.config = default
+
+
+def _admit_mid_decode(engine: LightOnOcrEngine, *, expect_launcher: bool) -> None:
     first = PageInput(noise(90, 110, seed=20), max_new_tokens=60)
     shapes = [(40, 30, 9), (120, 70, 14)]
     later = [PageInput(noise(w, h, seed=21 + i), max_new_tokens=m) for i, (w, h, m) in enumerate(shapes)]
@@ -238,6 +250,7 @@ def test_pages_admitted_mid_decode_get_their_solo_tokens(engine: LightOnOcrEngin
 
     core._on_step = on_step
     core.start()
+    assert (core._launcher is not None) is expect_launcher
     try:
         head = core.submit_generation(first)
         together = [head.result(timeout=60), *(f.result(timeout=60) for f in futures)]

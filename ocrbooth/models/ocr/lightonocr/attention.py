@@ -19,7 +19,7 @@ no context (a plain `model(...)` call) every function falls back to transformers
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final
@@ -86,6 +86,9 @@ class ForwardContext:
     """prefill/vision with `varlen`: cumulative segment lengths on the device (int32)."""
     cache: PagedKVCache | None = None
     """decode: the cache the attention reads."""
+    pacer: Callable[[], None] | None = None
+    """prefill/vision: called after each layer's attention is launched (launch_pacing.py: keeps the launching
+    thread from filling the driver's launch queue while holding the GIL)."""
 
 
 _CONTEXT: ContextVar[ForwardContext | None] = ContextVar("ocrbooth_lightonocr_forward", default=None)
@@ -217,13 +220,17 @@ def _segments(
         assert ctx.cu_seqlens is not None
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, dim] views
         out = ctx.varlen(q, k, v, cu_seqlens=ctx.cu_seqlens, max_seqlen=max(ctx.segments), causal=causal, scale=scale)
-        return out[None]
-    if ctx.sdpa_backends is not None:
+        out = out[None]
+    elif ctx.sdpa_backends is not None:
         from torch.nn.attention import sdpa_kernel
 
         with sdpa_kernel(list(ctx.sdpa_backends), set_priority=True):
-            return _segments_sdpa(query, key, value, ctx.segments, causal=causal, scale=scale)
-    return _segments_sdpa(query, key, value, ctx.segments, causal=causal, scale=scale)
+            out = _segments_sdpa(query, key, value, ctx.segments, causal=causal, scale=scale)
+    else:
+        out = _segments_sdpa(query, key, value, ctx.segments, causal=causal, scale=scale)
+    if ctx.pacer is not None:
+        ctx.pacer()
+    return out
 
 
 def _segments_sdpa(

@@ -37,6 +37,15 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True, eq=False)
+class _Launched:
+    """A prefill batch once launched: its runner handles, and the pages that could not be launched."""
+
+    prefills: list[Prefill]
+    failed: list[tuple[PrefillItem, str, str]]  # (page, error code, message): they fail alone
+    split: bool = False  # the batch failed as a whole and went page by page
+
+
+@dataclass(slots=True, eq=False)
 class _Page:
     page: PageInput
     future: Future[PageGeneration]
@@ -78,7 +87,8 @@ class EngineCore:
         self._ids = itertools.count()
         self._stopping = False
         self._fatal: BaseException | None = None
-        self._prefills: list[list[Prefill]] = []
+        self._prefills: list[Future[_Launched]] = []
+        self._launcher: ThreadPoolExecutor | None = None
         self._thread = threading.Thread(target=self._run, name=f"ocr-{engine.name}", daemon=True)
         self._preprocess: ThreadPoolExecutor | None = None
         self._outputs: ThreadPoolExecutor | None = None
@@ -95,6 +105,8 @@ class EngineCore:
             self.engine.config.preprocess_threads, thread_name_prefix=f"{self.engine.name}-preprocess"
         )
         self._outputs = ThreadPoolExecutor(1, thread_name_prefix=f"{self.engine.name}-output")
+        if self.engine.config.prefill_thread and self._runner.prefill_overlap != "serial":
+            self._launcher = ThreadPoolExecutor(1, thread_name_prefix=f"{self.engine.name}-prefill")
         self._thread.start()
 
     def stop(self, timeout_s: float = 30.0) -> None:
@@ -106,7 +118,7 @@ class EngineCore:
         if self._thread.is_alive():  # still draining: its pools and the runner stay its own
             log.warning("LightOnOCR engine core still busy after %.0f s; left running", timeout_s)
             return
-        for pool in (self._preprocess, self._outputs):
+        for pool in (self._preprocess, self._outputs, self._launcher):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=False)
         with self.engine._core_guard:
@@ -169,12 +181,15 @@ class EngineCore:
         self._prefetch()
         scheduled = self._scheduler.schedule()
         result = StepResult()
-        if scheduled.admitted:
-            self._launch_prefill(scheduled.admitted, result)
         runner = self._runner
         decoding = self._scheduler.decoding > 0
+        # The decode chunk first: launching a prefill batch inline holds this thread about as long as the GPU
+        # takes to run it (its thousands of launches wait on the driver's queue; results/
+        # ocr_throughput_h100_prefill_launch.json), so the chunk queued before it keeps the decode stream busy.
         if decoding:
             runner.launch_chunk(scheduled.slots_in_use, self.engine.config.steps_per_sync)
+        if scheduled.admitted:
+            self._launch_prefill(scheduled.admitted, result)
         # Read the previous chunk's snapshot while this one runs (or the last one, when nothing new was queued).
         if runner.chunks_in_flight > 1 or (runner.chunks_in_flight and not decoding):
             for output in runner.collect():
@@ -273,9 +288,19 @@ class EngineCore:
                 )
             )
             entry.prepared = None  # the runner has the pixels now; drop the host copy with them
-        try:
-            self._prefills.append([self._runner.launch_prefill(items)])
+        if self._launcher is not None:  # the decode loop goes on launching chunks meanwhile
+            self._prefills.append(self._launcher.submit(self._launch, items))
             return
+        launched: Future[_Launched] = Future()
+        launched.set_result(self._launch(items))  # a FatalError propagates from here, as from the launcher
+        self._prefills.append(launched)
+
+    def _launch(self, items: list[PrefillItem]) -> _Launched:
+        """Launch one prefill batch (on the launcher thread, or inline); a batch that fails as a whole goes
+        page by page, so that one bad page fails alone. Touches only the runner's prefill side."""
+        paced = self._launcher is not None
+        try:
+            return _Launched([self._runner.launch_prefill(items, paced=paced)], [])
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
         except RuntimeError as exc:
@@ -283,36 +308,45 @@ class EngineCore:
                 raise FatalError(f"CUDA failure in LightOnOCR: {exc}") from exc
         except (ValueError, TypeError, IndexError) as exc:
             log.warning("prefill batch of %d failed (%r); prefilling its pages one by one", len(items), exc)
-        self._splits += 1
-        batch = []
-        for item in items:  # one bad page fails alone
+        launched = _Launched([], [], split=True)
+        for item in items:
             try:
-                batch.append(self._runner.launch_prefill([item]))
+                launched.prefills.append(self._runner.launch_prefill([item], paced=paced))
             except (torch.OutOfMemoryError, RuntimeError, ValueError, TypeError, IndexError) as exc:
                 if isinstance(exc, RuntimeError) and _device_broken(exc):
                     raise FatalError(f"CUDA failure in LightOnOCR: {exc}") from exc
                 code = "out_of_memory" if isinstance(exc, torch.OutOfMemoryError) else "ocr_failed"
-                self._runner.forget(item.slot)
-                result.finished.append(Finished(item.request_id, "error"))
-                entry = self._pages[item.request_id]
-                entry.future.set_result(failed(code, f"{type(exc).__name__}: {exc}"))
-        self._prefills.append(batch)
+                launched.failed.append((item, code, f"{type(exc).__name__}: {exc}"))
+        return launched
 
     def _finish_prefills(self, result: StepResult, *, wait: bool) -> None:
-        """Activate prefill batches whose stream work is done (waiting for them when nothing else runs)."""
+        """Activate prefill batches whose stream work is done (waiting for them when nothing else runs);
+        fail the pages that could not be launched."""
         still = []
-        for batch in self._prefills:
-            if wait and batch:
-                for prefill in batch:
+        for pending in self._prefills:
+            if not wait and not pending.done():
+                still.append(pending)
+                continue
+            launched = pending.result()  # re-raises a FatalError of the launch
+            if launched.split:
+                self._splits += 1
+                launched.split = False
+            for item, code, message in launched.failed:
+                self._runner.forget(item.slot)
+                result.finished.append(Finished(item.request_id, "error"))
+                self._pages[item.request_id].future.set_result(failed(code, message))
+            launched.failed.clear()
+            if wait:
+                for prefill in launched.prefills:
                     if prefill.event is not None:
                         prefill.event.synchronize()
-            if all(prefill.done() for prefill in batch):
-                for prefill in batch:
+            if all(prefill.done() for prefill in launched.prefills):
+                for prefill in launched.prefills:
                     self._runner.activate(prefill, self._runner.chunk)
                     result.prefilled.extend(item.request_id for item in prefill.items)
                 result.prefill_batches_done += 1
             else:
-                still.append(batch)
+                still.append(pending)
         self._prefills = still
 
     def _emit(self, output: SlotOutput) -> None:

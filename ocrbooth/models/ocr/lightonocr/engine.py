@@ -64,6 +64,13 @@ class EngineConfig:
     prefill_overlap: str = "stream"
     """How prefill shares the GPU with decoding (runner.PREFILL_OVERLAP): "stream", "priority", "serial" or
     "green" (half the SMs; not measured on a GPU yet, so the daemon's settings do not offer it)."""
+    prefill_thread: bool = False
+    """Launch prefill batches from a thread of their own, paced a few layers ahead of the GPU
+    (launch_pacing.py), so that the host's part of a prefill never holds up the decode loop's launches; off
+    (the default): the engine core's thread launches them after each step's decode chunk. On an H100 an
+    inline launch held the engine thread 0.39 s an admission, and a thread without the pacing was far slower
+    (2.89 against 8.02 pages/s: it blocked in the driver holding the GIL); the paced thread is not measured
+    yet. "serial" always launches inline."""
     fused_norms: bool = True
     """Run the model's RMSNorm modules as one fused kernel each (fused_norms.py); off: transformers' own
     (measured on an H100: 256 pages x 500 tokens 6.98 -> 7.98 pages/s, bench/results/ocr_throughput_h100_fusion_*)."""

@@ -40,6 +40,7 @@ from ocrbooth.models.ocr.lightonocr.attention import (
 )
 from ocrbooth.models.ocr.lightonocr.inputs import PreparedPage
 from ocrbooth.models.ocr.lightonocr.kv_cache import TRASH_BLOCK, KVCacheSpec
+from ocrbooth.models.ocr.lightonocr.launch_pacing import LaunchPacer
 from ocrbooth.models.ocr.lightonocr.repetition import RepetitionGuard, RepetitionTracker
 from ocrbooth.models.ocr.lightonocr.sm_partition import PartitionedStream, partitioned_stream, sm_count
 from ocrbooth.models.ocr.lightonocr.tuning import AttentionChoice, Tuning, describe, tune_decode_kernel, tune_sdpa
@@ -347,8 +348,10 @@ class ModelRunner:
 
     # ---- prefill ---------------------------------------------------------------------------------
 
-    def launch_prefill(self, items: list[PrefillItem]) -> Prefill:
-        """Encode and prefill a batch of pages into their blocks, on the prefill stream; returns at once."""
+    def launch_prefill(self, items: list[PrefillItem], *, paced: bool = False) -> Prefill:
+        """Encode and prefill a batch of pages into their blocks, on the prefill stream; returns once it is
+        launched. `paced` (CUDA, a prefill stream): launched a few layers ahead of the GPU at most, waiting
+        without the GIL (launch_pacing.py), for a thread of its own beside the decode loop's."""
         assert self.config is not None
         block_size = self.config.block_size
         rows = []
@@ -361,20 +364,23 @@ class ModelRunner:
         stream = torch.cuda.stream(side) if side is not None else contextlib.nullcontext()  # none: "serial"
         with stream, torch.inference_mode():  # uploads too: on a side stream nothing waits for decode chunks
             write_index = _to_device(torch.cat(rows), self.device)
-            self._prefill_forward([item.page for item in items], write_index=write_index)
+            pacer = LaunchPacer() if paced and side is not None else None
+            self._prefill_forward([item.page for item in items], write_index=write_index, pacer=pacer)
             event = None
             if self.cuda:
                 event = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 event.record()
         return Prefill(items, event)
 
-    def _prefill_forward(self, pages: list[PreparedPage], *, write_index: torch.Tensor | None) -> None:
+    def _prefill_forward(
+        self, pages: list[PreparedPage], *, write_index: torch.Tensor | None, pacer: LaunchPacer | None = None
+    ) -> None:
         net = self.net
         try:
-            features = self.encode_images(pages)
+            features = self.encode_images(pages, pacer=pacer)
         except Exception as exc:  # a measured choice refusing an input shape it was not timed on
             self.tuning.vision = self._fall_back("vision", self.tuning.vision, exc)
-            features = self.encode_images(pages)
+            features = self.encode_images(pages, pacer=pacer)
         embeds = []
         for page, feats in zip(pages, features, strict=True):
             ids = _to_device(page.input_ids, self.device)
@@ -387,7 +393,9 @@ class ModelRunner:
         position_ids = _to_device(torch.cat([torch.arange(n) for n in segments]), self.device)[None]
 
         def prefill() -> None:
-            with forward_context(self._attention_context("prefill", self.tuning.prefill, segments, write_index)):
+            ctx = self._attention_context("prefill", self.tuning.prefill, segments, write_index)
+            ctx.pacer = pacer
+            with forward_context(ctx):
                 net.model.language_model(
                     inputs_embeds=inputs_embeds,
                     attention_mask={"full_attention": None},  # a dict skips transformers' mask building
@@ -425,7 +433,7 @@ class ModelRunner:
         log.warning("%s attention (%s) failed (%s); using PyTorch's default order", what, describe(choice), exc)
         return AttentionChoice()
 
-    def encode_images(self, pages: list[PreparedPage]) -> list[torch.Tensor]:
+    def encode_images(self, pages: list[PreparedPage], *, pacer: LaunchPacer | None = None) -> list[torch.Tensor]:
         """Image features of each page ([image tokens, hidden]), the whole batch as one flat sequence."""
         net = self.net
         vision = net.model.vision_encoder
@@ -444,6 +452,7 @@ class ModelRunner:
         embeds = vision.ln_pre(torch.cat(grids)[None])
         position_embeddings = vision.patch_positional_embedding(embeds, torch.cat(positions))
         ctx = self._attention_context("vision", self.tuning.vision, [int(g.shape[0]) for g in grids])
+        ctx.pacer = pacer
         with forward_context(ctx):
             hidden = vision.transformer(embeds, attention_mask=None, position_embeddings=position_embeddings)
         sizes = [page.image_size for page in pages]
