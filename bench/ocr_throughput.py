@@ -812,7 +812,7 @@ def plot(result: dict[str, Any], png: Path) -> None:
                 alpha=0.6,
                 label=f"wave engine (before), {n} tokens",
             )
-    if result.get("fixed") or not result.get("profile"):
+    if result.get("fixed") or not (result.get("profile") or _host_runs(result.get("overlap") or {})):
         left.axhline(
             result["reference"]["vllm_h100_pages_per_s"], color="grey", linestyle="-.", label="vLLM, H100 (model card)"
         )
@@ -822,8 +822,10 @@ def plot(result: dict[str, Any], png: Path) -> None:
         left.set_title("fixed output length, 1176x1540 pages")
         left.grid(True, alpha=0.3)
         left.legend(fontsize=7)
-    else:  # no fixed-length runs: the profile on the left
+    elif result.get("profile"):  # no fixed-length runs: the profile on the left
         _plot_profile(left, result["profile"])
+    else:  # overlap runs only: where each run's time went on the host
+        _plot_host(left, result["overlap"])
     s = result.get("stream")
     if s:
         names = ["measured (steady)", "floor"]
@@ -846,6 +848,27 @@ def plot(result: dict[str, Any], png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png)
     print(f"wrote {png}")
+
+
+def _host_runs(overlap: dict[str, list[dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    return [(mode, run) for mode, rows in overlap.items() for run in rows if run.get("host")]
+
+
+def _plot_host(ax: Any, overlap: dict[str, list[dict[str, Any]]]) -> None:
+    """Per overlap run: its wall time beside the seconds the engine's threads spent in each runner call."""
+    runs = _host_runs(overlap)
+    calls = [("launch_prefill", "tab:red"), ("launch_chunk", "tab:blue"), ("collect", "tab:grey")]
+    width = 0.8 / (len(calls) + 1)
+    for i, (_, run) in enumerate(runs):
+        ax.bar(i, run["seconds"], width, color="black", label="wall" if i == 0 else None)
+        for j, (call, color) in enumerate(calls, start=1):
+            ax.bar(i + j * width, run["host"][call]["seconds"], width, color=color, label=call if i == 0 else None)
+    ax.set_xticks([i + width * len(calls) / 2 for i in range(len(runs))])
+    ax.set_xticklabels([f"{mode}\n{run['pages_per_s']:.2f} pages/s" for mode, run in runs], fontsize=8)
+    ax.set_ylabel("seconds")
+    ax.set_title("host seconds inside the runner's calls, per run (section overlap)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(True, axis="y", alpha=0.3)
 
 
 def _plot_overlap(ax: Any, overlap: dict[str, list[dict[str, Any]]]) -> None:
