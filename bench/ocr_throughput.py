@@ -487,7 +487,7 @@ class StepLog:
 
 
 class HostProbe:
-    """Host seconds the engine thread spends inside the runner's launch calls, and the caching allocator's
+    """Host seconds the engine's threads spend inside the runner's calls, and the caching allocator's
     flush-and-retry count (each a `cudaFree`, which waits for the whole device) over one run: a launch that
     returns only after its GPU work is done makes prefill and decoding run one after the other."""
 

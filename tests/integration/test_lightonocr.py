@@ -220,7 +220,7 @@ def test_prefill_overlap_is_checked_and_switchable_while_idle(engine: LightOnOcr
 def test_pages_admitted_mid_decode_get_their_solo_tokens(engine: LightOnOcrEngine, prefill_thread: bool) -> None:
     """Pages of other sizes and budgets submitted while a long page decodes join free slots at once (not
     after it ends) and still produce exactly their solo tokens; the long page is unaffected. Both where
-    prefill batches are launched from their own thread (the default) and from the engine core's."""
+    prefill batches are launched from their own thread and from the engine core's (the default)."""
     default = engine.config
     engine.config = dataclasses.replace(default, prefill_thread=prefill_thread)
     try:

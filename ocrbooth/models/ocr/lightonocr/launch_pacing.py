@@ -11,7 +11,6 @@ the other threads run while this one waits.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 
 import torch
@@ -26,7 +25,6 @@ class LaunchPacer:
         self.depth = depth
         self._queued: deque[torch.cuda.Event] = deque()
         self.waits = 0
-        self.waited_s = 0.0
 
     @torch.compiler.disable  # type: ignore[untyped-decorator]  # host-side only; never part of a graph
     def __call__(self) -> None:
@@ -34,7 +32,5 @@ class LaunchPacer:
         event.record()
         self._queued.append(event)
         if len(self._queued) > self.depth:
-            started = time.perf_counter()
             self._queued.popleft().synchronize()
             self.waits += 1
-            self.waited_s += time.perf_counter() - started

@@ -393,9 +393,7 @@ class ModelRunner:
         position_ids = _to_device(torch.cat([torch.arange(n) for n in segments]), self.device)[None]
 
         def prefill() -> None:
-            ctx = self._attention_context("prefill", self.tuning.prefill, segments, write_index)
-            ctx.pacer = pacer
-            with forward_context(ctx):
+            with forward_context(self._attention_context("prefill", self.tuning.prefill, segments, write_index, pacer)):
                 net.model.language_model(
                     inputs_embeds=inputs_embeds,
                     attention_mask={"full_attention": None},  # a dict skips transformers' mask building
@@ -411,7 +409,12 @@ class ModelRunner:
             prefill()
 
     def _attention_context(
-        self, mode: str, choice: AttentionChoice, segments: list[int], write_index: torch.Tensor | None = None
+        self,
+        mode: str,
+        choice: AttentionChoice,
+        segments: list[int],
+        write_index: torch.Tensor | None = None,
+        pacer: LaunchPacer | None = None,
     ) -> ForwardContext:
         varlen = self.varlen_kernel if choice.varlen else None
         return ForwardContext(
@@ -422,6 +425,7 @@ class ModelRunner:
             sdpa_backends=choice.backends,
             varlen=varlen,
             cu_seqlens=cumulative_lengths(segments, self.device) if varlen is not None else None,
+            pacer=pacer,
         )
 
     @staticmethod
@@ -451,8 +455,7 @@ class ModelRunner:
             positions.append(torch.stack([hpos.flatten(), wpos.flatten()], dim=-1))
         embeds = vision.ln_pre(torch.cat(grids)[None])
         position_embeddings = vision.patch_positional_embedding(embeds, torch.cat(positions))
-        ctx = self._attention_context("vision", self.tuning.vision, [int(g.shape[0]) for g in grids])
-        ctx.pacer = pacer
+        ctx = self._attention_context("vision", self.tuning.vision, [int(g.shape[0]) for g in grids], pacer=pacer)
         with forward_context(ctx):
             hidden = vision.transformer(embeds, attention_mask=None, position_embeddings=position_embeddings)
         sizes = [page.image_size for page in pages]
