@@ -68,6 +68,10 @@ from ocrbooth.dev.topics import ensure_topics
 
 log = logging.getLogger("bench.runtime_overhead")
 
+WIRE_MODELS = {
+    "pydantic": "pydantic validation (DocumentRequest) and encoding (OcrResult)",
+    "msgspec": "msgspec validation and encoding of the same two models (--wire msgspec: bench/msgspec_wire.py)",
+}
 TARGET_RATIO = 0.85  # the issue: the daemon keeps at least 85% of the plain loop's rate
 Side = Literal["plain", "daemon"]
 SIDES: tuple[Side, Side] = ("plain", "daemon")
@@ -629,7 +633,7 @@ class Report:
             f"broker {m['broker']} with {m['storage']} storage, "
             f"load average {m['loadavg_before'][0]:.2f} before, {m['loadavg_after'][0]:.2f} after"
         )
-        lines.append("daemon work per event includes pydantic validation (DocumentRequest) and encoding (OcrResult);")
+        lines.append(f"daemon work per event includes {self.config.get('wire_models', WIRE_MODELS['pydantic'])};")
         lines.append("the plain loop only json.loads its input and json.dumps its answer")
         return "\n".join(lines)
 
@@ -697,6 +701,7 @@ def plot(report: Report, path: Path) -> None:
         f"ocrbooth runtime overhead (echo handler, one task per message): daemon/plain = {report.ratio:.2f}\n"
         f"{c['events']:,} events x {c['runs_per_side']} runs per side, {c['partitions']} partitions, "
         f"Tansu {m['storage']} storage, {m['nproc']} CPUs, Python {m['python']} ({m.get('event_loop', 'asyncio')})"
+        + ("\ndaemon's wire models: msgspec (--wire msgspec)" if c.get("wire_models", "").startswith("msgspec") else "")
         + ("\nboth sides with " + ", ".join(f"{k}={v}" for k, v in c["overrides"].items()) if c["overrides"] else ""),
         fontsize=9,
     )
@@ -742,6 +747,7 @@ async def bench(args: argparse.Namespace, data_dir: Path) -> Report:
             "group": "fresh per run, offset 0 committed for every input partition before the run (establish_group)",
             "daemon_env": tuning,
             "overrides": dict(args.overrides),
+            "wire_models": WIRE_MODELS[args.wire],
             "daemon_defaults": {
                 "kafka_max_batch_bytes": defaults.kafka.max_batch_bytes,
                 "gc_gen0_threshold": defaults.gc_gen0_threshold,
@@ -787,6 +793,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="the event loop both sides run on (the daemon's OCRBOOTH_EVENT_LOOP; default auto: uvloop if installed)",
     )
+    parser.add_argument(
+        "--wire",
+        choices=("pydantic", "msgspec"),
+        default="pydantic",
+        help="the daemon's wire models on the echo path: the contract's pydantic models (default), or their msgspec "
+        "mirrors of bench/msgspec_wire.py (an experiment: what the model library costs)",
+    )
     parser.add_argument("--name", default="runtime_overhead", help="file name of the JSON and PNG, without suffix")
     parser.add_argument(
         "--profile", action="store_true", help="one more daemon run under cProfile: where its CPU goes, in the JSON"
@@ -809,6 +822,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("ocrbooth", "aiokafka", "botocore"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    if args.wire == "msgspec":
+        try:
+            from bench import msgspec_wire
+        except ImportError:  # run as a script: bench/ itself is on the path
+            import msgspec_wire  # type: ignore[no-redef]
+        msgspec_wire.install()
     with tempfile.TemporaryDirectory(prefix="ocrbooth-bench-") as tmp:
         # Both sides on the loop `ocrbooth run` would choose (settings.event_loop): the daemon's own runtime.
         report = eventloop.run(bench(args, Path(tmp)), args.loop)

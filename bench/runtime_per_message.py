@@ -7,6 +7,7 @@ network out (private attributes), so it measures exactly the runtime's code and 
 broker's; `tests/unit/test_runtime_per_message.py` runs it once so it keeps working.
 
     PYTHONPATH=. .venv/bin/python bench/runtime_per_message.py            # µs of CPU per message
+    PYTHONPATH=. .venv/bin/python bench/runtime_per_message.py --wire msgspec  # the same, models on msgspec
     PYTHONPATH=. valgrind --tool=callgrind --instr-atstart=no .venv/bin/python bench/runtime_per_message.py \
         --callgrind --repeat 1                                           # instruction counts, which repeat
 
@@ -187,9 +188,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--loop", default="uvloop")
     p.add_argument("--callgrind", action="store_true", help="run under callgrind --instr-atstart=no")
+    p.add_argument(
+        "--wire",
+        choices=("pydantic", "msgspec"),
+        default="pydantic",
+        help="the echo path's wire models: the contract's pydantic ones, or bench/msgspec_wire.py's mirrors",
+    )
     return p
 
 
 if __name__ == "__main__":
     options = parser().parse_args()
+    if options.wire == "msgspec":
+        from bench import msgspec_wire
+
+        msgspec_wire.install()
     eventloop.run(main(options), options.loop)

@@ -116,10 +116,11 @@ class Dispatcher:
             if id_fields is None:
                 id_fields = self._id_fields[route.model] = tuple(k for k in _ID_FIELDS if k in route.model.model_fields)
             if id_fields:
-                fields = event.__dict__  # not getattr: pydantic raises (expensively) for fields a model lacks
                 ids: dict[str, str] = {}
                 for key in id_fields:
-                    field = fields.get(key)
+                    # Only fields the model declares (pydantic raises, expensively, for the others); getattr rather
+                    # than the instance's __dict__, so an event type with slots works too (bench/msgspec_wire.py).
+                    field = getattr(event, key, None)
                     if isinstance(field, str):
                         ids[key] = field
                 if ids:
