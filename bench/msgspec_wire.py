@@ -105,17 +105,9 @@ class OcrResult(_Wire, kw_only=True):
         return msgspec.convert(data, cls)
 
     @classmethod
-    def failure(cls, request: Any, error: Any, engine: str | None) -> OcrResult:
-        """`schemas.OcrResult.failure`: the failed answer to `request`."""
-        info = ErrorInfo(code=error.code, message=error.message)
-        return cls(
-            request_id=request.request_id,
-            document_id=request.document_id,
-            status="failed",
-            error=info,
-            engine=engine,
-            metadata=request.metadata,
-        )
+    def failure(cls, request: Any, error: schemas.ErrorInfo, engine: str | None) -> OcrResult:
+        """`schemas.OcrResult.failure`'s answer as the Struct (a failure path: its cost does not matter here)."""
+        return cls.model_validate(schemas.OcrResult.failure(request, error, engine).model_dump(mode="json"))
 
 
 _request_decoder = msgspec.json.Decoder(DocumentRequest)
@@ -127,16 +119,15 @@ def decode_request(value: bytes) -> DocumentRequest:
     return _request_decoder.decode(value)
 
 
-def encode(value: BaseModel | msgspec.Struct) -> bytes:
-    """The publisher's encoding: msgspec's for a Struct, the daemon's own for a pydantic model."""
-    if isinstance(value, msgspec.Struct):
-        return _encoder.encode(value)
-    return value.__pydantic_serializer__.to_json(value)
+def encode(value: msgspec.Struct) -> bytes:
+    """A Struct's JSON, as the publisher sends it once `install()` ran."""
+    return _encoder.encode(value)
 
 
 def install() -> None:
     """Put the Structs in the daemon's echo path for the rest of this process (see the module's docstring)."""
     daemon_decode: Callable[..., Any] = dispatch.decode
+    daemon_encode: Callable[[BaseModel], bytes] = publisher._encode
 
     def decode(value: bytes | None, model: type[BaseModel], *, max_bytes: int) -> Any:
         if model is schemas.DocumentRequest and value and len(value) <= max_bytes:
@@ -146,7 +137,10 @@ def install() -> None:
                 pass  # the daemon's decode names the problem
         return daemon_decode(value, model, max_bytes=max_bytes)
 
+    def publisher_encode(value: BaseModel | msgspec.Struct) -> bytes:
+        return _encoder.encode(value) if isinstance(value, msgspec.Struct) else daemon_encode(value)
+
     dispatch.decode = decode  # type: ignore[assignment]
     echo.OcrResult = OcrResult  # type: ignore[assignment,misc]
     echo._NO_TIMINGS = Timings()  # type: ignore[assignment]
-    publisher._encode = encode  # type: ignore[assignment]
+    publisher._encode = publisher_encode  # type: ignore[assignment]

@@ -86,6 +86,9 @@ def test_install_puts_the_mirrors_in_the_daemon_path(monkeypatch: pytest.MonkeyP
     event = dispatch.decode(request_value(5), schemas.DocumentRequest, max_bytes=10_000)
     assert isinstance(event, msgspec_wire.DocumentRequest)
     assert echo.OcrResult is msgspec_wire.OcrResult
+    # The publisher still encodes the daemon's pydantic models (dead letters, every other topic) as before.
+    letter = schemas.ErrorInfo(code="x", message="y")
+    assert publisher._encode(letter) == letter.model_dump_json().encode()
     # A record the mirror rejects gets the daemon's own diagnosis and code.
     with pytest.raises(PoisonError) as caught:
         dispatch.decode(b'{"request_id": 1}', schemas.DocumentRequest, max_bytes=10_000)
